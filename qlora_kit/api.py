@@ -1,0 +1,156 @@
+"""``quantize(model, config)``: swap the layers of any nn.Module for quantized ones, in place.
+
+Example:
+    >>> import qlora_kit
+    >>> model = qlora_kit.quantize(model, qlora_kit.NF4Config(blocksize=64, double_quant=True))
+    >>> qlora_kit.memory_footprint(model)
+    {'nf4': 1234567, 'fp4': 0, 'int8': 0, 'int4': 0, 'fp8': 0, 'float': 89012}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .configs import FORMAT_OF_CONFIG
+from .nn.quantized import QuantizedLayer, quantized_class_for
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+# names of output heads that stay in high precision by default
+_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "head", "output", "embed_out", "decoder")
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)
+_IMAGE_CONV_TYPES = (nn.Conv2d, nn.ConvTranspose2d)
+
+
+def _module_by_identity(model: nn.Module) -> dict[int, str]:
+    return {id(m): name for name, m in model.named_modules()}
+
+
+def default_filter(model: nn.Module) -> FilterFn:
+    """The filter ``quantize`` uses when none is given.
+
+    Quantized: every nn.Linear, transformers Conv1D, nn.Conv1d/Conv2d/ConvTranspose2d. Kept in high
+    precision: output heads (``model.get_output_embeddings()`` and modules named lm_head, classifier,
+    score, ...), the first and the last convolution of image models (any model with a Conv2d or
+    ConvTranspose2d), and embeddings (usually tied to the head; pass a filter_fn to quantize them).
+    """
+    keep: set[int] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            head = get_out()
+        except (NotImplementedError, AttributeError):
+            head = None
+        if isinstance(head, nn.Module):
+            keep.add(id(head))
+    convs = [m for m in model.modules() if isinstance(m, _CONV_TYPES)]
+    if any(isinstance(m, _IMAGE_CONV_TYPES) for m in convs):
+        keep.add(id(convs[0]))
+        keep.add(id(convs[-1]))
+
+    def fn(module: nn.Module, fqn: str) -> bool:
+        if id(module) in keep or isinstance(module, nn.Embedding):
+            return False
+        return fqn.split(".")[-1] not in _HEAD_NAMES
+
+    return fn
+
+
+def _format_name(config) -> str:
+    fmt = FORMAT_OF_CONFIG.get(type(config))
+    if fmt is None:
+        known = ", ".join(c.__name__ for c in FORMAT_OF_CONFIG)
+        raise TypeError(f"quantize() got a {type(config).__name__}; pass one of the configs: {known}")
+    return fmt
+
+
+def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantize(
+    model: nn.Module,
+    config,
+    *,
+    filter_fn: FilterFn | None = None,
+    device: str | torch.device | None = None,
+    calib_data: Iterable | None = None,
+) -> nn.Module:
+    """Quantize the weights of ``model`` in place and return it.
+
+    Args:
+        model: any nn.Module (transformers model, diffusers UNet, GAN generator, ...).
+        config: a format config (``NF4Config``, ``FP4Config``, ``Int8WeightConfig``, ``Int4WeightConfig``,
+            ``FP8WeightConfig``) or an algorithm config (see ``qlora_kit.ptq``).
+        filter_fn: ``filter_fn(module, fqn) -> bool`` picks the layers to quantize; default
+            :func:`default_filter` (output heads, first/last conv of image models and embeddings stay float).
+        device: when given (e.g. "cuda"), layers move there and quantize one at a time, so peak device
+            memory stays near the quantized size; the rest of the model moves there afterwards.
+        calib_data: calibration inputs for calibrated algorithms (GPTQ, AWQ, SmoothQuant).
+
+    Returns:
+        The same model object, quantized.
+
+    Raises:
+        TypeError: ``config`` is not a quantization config.
+        ValueError: a selected weight holds NaN/Inf (the message names it).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize() needs an nn.Module, got {type(model).__name__}")
+    algorithm = getattr(config, "_qlora_kit_algorithm", None)
+    if algorithm is not None:  # PTQ algorithm configs carry their own transform
+        return algorithm(model, config, filter_fn=filter_fn, device=device, calib_data=calib_data)
+    fmt = _format_name(config)
+    keep = filter_fn or default_filter(model)
+    targets = []
+    for fqn, module in model.named_modules():
+        if isinstance(module, QuantizedLayer) or not fqn:
+            continue
+        cls = quantized_class_for(module)
+        if cls is None or not keep(module, fqn):
+            continue
+        if any(fqn.startswith(t + ".") for t, _, _ in targets):
+            continue
+        targets.append((fqn, module, cls))
+    for fqn, module, cls in targets:
+        if device is not None:
+            module.to(device)
+        layer = cls.from_float(module, config, fmt, tensor_name=f"{fqn}.weight")
+        _set_submodule(model, fqn, layer)
+        # free the float weight right away (matters when the model is large)
+        del module
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def memory_footprint(model: nn.Module) -> dict[str, int]:
+    """Bytes taken by the model's weights, by kind.
+
+    Returns:
+        {"nf4", "fp4", "int8", "int4", "fp8": bytes of packed codes plus their scales;
+         "float": bytes of every other parameter and buffer (biases, norms, float layers)}.
+        Tensors shared between modules are counted once.
+    """
+    out = {"nf4": 0, "fp4": 0, "int8": 0, "int4": 0, "fp8": 0, "float": 0}
+    seen: set[int] = set()
+    quantized_tensors: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, QuantizedLayer):
+            kind = module.format_name
+            for t in module.qweight.buffers():
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    out[kind] = out.get(kind, 0) + t.numel() * t.element_size()
+                quantized_tensors.add(t.data_ptr())
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() in seen or t.data_ptr() in quantized_tensors:
+            continue
+        seen.add(t.data_ptr())
+        out["float"] += t.numel() * t.element_size()
+    return out

@@ -1,0 +1,112 @@
+"""Quantization configs: frozen dataclasses validated on construction.
+
+Each config names one weight format; ``quantize(model, config)`` looks the format up in
+``FORMAT_OF_CONFIG``. Invalid values raise ValueError listing the allowed ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+INT4_GROUP_SIZES = (32, 64, 128)
+COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_compute_dtype(cls_name: str, dtype) -> None:
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"{cls_name}.compute_dtype must be one of {[str(d) for d in COMPUTE_DTYPES]}, got {dtype!r}"
+        )
+
+
+def _check_choice(cls_name: str, field: str, value, allowed) -> None:
+    if isinstance(value, bool) or value not in allowed:
+        raise ValueError(f"{cls_name}.{field} must be one of {list(allowed)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class NF4Config:
+    """4-bit NormalFloat weights, bitsandbytes-compatible (QLoRA's format).
+
+    Args:
+        blocksize: values per absmax block: 32, 64, 128, ..., 4096.
+        double_quant: quantize the absmax values again (8-bit, blocks of 256): ~0.37 bits/param saved.
+        compute_dtype: dtype the layer computes in (weights dequantize to it).
+    """
+
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: torch.dtype = torch.bfloat16
+
+    def __post_init__(self):
+        _check_choice(type(self).__name__, "blocksize", self.blocksize, BLOCKSIZES_4BIT)
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"NF4Config.double_quant must be one of [True, False], got {self.double_quant!r}")
+        _check_compute_dtype(type(self).__name__, self.compute_dtype)
+
+
+@dataclass(frozen=True)
+class FP4Config:
+    """4-bit float weights (1 sign, 2 exponent, 1 mantissa bit), bitsandbytes-compatible.
+
+    Args: as :class:`NF4Config`.
+    """
+
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: torch.dtype = torch.bfloat16
+
+    def __post_init__(self):
+        _check_choice(type(self).__name__, "blocksize", self.blocksize, BLOCKSIZES_4BIT)
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"FP4Config.double_quant must be one of [True, False], got {self.double_quant!r}")
+        _check_compute_dtype(type(self).__name__, self.compute_dtype)
+
+
+@dataclass(frozen=True)
+class Int8WeightConfig:
+    """int8 weight-only, symmetric per output channel (W8A16)."""
+
+    compute_dtype: torch.dtype = torch.bfloat16
+
+    def __post_init__(self):
+        _check_compute_dtype(type(self).__name__, self.compute_dtype)
+
+
+@dataclass(frozen=True)
+class Int4WeightConfig:
+    """int4 weight-only, asymmetric per group of input channels with scales and zero points (W4A16).
+
+    Args:
+        group_size: input channels per (scale, zero) pair: 32, 64 or 128.
+    """
+
+    group_size: int = 128
+    compute_dtype: torch.dtype = torch.bfloat16
+
+    def __post_init__(self):
+        _check_choice(type(self).__name__, "group_size", self.group_size, INT4_GROUP_SIZES)
+        _check_compute_dtype(type(self).__name__, self.compute_dtype)
+
+
+@dataclass(frozen=True)
+class FP8WeightConfig:
+    """fp8 e4m3 weight-only, one fp32 scale per output channel."""
+
+    compute_dtype: torch.dtype = torch.bfloat16
+
+    def __post_init__(self):
+        _check_compute_dtype(type(self).__name__, self.compute_dtype)
+
+
+# config type -> weight format name (qlora_kit/formats)
+FORMAT_OF_CONFIG = {
+    NF4Config: "nf4",
+    FP4Config: "fp4",
+    Int8WeightConfig: "int8",
+    Int4WeightConfig: "int4",
+    FP8WeightConfig: "fp8",
+}

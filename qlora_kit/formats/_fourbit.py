@@ -1,0 +1,81 @@
+"""Shared body of the two bitsandbytes 4-bit block formats (NF4 and FP4 differ only in the code table)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from .base import buffers_nbytes, check_matrix
+
+
+class Blockwise4bitWeight(nn.Module):
+    """Packed 4-bit codes over the flattened matrix, one absmax per block, optionally double-quantized.
+
+    Buffers: ``packed`` uint8 [ceil(numel / 2)]; ``absmax`` fp32 [nblocks] or, with double quantization,
+    ``qabsmax`` uint8 [nblocks], ``nested_absmax`` fp32 [ceil(nblocks / 256)], ``offset`` fp32 0-dim.
+    """
+
+    name = ""
+    quant_type = ""
+
+    def __init__(self, shape, blocksize: int, double_quant: bool):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.blocksize = int(blocksize)
+        self.double_quant = bool(double_quant)
+        n = math.prod(self.shape)
+        nblocks = math.ceil(n / self.blocksize)
+        self.register_buffer("packed", torch.zeros((n + 1) // 2, dtype=torch.uint8))
+        if self.double_quant:
+            self.register_buffer("qabsmax", torch.zeros(nblocks, dtype=torch.uint8))
+            self.register_buffer("nested_absmax", torch.zeros(math.ceil(nblocks / 256), dtype=torch.float32))
+            self.register_buffer("offset", torch.zeros((), dtype=torch.float32))
+        else:
+            self.register_buffer("absmax", torch.zeros(nblocks, dtype=torch.float32))
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, config, *, tensor_name: str = "weight"):
+        check_matrix(w, tensor_name)
+        quantize = F.quantize_nf4 if cls.quant_type == "nf4" else F.quantize_fp4
+        packed, absmax = quantize(w, config.blocksize, name=tensor_name)
+        obj = cls(w.shape, config.blocksize, config.double_quant).to(w.device)
+        obj.packed.copy_(packed)
+        if obj.double_quant:
+            qabsmax, nested, offset = F.double_quantize(absmax)
+            obj.qabsmax.copy_(qabsmax)
+            obj.nested_absmax.copy_(nested)
+            obj.offset.copy_(offset)
+        else:
+            obj.absmax.copy_(absmax)
+        return obj
+
+    def block_absmax(self) -> torch.Tensor:
+        """The fp32 absmax of every block (decoded from the nested state with double quantization)."""
+        if self.double_quant:
+            return F.double_dequantize(self.qabsmax, self.nested_absmax, self.offset)
+        return self.absmax
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        dequantize = F.dequantize_nf4 if self.quant_type == "nf4" else F.dequantize_fp4
+        return dequantize(self.packed, self.block_absmax(), self.shape, self.blocksize, dtype)
+
+    def metadata(self) -> dict:
+        return {
+            "format": self.name,
+            "shape": list(self.shape),
+            "blocksize": self.blocksize,
+            "double_quant": self.double_quant,
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: dict):
+        return cls(meta["shape"], meta["blocksize"], meta["double_quant"])
+
+    def nbytes(self) -> int:
+        return buffers_nbytes(self)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, blocksize={self.blocksize}, double_quant={self.double_quant}"

@@ -1,0 +1,76 @@
+"""What every weight format provides.
+
+A format object is a small ``nn.Module`` that owns the packed codes and scales of one weight as
+buffers (so ``.to(device)``, ``state_dict`` and safetensors work unchanged) plus a little JSON
+metadata. Formats see a 2-D matrix: rows are output channels, columns the reduction dimension;
+quantized layers reshape conv / Conv1D / ConvTranspose weights to that view and back.
+
+Contract (each format class, one file each, no implementation inheritance beyond this):
+
+- ``name``: the format's key ("nf4", "fp4", "int8", "int4", "fp8").
+- ``from_float(w, config, *, tensor_name="weight")``: quantize a 2-D float matrix. NaN or Inf in
+  ``w`` raises ValueError naming ``tensor_name``.
+- ``dequantize(dtype)``: the 2-D matrix back in ``dtype``.
+- ``metadata()``: JSON-serialisable dict with "format" and "shape" and what else is needed to
+  rebuild the object (blocksize, group size, ...).
+- ``from_metadata(meta)``: an object with correctly shaped, empty buffers, ready for
+  ``load_state_dict``.
+- ``nbytes()``: bytes of the packed codes and their scales together.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+
+FORMATS: dict[str, type] = {}
+
+
+def register_format(cls: type) -> type:
+    """Class decorator: make a format findable by its ``name`` (used when loading)."""
+    FORMATS[cls.name] = cls
+    return cls
+
+
+def get_format(name: str) -> type:
+    """The format class registered under ``name`` (its module, qlora_kit/formats/<name>.py, loads on demand)."""
+    if name not in FORMATS and isinstance(name, str) and name.isidentifier():
+        try:
+            importlib.import_module(f"qlora_kit.formats.{name}")
+        except ModuleNotFoundError:
+            pass
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown weight format {name!r}; known formats: {sorted(FORMATS)}") from None
+
+
+def check_finite(w: torch.Tensor, tensor_name: str) -> None:
+    """Raise a clear ValueError when ``w`` holds NaN or Inf (quantizing them is meaningless)."""
+    if not torch.isfinite(w).all():
+        n_nan = int(torch.isnan(w).sum())
+        n_inf = int(torch.isinf(w).sum())
+        raise ValueError(
+            f"cannot quantize {tensor_name!r}: it holds {n_nan} NaN and {n_inf} Inf values; "
+            "fix the weights (or exclude this layer with filter_fn) before quantizing"
+        )
+
+
+def check_matrix(w: torch.Tensor, tensor_name: str) -> None:
+    """Formats quantize 2-D floating-point matrices; say so clearly otherwise."""
+    if w.dim() != 2:
+        raise ValueError(f"{tensor_name!r} must be a 2-D matrix for quantization, got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise ValueError(f"{tensor_name!r} must be a floating-point tensor, got {w.dtype}")
+    check_finite(w, tensor_name)
+
+
+def buffers_nbytes(module: torch.nn.Module) -> int:
+    """Bytes of all buffers of a format module."""
+    return sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
+
+
+def numel(shape) -> int:
+    return math.prod(int(s) for s in shape)

@@ -1,0 +1,14 @@
+"""FP4: 4-bit float (1 sign, 2 exponent, 1 mantissa bit), byte-compatible with bitsandbytes' ``quant_type="fp4"``."""
+
+from __future__ import annotations
+
+from ._fourbit import Blockwise4bitWeight
+from .base import register_format
+
+
+@register_format
+class FP4Weight(Blockwise4bitWeight):
+    """FP4 weight: bitsandbytes' 16-entry FP4 table, fp32 absmax per block, optional double quantization."""
+
+    name = "fp4"
+    quant_type = "fp4"

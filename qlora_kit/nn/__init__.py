@@ -1,0 +1,1 @@
+"""Modules: quantized layers, LoRA wrappers, fake-quant (QAT) layers."""

@@ -1,0 +1,249 @@
+"""Quantized versions of nn.Linear, transformers' Conv1D, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding.
+
+Each holds its weight as a format object (``.qweight``, see ``qlora_kit/formats``) that sees a 2-D
+(output channels x rest) view of the weight; the layer reshapes to and from the float layout. Weights are
+frozen buffers; gradients flow to the input (QLoRA trains adapters on top). On CPU the forward
+dequantizes to ``compute_dtype`` and calls the float op; on CUDA linear layers call the fused Triton
+matmuls when they are available (``qlora_kit/ops.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats.base import get_format
+
+_CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+
+
+def is_transformers_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style Conv1D (checked by name, so transformers need not be imported)."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def _linear(layer: QuantizedLayer, x: torch.Tensor) -> torch.Tensor:
+    """y = x W^T + b for a layer whose 2-D quantized view is (out, in) (Linear, Conv1D)."""
+    x_c = x.to(layer.compute_dtype)
+    if x.is_cuda:
+        from .. import ops  # fused Triton matmuls (imported lazily: they import triton)
+
+        return ops.quantized_linear(x_c, layer.qweight, layer._bias(layer.compute_dtype)).to(x.dtype)
+    w2d = layer.qweight.dequantize(layer.compute_dtype)
+    return F.linear(x_c, w2d, layer._bias(layer.compute_dtype)).to(x.dtype)
+
+
+class QuantizedLayer(nn.Module):
+    """Common body: a frozen quantized weight, an optional frozen bias, and a compute dtype."""
+
+    float_cls: type | None = None
+
+    def __init__(self, qweight: nn.Module, bias: torch.Tensor | None, quant_config, out_dtype: torch.dtype):
+        super().__init__()
+        self.qweight = qweight
+        self.quant_config = quant_config
+        self.compute_dtype = quant_config.compute_dtype
+        self.out_dtype = out_dtype
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    # layout hooks, one pair per layer type
+    def _to_2d(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+    def _from_2d(self, w2d: torch.Tensor) -> torch.Tensor:
+        return w2d
+
+    @classmethod
+    def _mirror(cls, module: nn.Module) -> dict:
+        return {}
+
+    @classmethod
+    def from_float(cls, module: nn.Module, quant_config, format_name: str, *, tensor_name: str = "weight"):
+        """Quantize ``module``'s weight into a new layer of this class."""
+        attrs = cls._mirror(module)
+        layer = cls.__new__(cls)
+        for k, v in attrs.items():
+            object.__setattr__(layer, k, v)
+        w2d = layer._to_2d(module.weight.detach())
+        qweight = get_format(format_name).from_float(w2d, quant_config, tensor_name=tensor_name)
+        bias = getattr(module, "bias", None)
+        QuantizedLayer.__init__(layer, qweight, bias, quant_config, module.weight.dtype)
+        for k, v in attrs.items():
+            setattr(layer, k, v)
+        return layer
+
+    @classmethod
+    def empty_like_float(cls, module: nn.Module, quant_config, format_meta: dict):
+        """A layer with empty buffers shaped for ``format_meta``, ready for ``load_state_dict``."""
+        attrs = cls._mirror(module)
+        layer = cls.__new__(cls)
+        qweight = get_format(format_meta["format"]).from_metadata(format_meta)
+        bias = getattr(module, "bias", None)
+        QuantizedLayer.__init__(layer, qweight, bias, quant_config, module.weight.dtype)
+        for k, v in attrs.items():
+            setattr(layer, k, v)
+        return layer
+
+    @property
+    def format_name(self) -> str:
+        return self.qweight.name
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight in the float layer's layout and shape, in ``dtype`` (default: the compute dtype)."""
+        return self._from_2d(self.qweight.dequantize(dtype or self.compute_dtype))
+
+    def set_float_weight(self, w: torch.Tensor) -> None:
+        """Requantize from a float weight in the float layer's layout (e.g. after merging LoRA)."""
+        fmt = type(self.qweight)
+        self.qweight = fmt.from_float(self._to_2d(w.detach()), self.quant_config, tensor_name="weight").to(
+            self.qweight.packed.device if hasattr(self.qweight, "packed") else w.device
+        )
+
+    def _bias(self, dtype):
+        return None if self.bias is None else self.bias.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"format={self.format_name}, compute_dtype={self.compute_dtype}, bias={self.bias is not None}"
+
+
+class QuantLinear(QuantizedLayer):
+    """Quantized ``nn.Linear``: y = x W^T + b with W (out_features, in_features) stored quantized."""
+
+    float_cls = nn.Linear
+
+    @classmethod
+    def _mirror(cls, module):
+        return {"in_features": module.in_features, "out_features": module.out_features}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(self, x)
+
+
+class QuantConv1D(QuantizedLayer):
+    """Quantized transformers ``Conv1D`` (GPT-2): weight (nx, nf) stored transposed as (nf, nx)."""
+
+    @classmethod
+    def _mirror(cls, module):
+        return {"nf": module.nf, "nx": module.weight.shape[0]}
+
+    def _to_2d(self, w):
+        return w.t()
+
+    def _from_2d(self, w2d):
+        return w2d.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(self, x)
+
+
+class _QuantConvNd(QuantizedLayer):
+    """Shared by Conv1d / Conv2d: weight (out, in / groups, *kernel) seen as (out, rest)."""
+
+    @classmethod
+    def _mirror(cls, module):
+        attrs = {k: getattr(module, k) for k in _CONV_ATTRS}
+        attrs["weight_shape"] = tuple(module.weight.shape)
+        attrs["_reversed_padding_repeated_twice"] = getattr(module, "_reversed_padding_repeated_twice", None)
+        return attrs
+
+    def _to_2d(self, w):
+        return w.reshape(w.shape[0], -1)
+
+    def _from_2d(self, w2d):
+        return w2d.reshape(self.weight_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize_weight()
+        out = self.float_cls._conv_forward(self, x.to(self.compute_dtype), w, self._bias(self.compute_dtype))
+        return out.to(x.dtype)
+
+
+class QuantConv1d(_QuantConvNd):
+    """Quantized ``nn.Conv1d``."""
+
+    float_cls = nn.Conv1d
+
+
+class QuantConv2d(_QuantConvNd):
+    """Quantized ``nn.Conv2d``."""
+
+    float_cls = nn.Conv2d
+
+
+class QuantConvTranspose2d(QuantizedLayer):
+    """Quantized ``nn.ConvTranspose2d``: weight (in, out / groups, kh, kw) seen as (out / groups, in * kh * kw)."""
+
+    float_cls = nn.ConvTranspose2d
+
+    @classmethod
+    def _mirror(cls, module):
+        attrs = {k: getattr(module, k) for k in _CONV_ATTRS}
+        attrs["output_padding"] = module.output_padding
+        attrs["weight_shape"] = tuple(module.weight.shape)
+        return attrs
+
+    def _to_2d(self, w):
+        return w.transpose(0, 1).reshape(w.shape[1], -1)
+
+    def _from_2d(self, w2d):
+        i, o, kh, kw = self.weight_shape
+        return w2d.reshape(o, i, kh, kw).transpose(0, 1)
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        output_padding = nn.ConvTranspose2d._output_padding(
+            self, x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation
+        )
+        w = self.dequantize_weight()
+        out = F.conv_transpose2d(
+            x.to(self.compute_dtype),
+            w,
+            self._bias(self.compute_dtype),
+            self.stride,
+            self.padding,
+            output_padding,
+            self.groups,
+            self.dilation,
+        )
+        return out.to(x.dtype)
+
+
+class QuantEmbedding(QuantizedLayer):
+    """Quantized ``nn.Embedding``: the table (num_embeddings, embedding_dim), one row per token."""
+
+    float_cls = nn.Embedding
+
+    @classmethod
+    def _mirror(cls, module):
+        return {
+            "num_embeddings": module.num_embeddings,
+            "embedding_dim": module.embedding_dim,
+            "padding_idx": module.padding_idx,
+            "max_norm": module.max_norm,
+            "norm_type": module.norm_type,
+            "scale_grad_by_freq": module.scale_grad_by_freq,
+            "sparse": module.sparse,
+        }
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize_weight()
+        out = F.embedding(ids, w, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq, self.sparse)
+        return out.to(self.out_dtype)
+
+
+QUANTIZED_CLASS = {
+    nn.Linear: QuantLinear,
+    nn.Conv1d: QuantConv1d,
+    nn.Conv2d: QuantConv2d,
+    nn.ConvTranspose2d: QuantConvTranspose2d,
+    nn.Embedding: QuantEmbedding,
+}
+LAYER_CLASSES = {c.__name__: c for c in (*QUANTIZED_CLASS.values(), QuantConv1D)}
+
+
+def quantized_class_for(module: nn.Module) -> type[QuantizedLayer] | None:
+    """The quantized class replacing ``module``, or None when its type is not supported."""
+    if is_transformers_conv1d(module):
+        return QuantConv1D
+    return QUANTIZED_CLASS.get(type(module))

@@ -1,0 +1,1 @@
+"""Bundled YAML recipes for `qlora-kit finetune` (installed as qlora_kit.recipes)."""
