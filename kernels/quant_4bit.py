@@ -42,10 +42,11 @@ def _quantize_4bit_kernel(
     x_even = tl.load(x_ptr + offs_even, mask=offs_even < n, other=0.0).to(tl.float32)
     x_odd = tl.load(x_ptr + offs_odd, mask=offs_odd < n, other=0.0).to(tl.float32)
     absmax = tl.maximum(tl.max(tl.abs(x_even), axis=0), tl.max(tl.abs(x_odd), axis=0))
-    tl.store(absmax_ptr + pid, absmax)
     safe = tl.maximum(absmax, 1e-38)
-    # full blocks: x * (1 / absmax); the partial tail block: x / absmax (bitsandbytes' arithmetic)
+    # full blocks: x * (1 / absmax); the partial tail block: x / absmax and its absmax stored clamped
+    # (bitsandbytes' arithmetic, kept to the bit)
     is_full = start + BLOCKSIZE <= n
+    tl.store(absmax_ptr + pid, tl.where(is_full, absmax, safe))
     inv = tl.math.div_rn(1.0, safe)
     s_even = tl.where(is_full, x_even * inv, tl.math.div_rn(x_even, safe))
     s_odd = tl.where(is_full, x_odd * inv, tl.math.div_rn(x_odd, safe))

@@ -4,7 +4,8 @@ These functions define the numerics; the Triton kernels in ``kernels/quant_4bit.
 bit for bit, and they match bitsandbytes' ``quantize_4bit`` / ``dequantize_4bit`` byte for byte:
 
 * blocks of ``blocksize`` values over the row-major flattened tensor; the last block may be partial;
-* absmax[b] = max |w| over block b (fp32; an all-zero block keeps absmax 0);
+* absmax[b] = max |w| over block b (fp32; an all-zero full block keeps absmax 0, the partial tail
+  block stores max(absmax, 1e-38), as bitsandbytes does);
 * full blocks are scaled with ``w * (1 / absmax)``, the partial tail block with ``w / absmax`` (this is
   what bitsandbytes does, and the two differ in the last bit), then clamped to [-1, 1];
 * nearest code by comparing against the 15 midpoints of the sorted code table (a value exactly on a
@@ -107,9 +108,9 @@ def _scale_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, tor
     scaled = torch.clamp(body * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1).reshape(-1)
     if full < n:
         tail = flat[full:]
-        tail_max = tail.abs().amax()
+        tail_max = tail.abs().amax().clamp(min=1e-38)  # bitsandbytes stores the tail's clamped absmax
         absmax = torch.cat([absmax, tail_max.reshape(1)])
-        scaled = torch.cat([scaled, torch.clamp(tail / tail_max.clamp(min=1e-38), -1, 1)])
+        scaled = torch.cat([scaled, torch.clamp(tail / tail_max, -1, 1)])
     return absmax, scaled
 
 
