@@ -156,8 +156,13 @@ def dequantize_4bit(
     n = math.prod(shape)
     code = code_table(quant_type).to(packed.device)
     values = code[unpack_nibbles(packed, n)]
-    block = torch.arange(n, device=packed.device) // blocksize
-    return (values * absmax.float()[block]).to(dtype).reshape(shape)
+    absmax = absmax.float()
+    full = n - n % blocksize
+    out = torch.empty(n, dtype=torch.float32, device=packed.device)
+    out[:full] = (values[:full].view(-1, blocksize) * absmax[: full // blocksize, None]).view(-1)
+    if full < n:
+        out[full:] = values[full:] * absmax[-1]
+    return out.to(dtype).reshape(shape)
 
 
 def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
