@@ -185,7 +185,9 @@ def dequantize_4bit(
     return out.reshape(shape)
 
 
-def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = ref.NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise_8bit(
+    x: torch.Tensor, blocksize: int = ref.NESTED_BLOCKSIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of :func:`ref.quantize_blockwise_8bit`."""
     flat = x.reshape(-1).float().contiguous()
     n = flat.numel()
@@ -198,7 +200,9 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = ref.NESTED_BLOCKSI
     return q, absmax
 
 
-def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, blocksize: int = ref.NESTED_BLOCKSIZE) -> torch.Tensor:
+def dequantize_blockwise_8bit(
+    q: torch.Tensor, absmax: torch.Tensor, blocksize: int = ref.NESTED_BLOCKSIZE
+) -> torch.Tensor:
     """Triton version of :func:`ref.dequantize_blockwise_8bit`."""
     n = q.numel()
     out = torch.empty(n, dtype=torch.float32, device=q.device)

@@ -17,9 +17,7 @@ COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _check_compute_dtype(cls_name: str, dtype) -> None:
     if dtype not in COMPUTE_DTYPES:
-        raise ValueError(
-            f"{cls_name}.compute_dtype must be one of {[str(d) for d in COMPUTE_DTYPES]}, got {dtype!r}"
-        )
+        raise ValueError(f"{cls_name}.compute_dtype must be one of {[str(d) for d in COMPUTE_DTYPES]}, got {dtype!r}")
 
 
 def _check_choice(cls_name: str, field: str, value, allowed) -> None:

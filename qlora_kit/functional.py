@@ -47,7 +47,8 @@ def _dequantize_4bit(packed, absmax, shape, blocksize, dtype, quant_type):
         n *= s
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
         raise ValueError(
-            f"packed must be uint8 with {(n + 1) // 2} bytes for shape {shape}, got {packed.dtype} with {packed.numel()}"
+            f"packed must be uint8 with {(n + 1) // 2} bytes for shape {shape}, "
+            f"got {packed.dtype} with {packed.numel()}"
         )
     if absmax.numel() != -(-n // blocksize):
         raise ValueError(f"absmax must hold {-(-n // blocksize)} values for shape {shape} and blocksize {blocksize}")

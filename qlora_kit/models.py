@@ -33,7 +33,9 @@ def tiny_gpt2(vocab_size: int = 256, n_embd: int = 64, layers: int = 2, seed: in
     """A GPT2LMHeadModel (its blocks use transformers' Conv1D)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = dict(vocab_size=vocab_size, n_embd=n_embd, n_layer=layers, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)
+    cfg = dict(
+        vocab_size=vocab_size, n_embd=n_embd, n_layer=layers, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0
+    )
     cfg.update(overrides)
     if seed is not None:
         torch.manual_seed(seed)

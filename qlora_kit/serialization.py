@@ -144,7 +144,9 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         try:
             float_module = model.get_submodule(fqn)
         except AttributeError:
-            raise ValueError(f"the model has no module {fqn!r} that {qmap_path} quantizes; wrong architecture?") from None
+            raise ValueError(
+                f"the model has no module {fqn!r} that {qmap_path} quantizes; wrong architecture?"
+            ) from None
         cls = LAYER_CLASSES.get(info.get("layer"))
         if cls is None:
             raise ValueError(f"{qmap_path}: unknown layer class {info.get('layer')!r} for {fqn!r}")

@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from qlora_kit.kernels import quant_4bit as triton_impl
+from qlora_kit.kernels.reference import quant_4bit as ref
 
 import qlora_kit
 from qlora_kit import functional as F
-from qlora_kit.kernels import quant_4bit as triton_impl
-from qlora_kit.kernels.reference import quant_4bit as ref
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
@@ -122,7 +122,7 @@ def test_triton_double_quant_matches_reference():
     for absmax in (torch.rand(700, generator=g), torch.zeros(300), torch.full((257,), 0.37), torch.rand(1) * 5):
         r = ref.double_quantize(absmax)
         t = triton_impl.double_quantize(absmax)
-        for a, b in zip(r, t):
+        for a, b in zip(r, t, strict=False):
             assert torch.equal(a, b)
         assert torch.equal(ref.double_dequantize(*r), triton_impl.double_dequantize(*t))
 
@@ -136,7 +136,7 @@ def test_backend_switch_runs_triton(monkeypatch):
     original = triton_impl.quantize_4bit
     monkeypatch.setattr(triton_impl, "quantize_4bit", lambda *a: called.append(1) or original(*a))
     got = F.quantize_nf4(w, 32)
-    assert called and all(torch.equal(a, b) for a, b in zip(expect, got))
+    assert called and all(torch.equal(a, b) for a, b in zip(expect, got, strict=False))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

@@ -23,7 +23,10 @@ LAYERS = {
     "linear_nobias": (lambda: nn.Linear(33, 7, bias=False), lambda: torch.randn(2, 33)),
     "gpt2_conv1d": (_conv1d_gpt2, lambda: torch.randn(2, 5, 40)),
     "conv1d": (lambda: nn.Conv1d(4, 6, 3, padding=1, groups=2), lambda: torch.randn(2, 4, 9)),
-    "conv2d": (lambda: nn.Conv2d(4, 8, 3, stride=2, padding=1, padding_mode="reflect"), lambda: torch.randn(2, 4, 9, 9)),
+    "conv2d": (
+        lambda: nn.Conv2d(4, 8, 3, stride=2, padding=1, padding_mode="reflect"),
+        lambda: torch.randn(2, 4, 9, 9),
+    ),
     "convT2d": (lambda: nn.ConvTranspose2d(6, 4, 4, stride=2, padding=1, groups=2), lambda: torch.randn(2, 6, 5, 5)),
     "embedding": (lambda: nn.Embedding(50, 12, padding_idx=0), lambda: torch.randint(0, 50, (3, 7))),
 }
