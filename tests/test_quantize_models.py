@@ -1,15 +1,17 @@
 """quantize() on every backbone with every format: forward works and stays close to the float model.
 
-Measured on CPU with compute_dtype=float32 (cosine similarity of the flattened outputs, float vs
-quantized, seed 0; the thresholds below sit under the measured values):
+Measured on CPU with compute_dtype=float32, seed 0, float vs quantized outputs (flattened):
 
-    backbone   nf4     fp4     int8    int4    fp8
-    llama      0.994   0.991   1.000   0.996   0.999
-    gpt2       0.997   0.994   1.000   0.997   1.000
-    bert       1.000   1.000   1.000   1.000   1.000
-    unet       0.981   0.969   1.000   0.985   0.999
-    dcgan      1.000   1.000   1.000   1.000   1.000
-    minilm     (sentence embeddings of real text, pretrained weights) see test_minilm_embeddings
+    cosine      nf4     fp4    int8    int4     fp8        SNR dB   nf4   fp4  int8  int4   fp8
+    llama     0.9946  0.9899  1.0000  0.9955  0.9994               19.6  16.9  43.1  20.5  29.1
+    gpt2      0.9968  0.9949  1.0000  0.9974  0.9998               21.9  19.9  45.4  22.8  33.6
+    bert      1.0000  1.0000  1.0000  1.0000  1.0000               46.8  44.9  70.2  48.3  58.8
+    unet      0.9533  0.9473  0.9999  0.9797  0.9966               10.4   9.8  36.0  13.8  21.5
+    dcgan     1.0000  1.0000  1.0000  1.0000  1.0000               44.5  43.2  74.1  48.6  55.4
+
+(BERT and the DCGAN generator end in LayerNorm / BatchNorm + tanh, so cosine saturates; SNR tells the
+formats apart.) The thresholds below sit under the worst measured value of each format.
+MiniLM (real pretrained weights): see test_minilm_embeddings.
 """
 
 import pytest
@@ -28,7 +30,8 @@ CONFIGS = {
     "int4": qlora_kit.Int4WeightConfig(group_size=32, compute_dtype=F32),
     "fp8": qlora_kit.FP8WeightConfig(compute_dtype=F32),
 }
-MIN_COSINE = {"nf4": 0.93, "fp4": 0.90, "int8": 0.999, "int4": 0.95, "fp8": 0.99}
+MIN_COSINE = {"nf4": 0.94, "fp4": 0.93, "int8": 0.999, "int4": 0.97, "fp8": 0.99}
+MIN_SNR_DB = {"nf4": 9.0, "fp4": 8.5, "int8": 33.0, "int4": 12.5, "fp8": 20.0}
 
 
 def _ids():
@@ -42,6 +45,10 @@ BACKBONES = {
     "unet": (models.tiny_unet, lambda m: m(torch.ones(2, 1, 8, 8) * 0.3, torch.tensor([3, 50])).sample),
     "dcgan": (models.dcgan_generator, lambda m: m(torch.linspace(-1, 1, 32).reshape(2, 16))),
 }
+
+
+def snr_db(out, ref):
+    return (10 * torch.log10(ref.double().pow(2).sum() / (out.double() - ref.double()).pow(2).sum())).item()
 
 
 def cosine(a, b):
@@ -65,6 +72,7 @@ def test_backbone_quantizes_and_runs(backbone, fmt):
     assert torch.isfinite(out).all()
     assert not torch.equal(out, ref), "quantization changed nothing: the layers were not swapped"
     assert cosine(out, ref) >= MIN_COSINE[fmt]
+    assert snr_db(out, ref) >= MIN_SNR_DB[fmt]
     fp = qlora_kit.memory_footprint(model)
     assert fp[fmt] == sum(m.qweight.nbytes() for m in quantized) > 0
 

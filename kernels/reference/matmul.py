@@ -98,7 +98,9 @@ class Packed4bit(NamedTuple):
             what = "qabsmax" if m.double_quant else "absmax"
             raise ValueError(f"{what} must hold {m.nblocks} values for shape {m.shape} and blocksize {m.blocksize}")
         if m.double_quant and (self.nested_absmax is None or self.offset is None):
-            raise ValueError("a double-quantized weight needs nested_absmax and offset; pass them or set double_quant=False")
+            raise ValueError(
+                "a double-quantized weight needs nested_absmax and offset; pass them or set double_quant=False"
+            )
         return self
 
     def block_absmax(self) -> torch.Tensor:

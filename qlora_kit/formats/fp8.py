@@ -1,0 +1,75 @@
+"""fp8 e4m3 weight-only, one fp32 scale per output channel."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._dispatch import use_triton
+from ..kernels.reference import quant_int as ref
+from .base import buffers_nbytes, check_matrix, register_format
+
+
+def _impl(t: torch.Tensor):
+    """The Triton kernels for CUDA tensors (or when QLORA_KIT_BACKEND=triton), else the reference."""
+    if use_triton(t):
+        from ..kernels import quant_int
+
+        return quant_int
+    return ref
+
+
+@register_format
+class FP8Weight(nn.Module):
+    """float8_e4m3fn codes [rows, cols] and one fp32 scale per row: W ~= qdata.float() * scale[:, None].
+
+    scale = absmax_row / 448 (1.0 for an all-zero row), qdata = e4m3fn(W / scale), round to nearest even.
+
+    Example:
+        >>> q = FP8Weight.from_float(w, FP8WeightConfig(), tensor_name="fc1.weight")
+        >>> w_hat = q.dequantize(torch.bfloat16)
+    """
+
+    name = "fp8"
+
+    def __init__(self, shape, qdata: torch.Tensor | None = None, scale: torch.Tensor | None = None):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        if qdata is None:
+            qdata = torch.zeros(self.shape, dtype=torch.float8_e4m3fn)
+        if scale is None:
+            scale = torch.ones(self.shape[0], dtype=torch.float32, device=qdata.device)
+        expected = (("qdata", qdata, torch.float8_e4m3fn, self.shape), ("scale", scale, torch.float32, self.shape[:1]))
+        for what, t, dtype, shp in expected:
+            if t.dtype != dtype or tuple(t.shape) != shp:
+                raise ValueError(f"fp8 {what} must be {dtype} with shape {shp}, got {t.dtype} {tuple(t.shape)}")
+        self.register_buffer("qdata", qdata)
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, config=None, *, tensor_name: str = "weight") -> FP8Weight:
+        """Quantize a 2-D float matrix (the config carries nothing fp8 needs).
+
+        Raises:
+            ValueError: ``w`` is not a 2-D float matrix or holds NaN / Inf (the message names ``tensor_name``).
+        """
+        check_matrix(w, tensor_name)
+        qdata, scale = _impl(w).quantize_fp8(w)
+        return cls(w.shape, qdata, scale)
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The [rows, cols] matrix in ``dtype`` (qdata * scale in fp32, then cast)."""
+        return _impl(self.qdata).dequantize_fp8(self.qdata, self.scale, dtype)
+
+    def metadata(self) -> dict:
+        return {"format": self.name, "shape": list(self.shape)}
+
+    @classmethod
+    def from_metadata(cls, meta: dict) -> FP8Weight:
+        return cls(meta["shape"])
+
+    def nbytes(self) -> int:
+        return buffers_nbytes(self)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}"

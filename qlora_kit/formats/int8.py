@@ -1,0 +1,75 @@
+"""int8 weight-only, symmetric per output channel (W8A16)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._dispatch import use_triton
+from ..kernels.reference import quant_int as ref
+from .base import buffers_nbytes, check_matrix, register_format
+
+
+def _impl(t: torch.Tensor):
+    """The Triton kernels for CUDA tensors (or when QLORA_KIT_BACKEND=triton), else the reference."""
+    if use_triton(t):
+        from ..kernels import quant_int
+
+        return quant_int
+    return ref
+
+
+@register_format
+class Int8Weight(nn.Module):
+    """int8 codes [rows, cols] and one fp32 scale per row: W ~= qdata * scale[:, None].
+
+    scale = absmax_row / 127 (1.0 for an all-zero row), qdata = clamp(round(W / scale), -127, 127).
+
+    Example:
+        >>> q = Int8Weight.from_float(w, Int8WeightConfig(), tensor_name="fc1.weight")
+        >>> w_hat = q.dequantize(torch.bfloat16)
+    """
+
+    name = "int8"
+
+    def __init__(self, shape, qdata: torch.Tensor | None = None, scale: torch.Tensor | None = None):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        if qdata is None:
+            qdata = torch.zeros(self.shape, dtype=torch.int8)
+        if scale is None:
+            scale = torch.ones(self.shape[0], dtype=torch.float32, device=qdata.device)
+        expected = (("qdata", qdata, torch.int8, self.shape), ("scale", scale, torch.float32, self.shape[:1]))
+        for what, t, dtype, shp in expected:
+            if t.dtype != dtype or tuple(t.shape) != shp:
+                raise ValueError(f"int8 {what} must be {dtype} with shape {shp}, got {t.dtype} {tuple(t.shape)}")
+        self.register_buffer("qdata", qdata)
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, config=None, *, tensor_name: str = "weight") -> Int8Weight:
+        """Quantize a 2-D float matrix (the config carries nothing int8 needs).
+
+        Raises:
+            ValueError: ``w`` is not a 2-D float matrix or holds NaN / Inf (the message names ``tensor_name``).
+        """
+        check_matrix(w, tensor_name)
+        qdata, scale = _impl(w).quantize_int8(w)
+        return cls(w.shape, qdata, scale)
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The [rows, cols] matrix in ``dtype`` (qdata * scale in fp32, then cast)."""
+        return _impl(self.qdata).dequantize_int8(self.qdata, self.scale, dtype)
+
+    def metadata(self) -> dict:
+        return {"format": self.name, "shape": list(self.shape)}
+
+    @classmethod
+    def from_metadata(cls, meta: dict) -> Int8Weight:
+        return cls(meta["shape"])
+
+    def nbytes(self) -> int:
+        return buffers_nbytes(self)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}"

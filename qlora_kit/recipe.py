@@ -1,0 +1,500 @@
+"""Fine-tuning recipes: a flat, strict YAML file mapped onto a typed, frozen dataclass.
+
+A recipe is plain data: ``yaml.safe_load`` reads it (no tags, no code), every key must be a field of
+:class:`Recipe` (or of its one nested section, ``lora``), and every value is type-checked. Command-line
+overrides ``key=value`` (``lora.r=8`` for the nested section) go through the same checks. Mistakes are
+reported as :class:`RecipeError`: one sentence that names the key and the fix (the CLI prints it and
+exits with code 2).
+
+Example:
+    >>> recipe = load_recipe("quickstart", ["max_steps=20", "lora.r=4"])
+    >>> recipe.lora.r
+    4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+OBJECTIVES = ("causal_lm", "diffusion", "gan")
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8", "int4", "fp8")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit")
+SCHEDULES = ("cosine", "linear", "constant")
+LORA_INITS = ("default", "gaussian", "pissa", "loftq")
+DISCRIMINATOR_MODES = ("full", "lora")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+GROUP_SIZES = (32, 64, 128)
+BUILTIN_MODELS = {"tiny-llama": "causal_lm", "tiny-gpt2": "causal_lm", "tiny-unet": "diffusion", "dcgan": "gan"}
+BUILTIN_DATASETS = {"stdlib": "text", "digits": "image"}
+
+
+class RecipeError(ValueError):
+    """A user mistake in a recipe, an override or the files it names (reported in one line, exit code 2)."""
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    """The ``lora:`` section: which layers get adapters and how (see :class:`qlora_kit.LoraConfig`)."""
+
+    r: int = 16  # adapter rank (> 0)
+    alpha: float = 32.0  # the update is scaled by alpha / r
+    dropout: float = 0.05  # dropout on the adapter input, in [0, 1)
+    # "all-linear" (Linear / Conv1D layers except the output head), "all" (also convolutions and
+    # transposed convolutions), a list of module names, or a regex matching whole module paths
+    target_modules: str | list[str] = "all-linear"
+    exclude_modules: str | list[str] | None = None
+    use_rslora: bool = False  # scale by alpha / sqrt(r)
+    use_dora: bool = False  # weight-decomposed LoRA
+    init: str = "default"  # default | gaussian | pissa | loftq
+
+    def __post_init__(self):
+        _check_positive("lora.r", self.r)
+        _check_positive("lora.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise RecipeError(f"lora.dropout must be in [0, 1), got {self.dropout!r}; set e.g. lora.dropout=0.05")
+        _check_choice("lora.init", self.init, LORA_INITS)
+        for key in ("target_modules", "exclude_modules"):
+            value = getattr(self, key)
+            if isinstance(value, list):
+                if not value or not all(isinstance(v, str) and v for v in value):
+                    raise RecipeError(f"lora.{key} must be a non-empty list of module names, got {value!r}")
+                object.__setattr__(self, key, tuple(value))
+            elif value == "":
+                raise RecipeError(f"lora.{key} must not be empty; use 'all-linear', 'all', names or a regex")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything a fine-tuning run needs. Field comments are the documentation of each recipe key."""
+
+    description: str = ""  # one line, shown by `qlora-kit ls`
+    objective: str = "causal_lm"  # causal_lm | diffusion | gan
+    # --- model --------------------------------------------------------------------------------------
+    model: str = "tiny-llama"  # built-in (tiny-llama, tiny-gpt2, tiny-unet, dcgan), a local directory or a hub id
+    tokenizer: str = "auto"  # auto (built-ins: bytes; else the model's own), bytes, or a directory / hub id
+    quantization: str = "nf4"  # none | nf4 | fp4 | int8 | int4 | fp8 (the frozen base's weight format)
+    blocksize: int = 64  # nf4 / fp4 block size
+    double_quant: bool = True  # nf4 / fp4 double quantization of the block scales
+    group_size: int = 128  # int4 group size
+    compute_dtype: str = "auto"  # auto (bfloat16 on GPUs, float32 on CPUs) | float32 | bfloat16 | float16
+    lora: LoraSection = field(default_factory=LoraSection)
+    # --- data ---------------------------------------------------------------------------------------
+    # built-in (stdlib: Python's standard-library source; digits: scikit-learn's 8x8 digits), a local
+    # .json/.jsonl/.txt/.parquet/.csv file, an image folder, or a hub dataset id
+    dataset: str = "stdlib"
+    dataset_split: str = "train"  # split of a hub dataset
+    eval_dataset: str | None = None  # a separate evaluation file / folder (default: held out from dataset)
+    eval_fraction: float = 0.05  # share of a local dataset held out for evaluation when eval_dataset is unset
+    text_column: str = "text"  # column holding the text
+    prompt_template: str | None = None  # e.g. "### Instruction:\n{instruction}\n### Response:\n{output}"
+    max_documents: int | None = None  # use at most this many training documents (files for stdlib)
+    seq_len: int = 512  # tokens per training sequence (documents are packed)
+    image_size: int = 8  # images are resized to image_size x image_size
+    image_channels: int = 1  # 1 (grayscale) or 3 (RGB)
+    # --- optimisation -------------------------------------------------------------------------------
+    batch_size: int = 8  # sequences / images per process per micro-step
+    grad_accum_steps: int = 1  # micro-steps per optimizer step
+    max_steps: int | None = None  # optimizer steps (default: epochs over the data)
+    epochs: int = 1  # used when max_steps is unset
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    optimizer: str = "adamw"  # adamw (fused where available) | adamw_torch | paged_adamw_32bit | paged_adamw_8bit
+    lr_schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0  # gradient clipping (null: off)
+    gradient_checkpointing: bool = False  # non-reentrant activation checkpointing
+    mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it, else no) | no | bf16 | fp16
+    cpu_threads: int | None = None  # torch threads per process (null: PyTorch's default); 1 suits tiny models
+    # --- objective-specific -------------------------------------------------------------------------
+    num_train_timesteps: int = 1000  # diffusion: DDPM noise steps
+    latent_dim: int = 16  # gan: generator input size
+    discriminator: str = "lora"  # gan: full (train every discriminator weight) | lora (same treatment as G)
+    d_learning_rate: float | None = None  # gan: discriminator learning rate (default: learning_rate)
+    # --- evaluation, checkpoints, logging -----------------------------------------------------------
+    eval_every: int = 0  # evaluate every N steps (0: only at the end)
+    eval_batches: int = 8  # batches per evaluation
+    save_every: int = 0  # checkpoint every N steps (0: no intermediate checkpoints)
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    log_every: int = 1  # write a metrics line every N steps
+    progress_bar: bool = True
+    output_dir: str = "runs/run"
+    seed: int = 0
+    resume: bool = False  # continue from the newest checkpoint in output_dir
+    overwrite: bool = False  # allow starting over in an output_dir that already holds a run
+    stop_after_steps: int | None = None  # stop (checkpointed, resumable) after this many steps
+    merge_adapter: bool = False  # also export the base with the adapter merged into output_dir/merged
+
+    def __post_init__(self):
+        _check_choice("objective", self.objective, OBJECTIVES)
+        _check_choice("quantization", self.quantization, QUANTIZATIONS)
+        _check_choice("blocksize", self.blocksize, BLOCKSIZES)
+        _check_choice("group_size", self.group_size, GROUP_SIZES)
+        _check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("lr_schedule", self.lr_schedule, SCHEDULES)
+        _check_choice("discriminator", self.discriminator, DISCRIMINATOR_MODES)
+        _check_choice("image_channels", self.image_channels, (1, 3))
+        for key in (
+            "seq_len",
+            "image_size",
+            "batch_size",
+            "grad_accum_steps",
+            "epochs",
+            "learning_rate",
+            "num_train_timesteps",
+            "latent_dim",
+            "eval_batches",
+            "keep_checkpoints",
+            "log_every",
+        ):
+            _check_positive(key, getattr(self, key))
+        for key in (
+            "max_steps",
+            "max_documents",
+            "stop_after_steps",
+            "d_learning_rate",
+            "max_grad_norm",
+            "cpu_threads",
+        ):
+            if getattr(self, key) is not None:
+                _check_positive(key, getattr(self, key))
+        for key in ("weight_decay", "warmup_steps", "eval_every", "save_every"):
+            if getattr(self, key) < 0:
+                raise RecipeError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise RecipeError(f"{key} must be in [0, 1), got {getattr(self, key)!r}; e.g. {key}=0.9")
+        if not 0 < self.eval_fraction < 1:
+            raise RecipeError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction!r}; e.g. 0.05")
+        if not self.output_dir:
+            raise RecipeError("output_dir must not be empty; set output_dir=runs/my-run")
+        kind = BUILTIN_MODELS.get(self.model)
+        if kind is not None and kind != self.objective:
+            fits = [m for m, k in BUILTIN_MODELS.items() if k == self.objective]
+            raise RecipeError(
+                f"model {self.model!r} is a {kind} model but objective is {self.objective!r}; "
+                f"use one of {fits} or set objective={kind}"
+            )
+        if self.objective == "gan" and self.model != "dcgan":
+            raise RecipeError(
+                f"objective=gan trains the built-in dcgan only, got model={self.model!r}; set model=dcgan"
+            )
+        data_kind = BUILTIN_DATASETS.get(self.dataset)
+        want = "text" if self.objective == "causal_lm" else "image"
+        if data_kind is not None and data_kind != want:
+            fits = [d for d, k in BUILTIN_DATASETS.items() if k == want]
+            raise RecipeError(
+                f"dataset {self.dataset!r} holds {data_kind} but objective {self.objective!r} needs {want}; "
+                f"use dataset={fits[0]} or a {want} dataset of your own"
+            )
+        if self.objective == "gan" and self.grad_accum_steps != 1:
+            raise RecipeError("objective=gan alternates D and G updates every batch; set grad_accum_steps=1")
+        if self.lora.init == "loftq" and (self.quantization not in ("none", "nf4") or self.blocksize != 64):
+            raise RecipeError(
+                "lora.init=loftq fits the adapters to NF4 with blocks of 64; set quantization=nf4 blocksize=64"
+            )
+        if self.stop_after_steps is not None and self.max_steps is not None and self.stop_after_steps > self.max_steps:
+            raise RecipeError(
+                f"stop_after_steps={self.stop_after_steps} is beyond max_steps={self.max_steps}; lower it or unset it"
+            )
+
+    @property
+    def name(self) -> str:
+        return Path(self.output_dir).name
+
+
+# ----- checks ----------------------------------------------------------------------------------------------
+def _check_positive(key: str, value) -> None:
+    if not value > 0:
+        raise RecipeError(f"{key} must be > 0, got {value!r}; pass a positive value such as {key}=8")
+
+
+def _check_choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RecipeError(f"{key}={value!r} is not valid{hint}; choose one of {list(allowed)}")
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
+def _type_name(tp) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is list:
+        return "a list of names"
+    if args:
+        return " or ".join(_type_name(a) for a in args)
+    return _TYPE_WORDS.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """``value`` checked against the annotation ``tp`` (YAML scalars); raises RecipeError on mismatch."""
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except RecipeError as e:
+                errors.append(e)
+        raise RecipeError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__}); fix its value")
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise RecipeError(f"{key} must be a list of strings, got {value!r}")
+        return list(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)  # 1e3 in YAML is a float
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - schema bug
+        raise TypeError(f"unsupported recipe field type {tp!r} for {key}")
+    raise RecipeError(f"{key} must be {_TYPE_WORDS[tp]}, got {value!r} ({type(value).__name__}); fix its value")
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _section_fields() -> dict[str, type]:
+    """Nested sections: field name -> dataclass."""
+    hints = _hints(Recipe)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Recipe) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def valid_keys() -> list[str]:
+    """Every key a recipe accepts, nested ones dotted (``lora.r``)."""
+    keys = []
+    sections = _section_fields()
+    for f in dataclasses.fields(Recipe):
+        if f.name in sections:
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(sections[f.name])]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _unknown_key(key: str, where: str) -> RecipeError:
+    close = difflib.get_close_matches(key, valid_keys() + list(_section_fields()), n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}?" if close else "`qlora-kit finetune --keys` lists the valid keys"
+    return RecipeError(f"unknown key {key!r} in {where}; {hint}")
+
+
+def _build(cls, raw: dict, where: str, prefix: str = ""):
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{prefix.rstrip('.') or 'the recipe'} in {where} must be a mapping of key: value")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or key not in names:
+            raise _unknown_key(f"{prefix}{key}", where)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, where, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(f"{prefix}{key}", value, tp)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, RecipeError):
+            raise
+        raise RecipeError(f"invalid recipe {where}: {e}") from None
+
+
+# ----- finding and reading recipes ---------------------------------------------------------------------------
+def bundled_recipes() -> dict[str, str]:
+    """Name -> first description line of every recipe shipped in ``qlora_kit.recipes``."""
+    out = {}
+    for entry in sorted(importlib.resources.files("qlora_kit.recipes").iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".yaml"):
+            try:
+                raw = yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError:
+                raw = {}
+            out[entry.name[: -len(".yaml")]] = str(raw.get("description", "")) if isinstance(raw, dict) else ""
+    return out
+
+
+def recipe_text(name_or_path: str) -> tuple[str, str]:
+    """(YAML text, where it came from) of a bundled recipe name or a path to a YAML file."""
+    looks_like_path = name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path or "/" in name_or_path
+    if looks_like_path or os.path.isfile(name_or_path):
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise RecipeError(f"recipe file {str(path)!r} does not exist; check the path or run `qlora-kit ls`")
+        return path.read_text(encoding="utf-8"), str(path)
+    resource = importlib.resources.files("qlora_kit.recipes") / f"{name_or_path}.yaml"
+    if not resource.is_file():
+        names = list(bundled_recipes())
+        close = difflib.get_close_matches(name_or_path, names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise RecipeError(
+            f"unknown recipe {name_or_path!r}; {hint}pass a bundled name ({', '.join(names)}) or a path to a .yaml file"
+        )
+    return resource.read_text(encoding="utf-8"), f"{name_or_path} (bundled)"
+
+
+def parse_yaml(text: str, where: str) -> dict:
+    """Strict YAML mapping: safe_load only (no tags, no code), duplicate keys rejected."""
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{where} is not valid YAML{at} ({problem}); fix the syntax there") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where} must be a mapping of key: value, got a {type(data).__name__}")
+    return data
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (a silent last-one-wins is a classic recipe bug)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``key=value`` strings (values parsed as YAML scalars; ``lora.r=8`` for nested keys) applied to ``raw``."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    sections = _section_fields()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise RecipeError(f"override {item!r} is not key=value; write it like max_steps=100 or lora.r=8")
+        head, dot, tail = key.partition(".")
+        owner = sections.get(head) if dot else Recipe
+        tp = _hints(owner).get(tail if dot else key) if owner is not None else None
+        value = _parse_override_value(text, tp)
+        if dot:
+            if head not in sections or not tail or tail not in {f.name for f in dataclasses.fields(sections[head])}:
+                raise _unknown_key(key, "the overrides")
+            section = raw.get(head) or {}
+            if not isinstance(section, dict):
+                raise RecipeError(f"{head} in the recipe must be a mapping, so {key} cannot be set")
+            raw[head] = {**section, tail: value}
+        elif key in sections:
+            raise RecipeError(f"{key} is a section; override its keys one by one, e.g. {key}.r=8")
+        else:
+            if key not in {f.name for f in dataclasses.fields(Recipe)}:
+                raise _unknown_key(key, "the overrides")
+            raw[key] = value
+    return raw
+
+
+def _parse_override_value(text: str, tp) -> Any:
+    """Strings stay verbatim for string-typed keys (templates, paths); everything else is a YAML scalar."""
+    args = set(typing.get_args(tp)) or {tp}
+    takes_str = str in args
+    stripped = text.strip()
+    if takes_str:
+        if type(None) in args and stripped in ("null", "~", "None"):
+            return None
+        if not any(typing.get_origin(a) is list for a in args) or not stripped.startswith("["):
+            return text
+    try:
+        return yaml.safe_load(text) if stripped else ""
+    except yaml.YAMLError:
+        return text  # the type check reports it
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe.
+
+    Args:
+        name_or_path: a bundled recipe name (``qlora-kit ls``) or a path to a YAML file.
+        overrides: ``key=value`` strings.
+
+    Returns:
+        The validated :class:`Recipe`.
+
+    Raises:
+        RecipeError: unknown recipe, bad YAML, unknown key, wrong type or out-of-range value.
+    """
+    text, where = recipe_text(name_or_path)
+    raw = apply_overrides(parse_yaml(text, where), overrides or [])
+    return _build(Recipe, raw, where)
+
+
+def recipe_from_dict(raw: dict, where: str = "the recipe") -> Recipe:
+    """Validate an already-parsed mapping (e.g. a saved config)."""
+    return _build(Recipe, raw, where)
+
+
+# ----- printing and saving ---------------------------------------------------------------------------------
+def to_dict(recipe: Recipe) -> dict:
+    """The resolved recipe as plain YAML-able data, in field order."""
+    out = {}
+    for f in dataclasses.fields(recipe):
+        value = getattr(recipe, f.name)
+        if dataclasses.is_dataclass(value):
+            value = {g.name: _plain(getattr(value, g.name)) for g in dataclasses.fields(value)}
+        out[f.name] = _plain(value)
+    return out
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def to_yaml(recipe: Recipe, header: str | None = None) -> str:
+    text = yaml.safe_dump(to_dict(recipe), sort_keys=False, allow_unicode=True, width=120)
+    return (f"# {header}\n" if header else "") + text
+
+
+def save_resolved(recipe: Recipe, path: str | os.PathLike) -> None:
+    """Write the resolved recipe (runnable as a recipe itself) atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(to_yaml(recipe, header=f"qlora-kit finetune {path}"), encoding="utf-8")
+    os.replace(tmp, path)

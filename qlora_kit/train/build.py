@@ -1,0 +1,363 @@
+"""Building what a recipe trains: the model(s), quantized and with LoRA adapters, plus size figures.
+
+Models come from a built-in tiny config (``tiny-llama``, ``tiny-gpt2``, ``tiny-unet``, ``dcgan``), a
+local directory or a hub id. The base is quantized with ``qlora_kit.quantize`` (none / nf4 / fp4 / int8 /
+int4 / fp8), then adapters are attached with ``qlora_kit.add_lora``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..recipe import BUILTIN_MODELS, Recipe, RecipeError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Built:
+    """The trainable model(s) of a recipe and the figures the banner reports."""
+
+    models: dict[str, nn.Module]  # "model", or "generator" and "discriminator" for GANs
+    description: str
+    n_params: int  # parameters of the base model(s), quantized weights counted by their logical size
+    n_trainable: int
+    lora_layers: int
+    quantized_layers: int
+    bytes_float: int  # weights + buffers before quantization
+    bytes_now: int  # the base after quantization (adapters not included)
+    bytes_by_kind: dict[str, int] = field(default_factory=dict)  # the base's weights by format (adapters apart)
+    bytes_trainable: int = 0  # adapters (and fully trained modules)
+
+
+def compute_dtype(recipe: Recipe) -> torch.dtype:
+    if recipe.compute_dtype != "auto":
+        return _DTYPES[recipe.compute_dtype]
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def is_local_model(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(name))
+
+
+def check_model_path(recipe: Recipe) -> None:
+    """A local model directory named by the recipe must exist (checked before anything is written)."""
+    if recipe.model in BUILTIN_MODELS or not is_local_model(recipe.model):
+        return
+    path = Path(recipe.model).expanduser()
+    if not path.is_dir():
+        raise RecipeError(
+            f"model directory {recipe.model!r} does not exist; fix the path, use a hub id or a built-in "
+            f"({', '.join(BUILTIN_MODELS)})"
+        )
+
+
+def quant_config(recipe: Recipe, dtype: torch.dtype):
+    """The qlora_kit quantization config of a recipe (None for quantization: none)."""
+    if recipe.quantization == "none":
+        return None
+    from ..configs import FP4Config, FP8WeightConfig, Int4WeightConfig, Int8WeightConfig, NF4Config
+    from ..formats.base import get_format
+
+    try:
+        get_format(recipe.quantization)
+    except ValueError:
+        raise RecipeError(
+            f"quantization={recipe.quantization} is not available in this installation; use nf4 or fp4"
+        ) from None
+    if recipe.quantization in ("nf4", "fp4"):
+        cls = NF4Config if recipe.quantization == "nf4" else FP4Config
+        return cls(blocksize=recipe.blocksize, double_quant=recipe.double_quant, compute_dtype=dtype)
+    if recipe.quantization == "int4":
+        return Int4WeightConfig(group_size=recipe.group_size, compute_dtype=dtype)
+    return {"int8": Int8WeightConfig, "fp8": FP8WeightConfig}[recipe.quantization](compute_dtype=dtype)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _from_pretrained_dtype_kw() -> str:
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def load_base(recipe: Recipe, *, vocab_size: int | None = None, dtype: torch.dtype = torch.float32, meta=False):
+    """The float base model(s): {"model": ...} or {"generator": ..., "discriminator": ...}.
+
+    ``meta=True`` builds hub / local models without weights (for ``--dry-run``; needs only config.json).
+    """
+    from .. import models
+
+    name = recipe.model
+    if name == "tiny-llama":
+        return {"model": models.tiny_llama(vocab_size=vocab_size or 256).train()}
+    if name == "tiny-gpt2":
+        # untied head: the base is random, so the recipes adapt the output head as well as the embeddings
+        return {"model": models.tiny_gpt2(vocab_size=vocab_size or 256, tie_word_embeddings=False).train()}
+    if name == "tiny-unet":
+        return {"model": models.tiny_unet(sample_size=recipe.image_size, channels=recipe.image_channels).train()}
+    if name == "dcgan":
+        if recipe.image_size != 8:
+            raise RecipeError(
+                f"the built-in dcgan makes 8x8 images, got image_size={recipe.image_size}; set image_size=8"
+            )
+        gen = models.dcgan_generator(nz=recipe.latent_dim, nc=recipe.image_channels).train()
+        torch.manual_seed(1)
+        disc = models.DCGANDiscriminator(nc=recipe.image_channels).train()
+        return {"generator": gen, "discriminator": disc}
+    check_model_path(recipe)
+    source = os.path.expanduser(name)
+    try:
+        if recipe.objective == "causal_lm":
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            if meta:
+                from accelerate import init_empty_weights
+
+                config = AutoConfig.from_pretrained(source)
+                with init_empty_weights():
+                    return {"model": AutoModelForCausalLM.from_config(config)}
+            kwargs = {_from_pretrained_dtype_kw(): dtype, "low_cpu_mem_usage": True}
+            return {"model": AutoModelForCausalLM.from_pretrained(source, **kwargs).train()}
+        from diffusers import UNet2DModel
+
+        sub = "unet" if os.path.isdir(os.path.join(source, "unet")) else None
+        if meta:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights():
+                return {"model": UNet2DModel.from_config(UNet2DModel.load_config(source, subfolder=sub))}
+        return {"model": UNet2DModel.from_pretrained(source, subfolder=sub, torch_dtype=dtype).train()}
+    except (OSError, ValueError, KeyError) as e:
+        raise RecipeError(
+            f"could not load model {name!r} ({_first_line(e)}); check the name or path, the network, or use a built-in"
+        ) from None
+
+
+def vocab_for_builtin(recipe: Recipe, tokenizer) -> int | None:
+    """The vocabulary a built-in tiny LM needs for a non-byte tokenizer (None: keep the default 256)."""
+    from ..data import ByteTokenizer
+
+    if tokenizer is None or isinstance(tokenizer, ByteTokenizer) or recipe.model not in BUILTIN_MODELS:
+        return None
+    return len(tokenizer)
+
+
+def _lora_capable(model: nn.Module, include_convs: bool) -> list[str]:
+    """Paths of every Linear / Conv1D (and, when asked, conv / transposed conv) layer except output heads."""
+    from ..nn.lora_layers import lora_kind
+
+    heads = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            head = get_out()
+        except (NotImplementedError, AttributeError):
+            head = None
+        if isinstance(head, nn.Module):
+            heads.add(id(head))
+    kinds = ("linear", "conv", "conv_transpose") if include_convs else ("linear",)
+    out = []
+    for name, module in model.named_modules():
+        if name and lora_kind(module) in kinds and id(module) not in heads and name.split(".")[-1] != "lm_head":
+            if any(name.startswith(p + ".") for p in out):
+                continue
+            out.append(name)
+    return out
+
+
+def lora_config(recipe: Recipe, model: nn.Module):
+    """The qlora_kit LoraConfig of a recipe for one model (``target_modules: all`` is resolved to paths)."""
+    from ..lora import LoraConfig
+
+    section = recipe.lora
+    target = section.target_modules
+    if target == "all":
+        target = tuple(_lora_capable(model, include_convs=True))
+        if not target:
+            raise RecipeError(f"lora.target_modules=all found no adaptable layer in {type(model).__name__}")
+    try:
+        return LoraConfig(
+            r=section.r,
+            alpha=section.alpha,
+            dropout=section.dropout,
+            target_modules=target,
+            exclude_modules=section.exclude_modules,
+            use_rslora=section.use_rslora,
+            use_dora=section.use_dora,
+            init=section.init,
+        )
+    except ValueError as e:
+        raise RecipeError(f"invalid lora section: {e}") from None
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(all parameters with quantized weights at their logical size and adapters excluded, trainable)."""
+    from ..nn.lora_layers import LoraLayer
+    from ..nn.quantized import QuantizedLayer
+
+    adapter_ids = set()
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            for name, p in m.named_parameters():
+                if not name.startswith("base_layer."):
+                    adapter_ids.add(id(p))
+    total = 0
+    seen = set()
+    for m in model.modules():
+        if isinstance(m, QuantizedLayer):
+            total += math.prod(m.qweight.shape)
+    for p in model.parameters():
+        if id(p) in seen or id(p) in adapter_ids:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def estimate_quantized_bytes(model: nn.Module, recipe: Recipe) -> tuple[int, int, int]:
+    """(bytes of the quantized weights, bytes of everything kept in float, number of quantized layers),
+    computed from shapes only (works on a weightless ``meta`` model), with ``quantize``'s default filter."""
+    from ..api import default_filter
+    from ..nn.quantized import quantized_class_for
+
+    all_bytes = sum(
+        t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    )
+    if recipe.quantization == "none":
+        return 0, all_bytes, 0
+    keep = default_filter(model)
+    qbytes = removed = layers = 0
+    done: list[str] = []
+    for fqn, module in model.named_modules():
+        if not fqn or quantized_class_for(module) is None or not keep(module, fqn):
+            continue
+        if any(fqn.startswith(d + ".") for d in done):
+            continue
+        done.append(fqn)
+        w = module.weight
+        n = w.numel()
+        if isinstance(module, nn.ConvTranspose2d):
+            rows = w.shape[1]
+        elif type(module).__name__ == "Conv1D":
+            rows = w.shape[1]
+        else:
+            rows = w.shape[0]
+        cols = n // rows
+        if recipe.quantization in ("nf4", "fp4"):
+            blocks = -(-n // recipe.blocksize)
+            scales = blocks + 4 * -(-blocks // 256) + 4 if recipe.double_quant else 4 * blocks
+            qbytes += -(-n // 2) + scales
+        elif recipe.quantization == "int4":
+            qbytes += rows * -(-cols // 2) + 4 * rows * -(-cols // recipe.group_size)
+        else:  # int8, fp8: one byte per weight + an fp32 scale per row
+            qbytes += n + 4 * rows
+        removed += n * w.element_size()
+        layers += 1
+    return qbytes, all_bytes - removed, layers
+
+
+def _adapt(model: nn.Module, recipe: Recipe, qconfig, device, seed: int) -> None:
+    """Quantize the base, prepare it for k-bit training and attach the adapters (in place)."""
+    from ..api import default_filter, quantize
+    from ..lora import add_lora, prepare_for_kbit_training, set_adapter
+
+    lcfg = lora_config(recipe, model)  # before quantizing: "all" resolves on float layer types
+    loftq = recipe.lora.init == "loftq"
+
+    def attach():
+        torch.manual_seed(seed)  # adapters start from the recipe's seed, whatever loading did to the RNG
+        try:
+            add_lora(model, lcfg)
+        except ValueError as e:
+            raise RecipeError(f"cannot add LoRA adapters: {_first_line(e)}; fix the lora section") from None
+
+    filter_fn = None
+    if loftq:  # LoftQ initialises from the float weights and leaves the base NF4-exact: adapters first
+        keep = default_filter(model)
+        chosen = {fqn for fqn, m in model.named_modules() if fqn and keep(m, fqn)}
+        attach()
+
+        def filter_fn(module, fqn):
+            return fqn.removesuffix(".base_layer") in chosen
+
+    if qconfig is not None:
+        try:
+            quantize(model, qconfig, device=device, filter_fn=filter_fn)
+        except ValueError as e:
+            raise RecipeError(f"cannot quantize {recipe.model!r}: {_first_line(e)}") from None
+    elif device is not None:
+        model.to(device)
+    if hasattr(model, "config") and hasattr(model, "gradient_checkpointing_enable"):
+        prepare_for_kbit_training(model, gradient_checkpointing=recipe.gradient_checkpointing)
+    elif recipe.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
+        model.enable_gradient_checkpointing()  # diffusers models: non-reentrant torch checkpointing
+    elif recipe.gradient_checkpointing:
+        raise RecipeError(f"{type(model).__name__} does not support gradient checkpointing; turn it off")
+    if loftq:
+        set_adapter(model, "default")  # prepare_for_kbit_training froze everything: make the adapter train
+    else:
+        attach()
+    model.to(device or "cpu")  # adapters are created on the base's device; make sure all agree
+
+
+def build(recipe: Recipe, *, device: torch.device | None = None, vocab_size: int | None = None) -> Built:
+    """Load the base(s), quantize, attach adapters and prepare for k-bit training."""
+    from ..api import memory_footprint
+
+    dtype = compute_dtype(recipe)
+    qconfig = quant_config(recipe, dtype)
+    bases = load_base(recipe, vocab_size=vocab_size, dtype=dtype)
+    if recipe.gradient_checkpointing and recipe.objective == "gan":
+        raise RecipeError("gradient_checkpointing is not supported for objective=gan; set gradient_checkpointing=false")
+    n_params = n_trainable = lora_layers = qlayers = bytes_float = bytes_trainable = 0
+    kinds: dict[str, int] = {}
+    for index, (role, model) in enumerate(bases.items()):
+        bytes_float += sum(memory_footprint(model).values())
+        train_fully = role == "discriminator" and recipe.discriminator == "full"
+        if train_fully:
+            model.to(device or "cpu")
+            for p in model.parameters():
+                p.requires_grad_(True)
+        else:
+            _adapt(model, recipe, qconfig, device, seed=recipe.seed + index)
+        total, trainable = count_params(model)
+        n_params += total
+        n_trainable += trainable
+        from ..nn.lora_layers import LoraLayer
+        from ..nn.quantized import QuantizedLayer
+
+        lora_layers += sum(isinstance(m, LoraLayer) for m in model.modules())
+        qlayers += sum(isinstance(m, QuantizedLayer) for m in model.modules())
+        trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        bytes_trainable += trained
+        for k, v in memory_footprint(model).items():
+            kinds[k] = kinds.get(k, 0) + v - (trained if k == "float" else 0)
+    desc_parts = (
+        [f"{role} {type(m).__name__}" for role, m in bases.items()]
+        if len(bases) > 1
+        else [type(bases["model"]).__name__]
+    )
+    return Built(
+        models=bases,
+        description=f"{recipe.model} ({', '.join(desc_parts)})",
+        n_params=n_params,
+        n_trainable=n_trainable,
+        lora_layers=lora_layers,
+        quantized_layers=qlayers,
+        bytes_float=bytes_float,
+        bytes_now=sum(kinds.values()),
+        bytes_by_kind={k: v for k, v in kinds.items() if v},
+        bytes_trainable=bytes_trainable,
+    )

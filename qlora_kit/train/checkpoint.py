@@ -1,0 +1,179 @@
+"""Checkpoints that resume exactly, written atomically.
+
+A checkpoint is a directory ``<output_dir>/checkpoints/step-000050/``:
+
+    adapter/                 the adapter so far, PEFT format (usable on its own)
+    trainable.safetensors    every trainable tensor (and BatchNorm running statistics), for exact resume
+    optimizer.pt             optimizer states (tensors, numbers and lists only: read with weights_only=True)
+    state.json               step, data position, scheduler states, recipe and data fingerprints
+    rng-rank<k>.json         each process's Python / NumPy / torch (CPU and CUDA) RNG states
+
+It is written into a temporary directory by all processes and renamed into place by the main process,
+so a crash never leaves a half-written checkpoint where resume would find it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def trainable_state(models: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Trainable parameters and BatchNorm statistics of every model, keyed ``<role>.<name>``."""
+    out = {}
+    for role, model in models.items():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                out[f"{role}.{name}"] = p.detach().to("cpu").contiguous().clone()
+        for name, b in model.named_buffers():
+            if name.rsplit(".", 1)[-1] in _STAT_BUFFERS:
+                out[f"{role}.{name}"] = b.detach().to("cpu").contiguous().clone()
+    return out
+
+
+@torch.no_grad()
+def load_trainable_state(models: dict[str, nn.Module], state: dict[str, torch.Tensor], where: str) -> None:
+    targets = {}
+    for role, model in models.items():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                targets[f"{role}.{name}"] = p
+        for name, b in model.named_buffers():
+            if name.rsplit(".", 1)[-1] in _STAT_BUFFERS:
+                targets[f"{role}.{name}"] = b
+    missing, extra = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
+    if missing or extra:
+        from ..recipe import RecipeError
+
+        raise RecipeError(
+            f"checkpoint {where} does not match this model (missing {missing[:2]}, unexpected {extra[:2]}); "
+            "resume with the recipe that started the run"
+        )
+    for key, dst in targets.items():
+        src = state[key]
+        if src.shape != dst.shape:
+            from ..recipe import RecipeError
+
+            raise RecipeError(
+                f"checkpoint {where}: {key} has shape {tuple(src.shape)}, the model needs {tuple(dst.shape)}; "
+                "resume with the recipe that started the run"
+            )
+        dst.copy_(src.to(dst.device, dst.dtype))
+
+
+def rng_state() -> dict:
+    py = random.getstate()
+    npy = np.random.get_state()
+    out = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npy = state["numpy"]
+    np.random.set_state((npy[0], np.asarray(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / "state.json").is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest(root: Path) -> Path | None:
+    dirs = step_dirs(root)
+    return dirs[-1][1] if dirs else None
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+def save(
+    accelerator,
+    root: Path,
+    step: int,
+    models: dict[str, nn.Module],
+    optimizers: dict,
+    schedulers: dict,
+    state: dict,
+    keep: int,
+    save_adapters,
+) -> Path:
+    """Write checkpoint ``step`` atomically (all processes must call this)."""
+    from safetensors.torch import save_file
+
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    _write_json(tmp / f"rng-rank{accelerator.process_index}.json", rng_state())
+    if accelerator.is_main_process:
+        save_file(trainable_state(models), str(tmp / "trainable.safetensors"))
+        torch.save({k: opt.state_dict() for k, opt in optimizers.items()}, tmp / "optimizer.pt")
+        save_adapters(tmp)
+        state = {
+            **state,
+            "step": step,
+            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+            "world_size": accelerator.num_processes,
+        }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_json(tmp / "state.json", state)  # last file: marks the directory complete
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in step_dirs(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load(accelerator, path: Path, models: dict[str, nn.Module], optimizers: dict, schedulers: dict) -> dict:
+    """Restore a checkpoint into freshly built models / optimizers / schedulers; returns its state.json."""
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    load_trainable_state(models, load_file(str(path / "trainable.safetensors")), str(path))
+    opt_states = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    for key, opt in optimizers.items():
+        opt.load_state_dict(opt_states[key])
+    for key, sched in schedulers.items():
+        sched.load_state_dict(state["schedulers"][key])
+    rng_file = path / f"rng-rank{accelerator.process_index}.json"
+    if not rng_file.is_file():  # resumed on more processes than saved: reuse rank 0's states
+        rng_file = path / "rng-rank0.json"
+    set_rng_state(json.loads(rng_file.read_text(encoding="utf-8")))
+    return state

@@ -1,0 +1,247 @@
+"""The `qlora-kit` command line: quantize, ls, cp, finetune (--dry-run, user errors), eval, merge."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora_kit.cli import main
+
+SMALL = ["max_documents=20", "eval_every=0", "save_every=0", "progress_bar=false", "eval_batches=2"]
+
+
+def _snapshot(path: Path) -> set:
+    return {str(p.relative_to(path)) for p in path.rglob("*")}
+
+
+# ----- quantize --------------------------------------------------------------------------------------------
+def test_quantize_writes_a_loadable_directory(tmp_path, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import qlora_kit
+    from qlora_kit.models import tiny_llama
+
+    out = tmp_path / "q"
+    assert main(["quantize", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    for label in ("layers quantized", "weights before", "weights after", "bits / quantized param",
+                  "output cosine vs float", "time"):  # fmt: skip
+        assert label in text
+    assert "14 (QuantLinear 14)" in text
+    cosine = float(text.split("output cosine vs float")[1].split()[0])
+    assert 0.98 < cosine <= 1.0
+    bits = float(text.split("bits / quantized param")[1].split()[0])
+    assert 4.1 < bits < 4.2  # NF4 + double quant: 4 bits + ~0.13 bits of scales
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "quantization.json", "config.json"}
+    skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out))
+    loaded = qlora_kit.load_quantized(skeleton, out).eval()
+    reference = qlora_kit.quantize(tiny_llama(), qlora_kit.NF4Config()).eval()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--model", "tiny-gpt2", "--format", "fp4", "--no-double-quant", "--blocksize", "128"],
+        ["--model", "tiny-bert", "--compute-dtype", "float32"],
+    ],
+)
+def test_quantize_other_models_and_formats(tmp_path, capsys, args):
+    out = tmp_path / "q"
+    assert main(["quantize", *args, "--output", str(out)]) == 0
+    assert (out / "quantization.json").is_file()
+    qmap = json.loads((out / "quantization.json").read_text())
+    assert qmap["layers"]
+
+
+def test_quantize_other_formats_when_available(tmp_path, capsys):
+    from qlora_kit.formats.base import get_format
+
+    for fmt in ("int8", "int4", "fp8"):
+        try:
+            get_format(fmt)
+        except ValueError:
+            continue
+        out = tmp_path / fmt
+        assert main(["quantize", "--format", fmt, "--group-size", "32", "--output", str(out)]) == 0
+        assert fmt in json.dumps(json.loads((out / "quantization.json").read_text()))
+
+
+# ----- user errors: exit code 2, one line, nothing written ---------------------------------------------------
+def _bad_yaml(tmp: Path) -> str:
+    p = tmp / "inputs" / "bad.yaml"
+    p.write_text("model: tiny-llama\nlora: {r: 4\n")
+    return str(p)
+
+
+def _jsonl_without_text(tmp: Path) -> str:
+    p = tmp / "inputs" / "d.jsonl"
+    p.write_text("\n".join(json.dumps({"body": "x" * 300}) for _ in range(10)))
+    return str(p)
+
+
+FINETUNE_ERRORS = [
+    (lambda t: ["finetune", "quikstart"], ["unknown recipe", "'quickstart'"]),
+    (lambda t: ["finetune", str(t / "inputs" / "none.yaml")], ["does not exist"]),
+    (lambda t: ["finetune", _bad_yaml(t)], ["not valid YAML", "at line"]),
+    (lambda t: ["finetune", "quickstart", "learning_rat=1e-3"], ["unknown key 'learning_rat'", "'learning_rate'"]),
+    (lambda t: ["finetune", "quickstart", "lora.rank=4"], ["unknown key 'lora.rank'", "'lora.r'"]),
+    (lambda t: ["finetune", "quickstart", "max_steps=ten"], ["max_steps must be an integer"]),
+    (lambda t: ["finetune", "quickstart", "lora.r=0"], ["lora.r must be > 0"]),
+    (lambda t: ["finetune", "quickstart", "quantization=nf5"], ["did you mean 'nf4'"]),
+    (lambda t: ["finetune", "quickstart", "dataset=./missing.jsonl"], ["dataset './missing.jsonl' does not exist"]),
+    (lambda t: ["finetune", "quickstart", f"dataset={_jsonl_without_text(t)}"], ["no column 'text'", "text_column"]),
+    (lambda t: ["finetune", "quickstart", "model=./no-such-model"], ["model directory './no-such-model'"]),
+    (lambda t: ["finetune", "quickstart", "resume=true"], ["holds no checkpoint"]),
+    (lambda t: ["finetune", "quickstart", "batch_size=4000"], ["fewer than one global batch"]),
+    (lambda t: ["finetune", "quickstart", "max_steps"], ["key=value"]),
+    (lambda t: ["finetune", "unet_lora", "gradient_checkpointing=maybe"], ["true or false"]),
+    (lambda t: ["finetune", "dcgan_qlora", "image_size=16"], ["8x8"]),
+    (lambda t: ["finetun", "quickstart"], ["unknown command", "'finetune'"]),
+    (lambda t: ["finetune", "quickstart", "--bogus"], ["unrecognized arguments"]),
+    (lambda t: ["quantize", "--blocksize", "48"], ["blocksize", "64"]),
+    (lambda t: ["quantize", "--model", "./nope"], ["model directory './nope' does not exist"]),
+    (lambda t: ["cp", "quikstart", str(t / "x.yaml")], ["unknown recipe"]),
+    (lambda t: ["eval", str(t / "inputs")], ["not a run directory"]),
+]
+
+
+@pytest.mark.parametrize("make_args, words", FINETUNE_ERRORS)
+def test_user_errors_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, monkeypatch, make_args, words):
+    (tmp_path / "inputs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    args = make_args(tmp_path)
+    if args[0] == "finetune" and len(args) > 1:
+        args = [*args, f"output_dir={tmp_path / 'out'}", *SMALL]
+    before = _snapshot(tmp_path)
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("[transformers]")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("qlora-kit: error: ")
+    assert "Traceback" not in err
+    for w in words:
+        assert w in lines[0]
+    assert _snapshot(tmp_path) == before  # nothing written (no output_dir, no cwd files)
+
+
+def test_output_dir_holding_a_run_needs_resume_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", "quickstart", *SMALL, "max_steps=2", f"output_dir={out}"]) == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+    assert main(["finetune", "quickstart", *SMALL, "max_steps=2", f"output_dir={out}"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert main(["finetune", "quickstart", *SMALL, "max_steps=2", f"output_dir={out}", "overwrite=true"]) == 0
+
+
+# ----- ls, cp, console script ------------------------------------------------------------------------------
+def test_ls_and_cp(tmp_path, capsys):
+    assert main(["ls"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("quickstart", "llama_qlora", "gpt2_lora", "unet_lora", "dcgan_qlora"):
+        assert name in listing
+    dest = tmp_path / "mine.yaml"
+    assert main(["cp", "quickstart", str(dest)]) == 0
+    assert dest.read_text().splitlines()[0] == f"# qlora-kit finetune {dest}"
+    from qlora_kit.recipe import load_recipe
+
+    assert load_recipe(str(dest)) == load_recipe("quickstart")
+    assert main(["cp", "quickstart", str(dest)]) == 2  # exists: needs --force
+    assert main(["cp", "quickstart", str(dest), "--force"]) == 0
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).parent / "qlora-kit"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "qlora_kit.cli"]
+    proc = subprocess.run([*cmd, "finetune", "quickstart", "lora.r=0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "qlora-kit: error: lora.r must be > 0, got 0; pass a positive value such as lora.r=8"
+
+
+# ----- finetune --dry-run ----------------------------------------------------------------------------------
+def test_dry_run_prints_sizes_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["finetune", "quickstart", f"output_dir={out}", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "output_dir: " + str(out) in text  # the resolved config
+    for label in ("parameters", "trainable", "quantized", "peak memory"):
+        assert label in text
+    assert "14 layers" in text
+    assert not out.exists()
+
+
+def test_dry_run_of_a_real_architecture_needs_no_weights(tmp_path, capsys):
+    """A local directory with only config.json (as for an 8B model before download): counts are exact."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)  # fmt: skip
+    cfg.save_pretrained(tmp_path / "llama")
+    assert main(["finetune", "llama_qlora", f"model={tmp_path / 'llama'}", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    r, h, ffn, kv = 64, 512, 1376, 512 * 4 // 8
+    per_layer = r * ((h + h) * 2 + (h + kv) * 2 + (h + ffn) * 3)  # q,o ; k,v ; gate,up,down
+    assert f"trainable {4 * per_layer:,}" in text
+    assert "4 x 7 = 28" not in text and "28 layers" in text
+    assert {p.name for p in (tmp_path / "llama").iterdir()} == {"config.json"}
+
+
+def test_keys_lists_every_recipe_key(capsys):
+    assert main(["finetune", "--keys"]) == 0
+    keys = capsys.readouterr().out.split()
+    assert "learning_rate" in keys and "lora.r" in keys and "output_dir" in keys
+
+
+# ----- eval and merge on a finished run --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gpt2_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpt2") / "run"
+    assert main(["finetune", "gpt2_lora", *SMALL, "max_steps=6", f"output_dir={out}"]) == 0
+    return out
+
+
+def test_eval_reports_base_and_adapter_perplexity(gpt2_run, capsys):
+    assert main(["eval", str(gpt2_run), "--batches", "2", "--batch-size", "4"]) == 0
+    text = capsys.readouterr().out
+    base = float(text.split("base ")[1].split("loss")[1].split()[0])
+    tuned = float(text.split("base + adapter")[1].split("loss")[1].split()[0])
+    assert tuned < base
+
+
+def test_merge_writes_a_model_equal_to_base_plus_adapter(gpt2_run, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kit.recipe import load_recipe
+    from qlora_kit.train.export import model_with_adapter
+
+    out = tmp_path / "merged"
+    assert main(["merge", str(gpt2_run), "--output", str(out)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    reference = model_with_adapter(load_recipe(str(gpt2_run / "config.yaml")), gpt2_run / "adapter")
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+    assert main(["merge", str(gpt2_run), "--output", str(out)]) == 2  # not empty: needs --force
+    assert "--force" in capsys.readouterr().err
+
+
+def test_merge_a_quantized_run(tmp_path, capsys):
+    """quickstart's adapter merged into its NF4 base: adapted layers become float, the rest stay NF4."""
+    run = tmp_path / "run"
+    assert main(["finetune", "quickstart", *SMALL, "max_steps=3", f"output_dir={run}",
+                 "lora.target_modules=[q_proj, v_proj]"]) == 0  # fmt: skip
+    out = tmp_path / "merged"
+    assert main(["merge", str(run), "--output", str(out)]) == 0
+    assert "(quantized)" in capsys.readouterr().out
+    qmap = json.loads((out / "quantization.json").read_text())
+    assert len(qmap["layers"]) == 14 - 4  # q_proj and v_proj of 2 layers merged into float
+    assert os.path.isfile(out / "config.json")
