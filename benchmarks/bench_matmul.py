@@ -50,8 +50,13 @@ OURS = {  # provider suffix -> (format, config kwargs, activation mode)
     "w8a8-dyn": ("int8", {}, "int8"),
     "fp8-dyn": ("fp8", {}, "fp8"),
 }
-CONFIG_NAMES = {"nf4": "NF4Config", "fp4": "FP4Config", "int4": "Int4WeightConfig", "int8": "Int8WeightConfig",
-                "fp8": "FP8WeightConfig"}
+CONFIG_NAMES = {
+    "nf4": "NF4Config",
+    "fp4": "FP4Config",
+    "int4": "Int4WeightConfig",
+    "int8": "Int8WeightConfig",
+    "fp8": "FP8WeightConfig",
+}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -126,8 +131,9 @@ def provider_bnb_int8(device, dtype):
         except ImportError:
             raise Skip("bitsandbytes is not installed") from None
         layer = bnb.nn.Linear8bitLt(case["k"], case["n"], bias=False, has_fp16_weights=False, threshold=0.0)
-        layer.weight = bnb.nn.Int8Params(float_weight(case["n"], case["k"], "cpu", dtype), requires_grad=False,
-                                         has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(
+            float_weight(case["n"], case["k"], "cpu", dtype), requires_grad=False, has_fp16_weights=False
+        )
         layer = layer.to(device)
         x = _inputs(case, device, dtype)
         return (lambda: layer(x)), {"weight_bytes": case["n"] * case["k"] + 4 * case["n"]}
@@ -214,8 +220,19 @@ def tune(cases, formats, dtype, table_path, log=print):
                 timings.append((ms, plan))
             ms, best = min(timings, key=lambda t: t[0])
             log(f"tune {fmt} m={case['m']} n={case['n']} k={case['k']}: {best} {ms:.4f} ms")
-            measured.append({"device": device_name, "format": fmt, "m": case["m"], "n": case["n"], "k": case["k"],
-                             "path": best.path, "split_k": best.split_k, "lut": best.lut, "ms": ms})
+            measured.append(
+                {
+                    "device": device_name,
+                    "format": fmt,
+                    "m": case["m"],
+                    "n": case["n"],
+                    "k": case["k"],
+                    "path": best.path,
+                    "split_k": best.split_k,
+                    "lut": best.lut,
+                    "ms": ms,
+                }
+            )
     try:
         with open(table_path, encoding="utf-8") as f:
             old = json.load(f).get("plans", [])
@@ -239,8 +256,11 @@ def main(argv=None):
     parser.add_argument("--formats", default="nf4,fp4,int4,int8,fp8", help="comma-separated weight formats")
     parser.add_argument("--models", default=None, help="comma-separated models from shapes.py")
     parser.add_argument("--m", default=None, help="comma-separated row counts (default: the registry's)")
-    parser.add_argument("--graph", action="store_true",
-                        help="CUDA: time CUDA-graph replays (no launch overhead, but L2 stays warm across calls)")
+    parser.add_argument(
+        "--graph",
+        action="store_true",
+        help="CUDA: time CUDA-graph replays (no launch overhead, but L2 stays warm across calls)",
+    )
     parser.add_argument("--tune", action="store_true", help="CUDA: measure our paths and write the dispatch table")
     parser.add_argument("--table", default=None, help="dispatch table path (default: kernels/matmul_table.json)")
     parser.add_argument("--name", default=None, help="results file name (default: matmul_<device>)")
@@ -263,16 +283,33 @@ def main(argv=None):
     print(f"device-to-device copy bandwidth: {copy_gbps:.1f} GB/s")
     providers = build_providers(args.device, dtype, formats)
     baseline = next(iter(providers))
-    rows = run_providers(cases, providers, device=args.device, graph=args.graph, baseline=baseline,
-                         metrics=metrics_fn(copy_gbps, dtype))
+    rows = run_providers(
+        cases, providers, device=args.device, graph=args.graph, baseline=baseline, metrics=metrics_fn(copy_gbps, dtype)
+    )
     meta = {
         "title": f"Quantized linear y = x W^T ({args.device}, {args.dtype})",
         "env": environment(args.device),
         "copy_bandwidth_gbps": round(copy_gbps, 1),
         "note": "ms = median; gbps = (weight + x + y bytes) / time; speedup = " + baseline + " ms / ms",
     }
-    columns = ["model", "layer", "m", "n", "k", "provider", "status", "ms", "speedup", "tflops", "gbps", "pct_copy_bw",
-               "weight_bytes", "timer", "impl", "reason"]
+    columns = [
+        "model",
+        "layer",
+        "m",
+        "n",
+        "k",
+        "provider",
+        "status",
+        "ms",
+        "speedup",
+        "tflops",
+        "gbps",
+        "pct_copy_bw",
+        "weight_bytes",
+        "timer",
+        "impl",
+        "reason",
+    ]
     paths = write_results(args.name or f"matmul_{args.device}", rows, meta, columns=columns)
     print("wrote", *paths)
     return 0

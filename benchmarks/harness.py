@@ -71,8 +71,13 @@ def environment(device: str) -> dict:
     env = {"device_type": device}
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        env.update(device=props.name, capability=f"sm_{props.major}{props.minor}", sms=props.multi_processor_count,
-                   memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+        env.update(
+            device=props.name,
+            capability=f"sm_{props.major}{props.minor}",
+            sms=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+        )
     else:
         env.update(device=platform.processor() or platform.machine(), threads=torch.get_num_threads())
     env.update(torch=torch.__version__, python=platform.python_version(), commit=git_commit())
@@ -81,8 +86,9 @@ def environment(device: str) -> dict:
     return env
 
 
-def time_ms(fn: Callable[[], object], device: str, *, graph: bool = False,
-            min_time_s: float = 0.2) -> tuple[float, str]:
+def time_ms(
+    fn: Callable[[], object], device: str, *, graph: bool = False, min_time_s: float = 0.2
+) -> tuple[float, str]:
     """Median milliseconds of ``fn()`` and the method used ("do_bench", "cudagraph" or "perf_counter")."""
     if device == "cuda":
         import triton.testing
@@ -118,9 +124,16 @@ def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def run_providers(cases: list[dict], providers: dict[str, Provider], *, device: str, graph: bool = False,
-                  metrics: Callable[[dict, float], dict] | None = None, baseline: str | None = None,
-                  log: Callable[[str], None] = print) -> list[dict]:
+def run_providers(
+    cases: list[dict],
+    providers: dict[str, Provider],
+    *,
+    device: str,
+    graph: bool = False,
+    metrics: Callable[[dict, float], dict] | None = None,
+    baseline: str | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     """Time every provider on every case; one row per (case, provider).
 
     Args:
@@ -182,8 +195,9 @@ def _cell(value) -> str:
     return str(value)
 
 
-def write_results(name: str, rows: list[dict], meta: dict, out_dir: Path | str = RESULTS_DIR,
-                  columns: list[str] | None = None) -> tuple[Path, Path]:
+def write_results(
+    name: str, rows: list[dict], meta: dict, out_dir: Path | str = RESULTS_DIR, columns: list[str] | None = None
+) -> tuple[Path, Path]:
     """Write ``<name>.json`` (meta + rows) and ``<name>.md`` (meta lines + one table) under ``out_dir``.
 
     Args:

@@ -154,8 +154,18 @@ class LMSpec:
 
 
 QUICK_LM = LMSpec()
-FULL_LM = LMSpec(hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408, context=512, steps=3000, batch=32,
-                 lr=1e-3, max_train_bytes=None)
+FULL_LM = LMSpec(
+    hidden=512,
+    layers=8,
+    heads=8,
+    kv_heads=4,
+    intermediate=1408,
+    context=512,
+    steps=3000,
+    batch=32,
+    lr=1e-3,
+    max_train_bytes=None,
+)
 
 
 def random_windows(docs, length: int, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -194,8 +204,15 @@ class ReferenceLM:
         return list(w.reshape(batches, batch_size, -1))
 
 
-def train_lm(model: nn.Module, spec: LMSpec, corpus: StdlibCorpus, *, steps: int | None = None, lr: float | None = None,
-             log_every: int = 0) -> dict:
+def train_lm(
+    model: nn.Module,
+    spec: LMSpec,
+    corpus: StdlibCorpus,
+    *,
+    steps: int | None = None,
+    lr: float | None = None,
+    log_every: int = 0,
+) -> dict:
     """Next-token training on random windows of the training files (AdamW, warmup + cosine); returns info."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -352,8 +369,15 @@ class ReferenceUNet:
         for _ in range(batches):
             idx = torch.randint(0, x0.shape[0], (batch_size,), generator=g)
             # timesteps stratified over [0, T): every batch covers early, middle and late steps
-            t = ((torch.arange(batch_size) + torch.rand(batch_size, generator=g)) * self.spec.train_timesteps
-                 / batch_size).long().clamp(max=self.spec.train_timesteps - 1)
+            t = (
+                (
+                    (torch.arange(batch_size) + torch.rand(batch_size, generator=g))
+                    * self.spec.train_timesteps
+                    / batch_size
+                )
+                .long()
+                .clamp(max=self.spec.train_timesteps - 1)
+            )
             noise = torch.randn(x0[idx].shape, generator=g)
             out.append((sched.add_noise(x0[idx], noise, t), t))
         return out

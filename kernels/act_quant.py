@@ -74,9 +74,26 @@ def _quant_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, FP8: tl
 
 
 @triton.jit
-def _scaled_gemm_kernel(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_am, stride_bn,
-                        stride_om, HAS_BIAS: tl.constexpr, INT8: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _scaled_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    a_scale_ptr,
+    b_scale_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_bn,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    INT8: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     # out = (a b^T) * a_scale[:, None] * b_scale[None, :] + bias; exact int32 (int8) or fp32 (fp8) sums
     pid = tl.program_id(0)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -116,8 +133,9 @@ def _quantize_rows(x: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tens
     scale = torch.empty(m, device=x2.device, dtype=torch.float32)
     if m:
         block_k = min(triton.next_power_of_2(k), 1024 if interpreting() else 4096)
-        _quant_rows_kernel[(m,)](x2, q, scale, k, x2.stride(0), q.stride(0), FP8=fp8, BLOCK_K=block_k,
-                                 num_warps=4 if block_k <= 1024 else 8)
+        _quant_rows_kernel[(m,)](
+            x2, q, scale, k, x2.stride(0), q.stride(0), FP8=fp8, BLOCK_K=block_k, num_warps=4 if block_k <= 1024 else 8
+        )
     return (q.view(torch.float8_e4m3fn) if fp8 else q), scale
 
 
@@ -178,10 +196,28 @@ def scaled_gemm(xq, x_scale, wq, w_scale, bias=None, out_dtype: torch.dtype = to
         bn, bk = (64 if m <= 64 else 128), (128 if int8 else 64)
         warps, stages = (4 if bm * bn <= 64 * 64 else 8), 3
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _scaled_gemm_kernel[grid](xq, wq, x_scale.float().contiguous(), w_scale.float().contiguous(),
-                              bias if bias is not None else out, out, m, n, k, xq.stride(0), wq.stride(0),
-                              out.stride(0), HAS_BIAS=bias is not None, INT8=int8, BLOCK_M=bm, BLOCK_N=bn,
-                              BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+    _scaled_gemm_kernel[grid](
+        xq,
+        wq,
+        x_scale.float().contiguous(),
+        w_scale.float().contiguous(),
+        bias if bias is not None else out,
+        out,
+        m,
+        n,
+        k,
+        xq.stride(0),
+        wq.stride(0),
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+        INT8=int8,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        GROUP_M=8,
+        num_warps=warps,
+        num_stages=stages,
+    )
     return out
 
 

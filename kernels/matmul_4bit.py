@@ -100,9 +100,26 @@ def _block_absmax(blk, mask, absmax_ptr, dmap_ptr, nested_ptr, offset_ptr, DOUBL
 
 
 @triton.jit
-def _load_tile(packed_ptr, absmax_ptr, dmap_ptr, nested_ptr, offset_ptr, code_ptr, offs_n, k0, N, K, k_half, nblocks,
-               BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
-               LUT_REGISTERS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _load_tile(
+    packed_ptr,
+    absmax_ptr,
+    dmap_ptr,
+    nested_ptr,
+    offset_ptr,
+    code_ptr,
+    offs_n,
+    k0,
+    N,
+    K,
+    k_half,
+    nblocks,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    LUT_REGISTERS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # Tile of W at rows offs_n, columns k0 + 2j and k0 + 2j + 1 (j < BLOCK_K / 2), as fp32 code values
     # (c0, c1) and their block absmax (s0, s1): W = c * s. With ALIGNED (K % BLOCKSIZE == 0 and k0 a
     # multiple of BLOCK_K <= BLOCKSIZE) the tile sits in one block per row and s0 = s1 has shape [BN, 1].
@@ -133,8 +150,9 @@ def _load_tile(packed_ptr, absmax_ptr, dmap_ptr, nested_ptr, offset_ptr, code_pt
         s0 = a_first[:, None]
         s1 = s0
     else:
-        a_next = _block_absmax(first + 1, n_ok & (first + 1 < nblocks), absmax_ptr, dmap_ptr, nested_ptr, offset_ptr,
-                               DOUBLE_QUANT)
+        a_next = _block_absmax(
+            first + 1, n_ok & (first + 1 < nblocks), absmax_ptr, dmap_ptr, nested_ptr, offset_ptr, DOUBLE_QUANT
+        )
         split = ((first + 1) * BLOCKSIZE - row)[:, None]  # first column of the next block, per row
         s0 = tl.where(k_even[None, :] < split, a_first[:, None], a_next[:, None])
         s1 = tl.where(k_even[None, :] + 1 < split, a_first[:, None], a_next[:, None])
@@ -142,12 +160,38 @@ def _load_tile(packed_ptr, absmax_ptr, dmap_ptr, nested_ptr, offset_ptr, code_pt
 
 
 @triton.jit
-def _forward_kernel(x_ptr, out_ptr, bias_ptr, packed_ptr, absmax_ptr, dmap_ptr, nested_ptr, offset_ptr, code_ptr,
-                    M, N, K, k_half, nblocks, stride_xm, stride_om,
-                    HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr,
-                    ALIGNED: tl.constexpr, LUT_REGISTERS: tl.constexpr, USE_DOT: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _forward_kernel(
+    x_ptr,
+    out_ptr,
+    bias_ptr,
+    packed_ptr,
+    absmax_ptr,
+    dmap_ptr,
+    nested_ptr,
+    offset_ptr,
+    code_ptr,
+    M,
+    N,
+    K,
+    k_half,
+    nblocks,
+    stride_xm,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    LUT_REGISTERS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SUB_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     # y[m-block, n-block] = x W^T over the K-slice pid_k (split-K partial sums meet in fp32 atomics).
     # Each K step handles BLOCK_K columns as independent SUB_K-wide tiles (more loads in flight).
     # gemv (USE_DOT=False): the decoded tile is reused for BLOCK_M rows by broadcast-multiply-reduce;
@@ -172,9 +216,26 @@ def _forward_kernel(x_ptr, out_ptr, bias_ptr, packed_ptr, absmax_ptr, dmap_ptr, 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         for ks in tl.static_range(0, BLOCK_K, SUB_K):
-            c0, c1, s0, s1 = _load_tile(packed_ptr, absmax_ptr, dmap_ptr, nested_ptr, offset_ptr, code_ptr, offs_n,
-                                        k0 + ks, N, K, k_half, nblocks, BLOCKSIZE, DOUBLE_QUANT, EVEN_K, ALIGNED,
-                                        LUT_REGISTERS, SUB_K)
+            c0, c1, s0, s1 = _load_tile(
+                packed_ptr,
+                absmax_ptr,
+                dmap_ptr,
+                nested_ptr,
+                offset_ptr,
+                code_ptr,
+                offs_n,
+                k0 + ks,
+                N,
+                K,
+                k_half,
+                nblocks,
+                BLOCKSIZE,
+                DOUBLE_QUANT,
+                EVEN_K,
+                ALIGNED,
+                LUT_REGISTERS,
+                SUB_K,
+            )
             k_even = k0 + ks + 2 * j
             x0 = tl.load(x_row + k_even[None, :], mask=m_ok & (k_even < K)[None, :], other=0.0)
             x1 = tl.load(x_row + k_even[None, :] + 1, mask=m_ok & (k_even + 1 < K)[None, :], other=0.0)
@@ -182,12 +243,17 @@ def _forward_kernel(x_ptr, out_ptr, bias_ptr, packed_ptr, absmax_ptr, dmap_ptr, 
                 acc = tl.dot(x0, tl.trans((c0 * s0).to(x0.dtype)), acc, input_precision=DOT_PRECISION)
                 acc = tl.dot(x1, tl.trans((c1 * s1).to(x1.dtype)), acc, input_precision=DOT_PRECISION)
             elif ALIGNED:  # one absmax per row of the tile: scale the row sums instead of every element
-                part = tl.sum(x0.to(tl.float32)[:, None, :] * c0[None, :, :]
-                              + x1.to(tl.float32)[:, None, :] * c1[None, :, :], axis=2)
+                part = tl.sum(
+                    x0.to(tl.float32)[:, None, :] * c0[None, :, :] + x1.to(tl.float32)[:, None, :] * c1[None, :, :],
+                    axis=2,
+                )
                 acc += part * tl.reshape(s0, (BLOCK_N,))[None, :]
             else:
-                acc += tl.sum(x0.to(tl.float32)[:, None, :] * (c0 * s0)[None, :, :]
-                              + x1.to(tl.float32)[:, None, :] * (c1 * s1)[None, :, :], axis=2)
+                acc += tl.sum(
+                    x0.to(tl.float32)[:, None, :] * (c0 * s0)[None, :, :]
+                    + x1.to(tl.float32)[:, None, :] * (c1 * s1)[None, :, :],
+                    axis=2,
+                )
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         acc += tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
@@ -200,11 +266,32 @@ def _forward_kernel(x_ptr, out_ptr, bias_ptr, packed_ptr, absmax_ptr, dmap_ptr, 
 
 
 @triton.jit
-def _grad_input_kernel(g_ptr, out_ptr, packed_ptr, absmax_ptr, dmap_ptr, nested_ptr, offset_ptr, code_ptr,
-                       M, N, K, k_half, nblocks, stride_gm, stride_om,
-                       BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr,
-                       ALIGNED: tl.constexpr, LUT_REGISTERS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _grad_input_kernel(
+    g_ptr,
+    out_ptr,
+    packed_ptr,
+    absmax_ptr,
+    dmap_ptr,
+    nested_ptr,
+    offset_ptr,
+    code_ptr,
+    M,
+    N,
+    K,
+    k_half,
+    nblocks,
+    stride_gm,
+    stride_om,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    LUT_REGISTERS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # dx = dy W (the transposed product): program (pid_m, pid_k) owns dx[m-block, k-block] and reduces
     # over N; even and odd output columns are accumulated separately and stored with stride 2.
     pid_m = tl.program_id(0)
@@ -218,9 +305,26 @@ def _grad_input_kernel(g_ptr, out_ptr, packed_ptr, absmax_ptr, dmap_ptr, nested_
     acc1 = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        c0, c1, s0, s1 = _load_tile(packed_ptr, absmax_ptr, dmap_ptr, nested_ptr, offset_ptr, code_ptr, offs_n, k0, N,
-                                    K, k_half, nblocks, BLOCKSIZE, DOUBLE_QUANT, EVEN_K, ALIGNED, LUT_REGISTERS,
-                                    BLOCK_K)
+        c0, c1, s0, s1 = _load_tile(
+            packed_ptr,
+            absmax_ptr,
+            dmap_ptr,
+            nested_ptr,
+            offset_ptr,
+            code_ptr,
+            offs_n,
+            k0,
+            N,
+            K,
+            k_half,
+            nblocks,
+            BLOCKSIZE,
+            DOUBLE_QUANT,
+            EVEN_K,
+            ALIGNED,
+            LUT_REGISTERS,
+            BLOCK_K,
+        )
         g = tl.load(g_row + offs_n[None, :], mask=m_ok & (offs_n < N)[None, :], other=0.0)
         acc0 = tl.dot(g, (c0 * s0).to(g.dtype), acc0, input_precision=DOT_PRECISION)
         acc1 = tl.dot(g, (c1 * s1).to(g.dtype), acc1, input_precision=DOT_PRECISION)
@@ -230,14 +334,49 @@ def _grad_input_kernel(g_ptr, out_ptr, packed_ptr, absmax_ptr, dmap_ptr, nested_
 
 
 @triton.jit
-def _dequant_kernel(out_ptr, packed_ptr, absmax_ptr, dmap_ptr, nested_ptr, offset_ptr, code_ptr, N, K, k_half, nblocks,
-                    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
-                    LUT_REGISTERS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dequant_kernel(
+    out_ptr,
+    packed_ptr,
+    absmax_ptr,
+    dmap_ptr,
+    nested_ptr,
+    offset_ptr,
+    code_ptr,
+    N,
+    K,
+    k_half,
+    nblocks,
+    BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    LUT_REGISTERS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # W[n-block, k-block] in the output dtype; even/odd halves interleaved back with join + reshape.
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
-    c0, c1, s0, s1 = _load_tile(packed_ptr, absmax_ptr, dmap_ptr, nested_ptr, offset_ptr, code_ptr, offs_n, k0, N, K,
-                                k_half, nblocks, BLOCKSIZE, DOUBLE_QUANT, EVEN_K, ALIGNED, LUT_REGISTERS, BLOCK_K)
+    c0, c1, s0, s1 = _load_tile(
+        packed_ptr,
+        absmax_ptr,
+        dmap_ptr,
+        nested_ptr,
+        offset_ptr,
+        code_ptr,
+        offs_n,
+        k0,
+        N,
+        K,
+        k_half,
+        nblocks,
+        BLOCKSIZE,
+        DOUBLE_QUANT,
+        EVEN_K,
+        ALIGNED,
+        LUT_REGISTERS,
+        BLOCK_K,
+    )
     w = tl.reshape(tl.join(c0 * s0, c1 * s1), (BLOCK_N, BLOCK_K))
     offs_k = k0 + tl.arange(0, BLOCK_K)
     out = out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
@@ -384,8 +523,14 @@ def launch_tiles(kind: str, m: int, max_sub_k: int) -> dict:
     if interpreting():
         bm = 16 if kind != "gemv" else min(triton.next_power_of_2(m), 16)
         sub_k = min(32 if kind == "gemv" else 64, max_sub_k)
-        return dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=max(sub_k, 64) if kind == "gemv" else sub_k, SUB_K=sub_k,
-                    num_warps=4, num_stages=1)
+        return dict(
+            BLOCK_M=bm,
+            BLOCK_N=32,
+            BLOCK_K=max(sub_k, 64) if kind == "gemv" else sub_k,
+            SUB_K=sub_k,
+            num_warps=4,
+            num_stages=1,
+        )
     if kind == "gemv":  # BLOCK_M * BLOCK_K bounded so the 3-D broadcast product stays in registers
         bm = min(triton.next_power_of_2(m), 4)
         sub_k = min(128, max_sub_k)
@@ -395,8 +540,9 @@ def launch_tiles(kind: str, m: int, max_sub_k: int) -> dict:
         bm = min(bm, 64)
     bn = 64 if m <= 64 or kind == "grad" else 128
     sub_k = min(64, max_sub_k)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=sub_k, SUB_K=sub_k, num_warps=4 if bm * bn <= 64 * 64 else 8,
-                num_stages=3)
+    return dict(
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=sub_k, SUB_K=sub_k, num_warps=4 if bm * bn <= 64 * 64 else 8, num_stages=3
+    )
 
 
 @lru_cache(maxsize=32)
@@ -415,8 +561,13 @@ def _weight_args(w: Packed4bit) -> tuple:
 
 def _weight_consts(meta: Quant4bitMeta, lut: str) -> dict:
     k = meta.shape[1]
-    return dict(BLOCKSIZE=meta.blocksize, DOUBLE_QUANT=meta.double_quant, EVEN_K=k % 2 == 0,
-                ALIGNED=k % meta.blocksize == 0, LUT_REGISTERS=lut == "registers")
+    return dict(
+        BLOCKSIZE=meta.blocksize,
+        DOUBLE_QUANT=meta.double_quant,
+        EVEN_K=k % 2 == 0,
+        ALIGNED=k % meta.blocksize == 0,
+        LUT_REGISTERS=lut == "registers",
+    )
 
 
 def flatten_rows(x: torch.Tensor, k: int, what: str) -> torch.Tensor:
@@ -443,10 +594,26 @@ def _forward(x2, w: Packed4bit, bias, plan: MatmulPlan) -> torch.Tensor:
     split_k = max(1, min(plan.split_k, triton.cdiv(K, tiles["BLOCK_K"])))
     out = split_k_output(x2, N, split_k)
     grid = (triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"]), split_k)
-    _forward_kernel[grid](x2, out, bias if bias is not None else out, *_weight_args(w), M, N, K, K // 2,
-                          w.meta.nblocks, x2.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-                          USE_DOT=plan.path == "gemm", DOT_PRECISION=dot_precision(x2.dtype), SPLIT_K=split_k,
-                          GROUP_M=8, **tiles, **_weight_consts(w.meta, plan.lut))
+    _forward_kernel[grid](
+        x2,
+        out,
+        bias if bias is not None else out,
+        *_weight_args(w),
+        M,
+        N,
+        K,
+        K // 2,
+        w.meta.nblocks,
+        x2.stride(0),
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+        USE_DOT=plan.path == "gemm",
+        DOT_PRECISION=dot_precision(x2.dtype),
+        SPLIT_K=split_k,
+        GROUP_M=8,
+        **tiles,
+        **_weight_consts(w.meta, plan.lut),
+    )
     return out.to(x2.dtype)
 
 
@@ -482,13 +649,15 @@ def dequantize_packed_4bit(w: Packed4bit, dtype: torch.dtype, *, reuse: bool = F
         out = torch.empty((N, K), device=w.packed.device, dtype=dtype)
     bn, bk = 32, min(64 if interpreting() else 128, w.meta.blocksize)
     grid = (triton.cdiv(N, bn), triton.cdiv(K, bk))
-    _dequant_kernel[grid](out, *_weight_args(w), N, K, K // 2, w.meta.nblocks, BLOCK_N=bn, BLOCK_K=bk,
-                          **_weight_consts(w.meta, "memory"))
+    _dequant_kernel[grid](
+        out, *_weight_args(w), N, K, K // 2, w.meta.nblocks, BLOCK_N=bn, BLOCK_K=bk, **_weight_consts(w.meta, "memory")
+    )
     return out
 
 
-def matmul_4bit(x: torch.Tensor, w: Packed4bit, bias: torch.Tensor | None = None, *,
-                plan: MatmulPlan | None = None) -> torch.Tensor:
+def matmul_4bit(
+    x: torch.Tensor, w: Packed4bit, bias: torch.Tensor | None = None, *, plan: MatmulPlan | None = None
+) -> torch.Tensor:
     """y = x W^T + bias with W an NF4/FP4 weight, in x's dtype (fp32 accumulation).
 
     Args:
@@ -534,7 +703,19 @@ def matmul_4bit_grad_input(grad_out: torch.Tensor, w: Packed4bit, *, plan: Matmu
         tiles.pop("SUB_K")
         out = g2.new_empty((M, K))
         grid = (triton.cdiv(M, tiles["BLOCK_M"]), triton.cdiv(K, tiles["BLOCK_K"]))
-        _grad_input_kernel[grid](g2, out, *_weight_args(w), M, N, K, K // 2, w.meta.nblocks, g2.stride(0),
-                                 out.stride(0), DOT_PRECISION=dot_precision(g2.dtype), **tiles,
-                                 **_weight_consts(w.meta, plan.lut))
+        _grad_input_kernel[grid](
+            g2,
+            out,
+            *_weight_args(w),
+            M,
+            N,
+            K,
+            K // 2,
+            w.meta.nblocks,
+            g2.stride(0),
+            out.stride(0),
+            DOT_PRECISION=dot_precision(g2.dtype),
+            **tiles,
+            **_weight_consts(w.meta, plan.lut),
+        )
     return out.reshape(*grad_out.shape[:-1], K)

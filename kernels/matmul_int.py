@@ -48,8 +48,9 @@ def _nibble_to_f32(q):
 
 
 @triton.jit
-def _int4_tile(packed_ptr, scale_ptr, zero_ptr, offs_n, k0, N, K, k_bytes, ngroups,
-               GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+def _int4_tile(
+    packed_ptr, scale_ptr, zero_ptr, offs_n, k0, N, K, k_bytes, ngroups, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr
+):
     # Tile of W at rows offs_n, columns k0 + 2j (d0) and k0 + 2j + 1 (d1), as q - zero in fp32, and the
     # row scale s [BN, 1]: W = d * s. BLOCK_K divides GROUP_SIZE, so the tile lies in one group per row.
     j = tl.arange(0, BLOCK_K // 2)
@@ -76,11 +77,31 @@ def _grouped_pids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 
 @triton.jit
-def _int4_forward_kernel(x_ptr, out_ptr, bias_ptr, packed_ptr, scale_ptr, zero_ptr, M, N, K, k_bytes, ngroups,
-                         stride_xm, stride_om, HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                         USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
-                         GROUP_M: tl.constexpr):
+def _int4_forward_kernel(
+    x_ptr,
+    out_ptr,
+    bias_ptr,
+    packed_ptr,
+    scale_ptr,
+    zero_ptr,
+    M,
+    N,
+    K,
+    k_bytes,
+    ngroups,
+    stride_xm,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SUB_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     # y = x W^T over K-slice pid_k, BLOCK_K columns per step as independent SUB_K-wide tiles; gemv sums
     # x * (q - zero) per row and scales the row sums, gemm feeds (q - zero) * scale to tl.dot.
     pid_m, pid_n = _grouped_pids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -96,8 +117,9 @@ def _int4_forward_kernel(x_ptr, out_ptr, bias_ptr, packed_ptr, scale_ptr, zero_p
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         for ks in tl.static_range(0, BLOCK_K, SUB_K):
-            d0, d1, s = _int4_tile(packed_ptr, scale_ptr, zero_ptr, offs_n, k0 + ks, N, K, k_bytes, ngroups,
-                                   GROUP_SIZE, SUB_K)
+            d0, d1, s = _int4_tile(
+                packed_ptr, scale_ptr, zero_ptr, offs_n, k0 + ks, N, K, k_bytes, ngroups, GROUP_SIZE, SUB_K
+            )
             k_even = k0 + ks + 2 * j
             x0 = tl.load(x_row + k_even[None, :], mask=m_ok & (k_even < K)[None, :], other=0.0)
             x1 = tl.load(x_row + k_even[None, :] + 1, mask=m_ok & (k_even + 1 < K)[None, :], other=0.0)
@@ -105,15 +127,18 @@ def _int4_forward_kernel(x_ptr, out_ptr, bias_ptr, packed_ptr, scale_ptr, zero_p
                 acc = tl.dot(x0, tl.trans((d0 * s).to(x0.dtype)), acc, input_precision=DOT_PRECISION)
                 acc = tl.dot(x1, tl.trans((d1 * s).to(x1.dtype)), acc, input_precision=DOT_PRECISION)
             else:
-                part = tl.sum(x0.to(tl.float32)[:, None, :] * d0[None, :, :]
-                              + x1.to(tl.float32)[:, None, :] * d1[None, :, :], axis=2)
+                part = tl.sum(
+                    x0.to(tl.float32)[:, None, :] * d0[None, :, :] + x1.to(tl.float32)[:, None, :] * d1[None, :, :],
+                    axis=2,
+                )
                 acc += part * tl.reshape(s, (BLOCK_N,))[None, :]
     _store_output(acc, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
-def _store_output(acc, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, pid_k, HAS_BIAS: tl.constexpr,
-                  SPLIT_K: tl.constexpr):
+def _store_output(
+    acc, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr
+):
     # epilogue: + bias (once, by the first K-slice), then store, or fp32 atomic add for split-K
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
@@ -127,9 +152,25 @@ def _store_output(acc, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, pid_k
 
 
 @triton.jit
-def _int4_grad_kernel(g_ptr, out_ptr, packed_ptr, scale_ptr, zero_ptr, M, N, K, k_bytes, ngroups, stride_gm,
-                      stride_om, GROUP_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _int4_grad_kernel(
+    g_ptr,
+    out_ptr,
+    packed_ptr,
+    scale_ptr,
+    zero_ptr,
+    M,
+    N,
+    K,
+    k_bytes,
+    ngroups,
+    stride_gm,
+    stride_om,
+    GROUP_SIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # dx[m-block, k-block] = sum_n dy[m, n] W[n, k]; even / odd output columns accumulated apart
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = tl.program_id(1) * BLOCK_K
@@ -150,8 +191,19 @@ def _int4_grad_kernel(g_ptr, out_ptr, packed_ptr, scale_ptr, zero_ptr, M, N, K, 
 
 
 @triton.jit
-def _int4_dequant_kernel(out_ptr, packed_ptr, scale_ptr, zero_ptr, N, K, k_bytes, ngroups,
-                         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _int4_dequant_kernel(
+    out_ptr,
+    packed_ptr,
+    scale_ptr,
+    zero_ptr,
+    N,
+    K,
+    k_bytes,
+    ngroups,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     d0, d1, s = _int4_tile(packed_ptr, scale_ptr, zero_ptr, offs_n, k0, N, K, k_bytes, ngroups, GROUP_SIZE, BLOCK_K)
@@ -162,10 +214,26 @@ def _int4_dequant_kernel(out_ptr, packed_ptr, scale_ptr, zero_ptr, N, K, k_bytes
 
 
 @triton.jit
-def _cw_forward_kernel(x_ptr, out_ptr, bias_ptr, q_ptr, scale_ptr, M, N, K, stride_xm, stride_om,
-                       HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_M: tl.constexpr):
+def _cw_forward_kernel(
+    x_ptr,
+    out_ptr,
+    bias_ptr,
+    q_ptr,
+    scale_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     # y = (x q^T) * scale[None, :]: the codes are exact in x's dtype, the row scale goes in the epilogue
     pid_m, pid_n = _grouped_pids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -193,8 +261,21 @@ def _cw_forward_kernel(x_ptr, out_ptr, bias_ptr, q_ptr, scale_ptr, M, N, K, stri
 
 
 @triton.jit
-def _cw_grad_kernel(g_ptr, out_ptr, q_ptr, scale_ptr, M, N, K, stride_gm, stride_om, DOT_PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _cw_grad_kernel(
+    g_ptr,
+    out_ptr,
+    q_ptr,
+    scale_ptr,
+    M,
+    N,
+    K,
+    stride_gm,
+    stride_om,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # dx[m-block, k-block] = sum_n dy[m, n] (q[n, k] * scale[n]), W tiles dequantized in registers
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -241,8 +322,9 @@ def dequantize_int4(packed, scale, zero, k: int, group_size: int, dtype: torch.d
         out = torch.empty((n, k), device=packed.device, dtype=dtype)
     bn, bk = 32, min(64 if interpreting() else 128, group_size)
     grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
-    _int4_dequant_kernel[grid](out, packed, scale, zero, n, k, packed.shape[1], scale.shape[1], GROUP_SIZE=group_size,
-                               BLOCK_N=bn, BLOCK_K=bk)
+    _int4_dequant_kernel[grid](
+        out, packed, scale, zero, n, k, packed.shape[1], scale.shape[1], GROUP_SIZE=group_size, BLOCK_N=bn, BLOCK_K=bk
+    )
     return out
 
 
@@ -273,16 +355,35 @@ def matmul_int4(x, packed, scale, zero, group_size: int, bias=None, *, plan: Mat
         split_k = max(1, min(plan.split_k, triton.cdiv(k, tiles["BLOCK_K"])))
         out = split_k_output(x2, n, split_k)
         grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(n, tiles["BLOCK_N"]), split_k)
-        _int4_forward_kernel[grid](x2, out, bias if bias is not None else out, packed, scale, zero, m, n, k,
-                                   packed.shape[1], scale.shape[1], x2.stride(0), out.stride(0),
-                                   HAS_BIAS=bias is not None, GROUP_SIZE=group_size, USE_DOT=plan.path == "gemm",
-                                   DOT_PRECISION=dot_precision(x2.dtype), SPLIT_K=split_k, GROUP_M=8, **tiles)
+        _int4_forward_kernel[grid](
+            x2,
+            out,
+            bias if bias is not None else out,
+            packed,
+            scale,
+            zero,
+            m,
+            n,
+            k,
+            packed.shape[1],
+            scale.shape[1],
+            x2.stride(0),
+            out.stride(0),
+            HAS_BIAS=bias is not None,
+            GROUP_SIZE=group_size,
+            USE_DOT=plan.path == "gemm",
+            DOT_PRECISION=dot_precision(x2.dtype),
+            SPLIT_K=split_k,
+            GROUP_M=8,
+            **tiles,
+        )
         out = out.to(x2.dtype)
     return out.reshape(*x.shape[:-1], n)
 
 
-def matmul_int4_grad_input(grad_out, packed, scale, zero, k: int, group_size: int, *,
-                           plan: MatmulPlan | None = None) -> torch.Tensor:
+def matmul_int4_grad_input(
+    grad_out, packed, scale, zero, k: int, group_size: int, *, plan: MatmulPlan | None = None
+) -> torch.Tensor:
     """dx = grad_out @ W for an int4 per-group weight, from the packed codes; in grad_out's dtype."""
     _check_int4(packed, scale, zero, k, group_size)
     n = packed.shape[0]
@@ -296,8 +397,23 @@ def matmul_int4_grad_input(grad_out, packed, scale, zero, k: int, group_size: in
         tiles.pop("SUB_K")
         out = g2.new_empty((m, k))
         grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"]))
-        _int4_grad_kernel[grid](g2, out, packed, scale, zero, m, n, k, packed.shape[1], scale.shape[1], g2.stride(0),
-                                out.stride(0), GROUP_SIZE=group_size, DOT_PRECISION=dot_precision(g2.dtype), **tiles)
+        _int4_grad_kernel[grid](
+            g2,
+            out,
+            packed,
+            scale,
+            zero,
+            m,
+            n,
+            k,
+            packed.shape[1],
+            scale.shape[1],
+            g2.stride(0),
+            out.stride(0),
+            GROUP_SIZE=group_size,
+            DOT_PRECISION=dot_precision(g2.dtype),
+            **tiles,
+        )
     return out.reshape(*grad_out.shape[:-1], k)
 
 
@@ -341,9 +457,24 @@ def matmul_channelwise(x, qdata, scale, bias=None, *, plan: MatmulPlan | None = 
         split_k = max(1, min(plan.split_k, triton.cdiv(k, tiles["BLOCK_K"])))
         out = split_k_output(x2, n, split_k)
         grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(n, tiles["BLOCK_N"]), split_k)
-        _cw_forward_kernel[grid](x2, out, bias if bias is not None else out, qdata, scale, m, n, k, x2.stride(0),
-                                 out.stride(0), HAS_BIAS=bias is not None, USE_DOT=plan.path == "gemm",
-                                 DOT_PRECISION=dot_precision(x2.dtype), SPLIT_K=split_k, GROUP_M=8, **tiles)
+        _cw_forward_kernel[grid](
+            x2,
+            out,
+            bias if bias is not None else out,
+            qdata,
+            scale,
+            m,
+            n,
+            k,
+            x2.stride(0),
+            out.stride(0),
+            HAS_BIAS=bias is not None,
+            USE_DOT=plan.path == "gemm",
+            DOT_PRECISION=dot_precision(x2.dtype),
+            SPLIT_K=split_k,
+            GROUP_M=8,
+            **tiles,
+        )
         out = out.to(x2.dtype)
     return out.reshape(*x.shape[:-1], n)
 
@@ -364,6 +495,7 @@ def matmul_channelwise_grad_input(grad_out, qdata, scale, *, plan: MatmulPlan | 
         tiles.pop("SUB_K")
         out = g2.new_empty((m, k))
         grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"]))
-        _cw_grad_kernel[grid](g2, out, qdata, scale, m, n, k, g2.stride(0), out.stride(0),
-                              DOT_PRECISION=dot_precision(g2.dtype), **tiles)
+        _cw_grad_kernel[grid](
+            g2, out, qdata, scale, m, n, k, g2.stride(0), out.stride(0), DOT_PRECISION=dot_precision(g2.dtype), **tiles
+        )
     return out.reshape(*grad_out.shape[:-1], k)

@@ -165,7 +165,7 @@ def _quantize_int4_kernel(
         tl.store(zero_ptr + gid, zero.to(tl.bfloat16), mask=g_mask)
     # q = clamp(rne(w / s + zf) + zi, 0, 15) with zi = rne(zero), zf = zero - zi (zf = 0 for RTN)
     zi = _rne(zero)[:, None]
-    zf = (zero[:, None] - zi)
+    zf = zero[:, None] - zi
     s = scale[:, None]
     q_even = tl.minimum(tl.maximum(_rne(tl.math.div_rn(x_even, s) + zf) + zi, 0.0), 15.0).to(tl.int32)
     q_odd = tl.minimum(tl.maximum(_rne(tl.math.div_rn(x_odd, s) + zf) + zi, 0.0), 15.0).to(tl.int32)
@@ -274,8 +274,14 @@ def _dequantize_rowwise(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
         grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
         with _on_device(q):
             _dequantize_rowwise_kernel[grid](
-                q.contiguous(), scale.float().contiguous(), out, rows, cols,
-                IS_FP8=is_fp8, BLOCK_R=block_r, BLOCK_C=block_c,
+                q.contiguous(),
+                scale.float().contiguous(),
+                out,
+                rows,
+                cols,
+                IS_FP8=is_fp8,
+                BLOCK_R=block_r,
+                BLOCK_C=block_c,
             )
     return out
 
@@ -308,8 +314,16 @@ def _launch_int4_quantize(w, packed, scale, zero, group_size: int, has_params: b
     groups = _groups_per_program(rows * ngroups, group_size)
     with _on_device(w):
         _quantize_int4_kernel[(triton.cdiv(rows * ngroups, groups),)](
-            w, packed, scale, zero, rows * ngroups, cols, ngroups,
-            GROUP=group_size, GROUPS=groups, HAS_PARAMS=has_params,
+            w,
+            packed,
+            scale,
+            zero,
+            rows * ngroups,
+            cols,
+            ngroups,
+            GROUP=group_size,
+            GROUPS=groups,
+            HAS_PARAMS=has_params,
         )
 
 
@@ -365,7 +379,14 @@ def dequantize_int4(
         groups = _groups_per_program(rows * ngroups, group_size)
         with _on_device(packed):
             _dequantize_int4_kernel[(triton.cdiv(rows * ngroups, groups),)](
-                packed.contiguous(), scale.contiguous(), zero.contiguous(), out, rows * ngroups, cols, ngroups,
-                GROUP=group_size, GROUPS=groups,
+                packed.contiguous(),
+                scale.contiguous(),
+                zero.contiguous(),
+                out,
+                rows * ngroups,
+                cols,
+                ngroups,
+                GROUP=group_size,
+                GROUPS=groups,
             )
     return out

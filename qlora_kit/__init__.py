@@ -40,11 +40,15 @@ _EXPORTS = {
     "prepare_for_kbit_training": "lora",
     "save_adapter": "lora",
     "load_adapter": "lora",
+    "delete_adapter": "lora",
+    "MergeReport": "lora",
     # PTQ algorithms and QAT
     "HQQConfig": "ptq",
     "GPTQConfig": "ptq",
     "AWQConfig": "ptq",
     "SmoothQuantConfig": "ptq",
+    "smooth_activations": "ptq",
+    "QATConfig": "qat",
     "prepare_qat": "qat",
     "convert_qat": "qat",
 }

@@ -347,7 +347,33 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--batch-size", type=int, default=8)
             c.add_argument("--batches", type=int, default=16, help="at most this many batches")
             c.set_defaults(func=_cmd_eval)
+    for name, helptext in (
+        ("bench", "compare quantization methods (quality, size, memory, speed) on reference models"),
+        ("report", "render a bench results JSON as Markdown and HTML"),
+    ):
+        b = sub.add_parser(name, help=helptext, add_help=False)
+        b.add_argument("rest", nargs=argparse.REMAINDER)
+        b.set_defaults(func=_cmd_bench if name == "bench" else _cmd_report)
     return p
+
+
+def _cmd_bench(args) -> int:
+    from .report import main_bench
+
+    return _run_argparse_main(main_bench, args.rest)
+
+
+def _cmd_report(args) -> int:
+    from .report import main_report
+
+    return _run_argparse_main(main_report, args.rest)
+
+
+def _run_argparse_main(fn, argv) -> int:
+    try:
+        return int(fn(list(argv)) or 0)
+    except SystemExit as e:  # their own argparse: --help (0) or a one-line usage error (2)
+        return int(e.code or 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,6 +100,37 @@ class FP8WeightConfig:
         _check_compute_dtype(type(self).__name__, self.compute_dtype)
 
 
+@dataclass(frozen=True)
+class Int8DynamicActivationConfig:
+    """W8A8: int8 weights per output channel (the int8 format), activations quantized per token on every call.
+
+    Linear-like layers (nn.Linear, transformers' Conv1D) run the int8 x int8 GEMM with int32 accumulation
+    (``qlora_kit.ops.int8_dynamic_linear``); convolutions and embeddings get the int8 weight format only.
+    Gradients pass the activation quantizer straight through.
+    """
+
+    compute_dtype: torch.dtype = torch.bfloat16
+    activation = "int8"  # class attribute, not a field: the activation mode the layers run
+
+    def __post_init__(self):
+        _check_compute_dtype(type(self).__name__, self.compute_dtype)
+
+
+@dataclass(frozen=True)
+class FP8DynamicActivationConfig:
+    """fp8 e4m3 rowwise: e4m3 weights per output channel, activations quantized per token to e4m3 on every call.
+
+    Runs on CUDA GPUs of compute capability 8.9+ (a clear error on older ones); on the CPU the reference
+    emulates the same numerics. Linear-like layers only, as :class:`Int8DynamicActivationConfig`.
+    """
+
+    compute_dtype: torch.dtype = torch.bfloat16
+    activation = "fp8"
+
+    def __post_init__(self):
+        _check_compute_dtype(type(self).__name__, self.compute_dtype)
+
+
 # config type -> weight format name (qlora_kit/formats)
 FORMAT_OF_CONFIG = {
     NF4Config: "nf4",
@@ -107,4 +138,9 @@ FORMAT_OF_CONFIG = {
     Int8WeightConfig: "int8",
     Int4WeightConfig: "int4",
     FP8WeightConfig: "fp8",
+    Int8DynamicActivationConfig: "int8",
+    FP8DynamicActivationConfig: "fp8",
 }
+
+# config class name -> class (what quantization.json records)
+CONFIG_CLASSES = {cls.__name__: cls for cls in FORMAT_OF_CONFIG}

@@ -49,8 +49,18 @@ def _out_like(x: Tensor, n: int) -> Tensor:
 
 
 @torch.library.custom_op("qlora_kit::matmul_4bit", mutates_args=())
-def _matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None, offset: Tensor | None,
-                 bias: Tensor | None, n: int, k: int, blocksize: int, quant_type: str) -> Tensor:
+def _matmul_4bit(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Tensor | None,
+    offset: Tensor | None,
+    bias: Tensor | None,
+    n: int,
+    k: int,
+    blocksize: int,
+    quant_type: str,
+) -> Tensor:
     w = _packed_4bit(packed, absmax, nested_absmax, offset, n, k, blocksize, quant_type).check()
     if use_triton(x):
         from .kernels.matmul_4bit import matmul_4bit
@@ -60,8 +70,17 @@ def _matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Tenso
 
 
 @torch.library.custom_op("qlora_kit::matmul_4bit_grad_input", mutates_args=())
-def _matmul_4bit_grad_input(grad: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None,
-                            offset: Tensor | None, n: int, k: int, blocksize: int, quant_type: str) -> Tensor:
+def _matmul_4bit_grad_input(
+    grad: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Tensor | None,
+    offset: Tensor | None,
+    n: int,
+    k: int,
+    blocksize: int,
+    quant_type: str,
+) -> Tensor:
     w = _packed_4bit(packed, absmax, nested_absmax, offset, n, k, blocksize, quant_type).check()
     if use_triton(grad):
         from .kernels.matmul_4bit import matmul_4bit_grad_input
@@ -99,8 +118,9 @@ _matmul_4bit.register_autograd(_backward_4bit, setup_context=_setup_4bit)
 
 
 @torch.library.custom_op("qlora_kit::matmul_int4", mutates_args=())
-def _matmul_int4(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None,
-                 group_size: int) -> Tensor:
+def _matmul_int4(
+    x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None, group_size: int
+) -> Tensor:
     if use_triton(x):
         from .kernels.matmul_int import matmul_int4
 
@@ -109,8 +129,9 @@ def _matmul_int4(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: T
 
 
 @torch.library.custom_op("qlora_kit::matmul_int4_grad_input", mutates_args=())
-def _matmul_int4_grad_input(grad: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, k: int,
-                            group_size: int) -> Tensor:
+def _matmul_int4_grad_input(
+    grad: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, k: int, group_size: int
+) -> Tensor:
     if use_triton(grad):
         from .kernels.matmul_int import matmul_int4_grad_input
 
@@ -250,8 +271,10 @@ def quantized_linear(x: Tensor, qweight, bias: Tensor | None = None, *, activati
             return int8_dynamic_linear(x, qweight.qdata, qweight.scale, bias)
         if (activation, name) == ("fp8", "fp8"):
             return fp8_dynamic_linear(x, qweight.qdata, qweight.scale, bias)
-        raise ValueError(f"activation={activation!r} needs an {activation!r} weight, got {name!r}; requantize the "
-                         "weight with the matching config or use activation=None")
+        raise ValueError(
+            f"activation={activation!r} needs an {activation!r} weight, got {name!r}; requantize the "
+            "weight with the matching config or use activation=None"
+        )
     if name in ("nf4", "fp4"):
         n, k = qweight.shape
         if qweight.double_quant:

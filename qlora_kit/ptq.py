@@ -171,8 +171,9 @@ class GPTQConfig:
         _check_number(self, "block_size", 1, 1 << 20, integer=True)
         _check_bool(self, "act_order")
         if self.bits == 4 and self.block_size % self.group_size:
-            raise ValueError(f"GPTQConfig.block_size must be a multiple of group_size ({self.group_size}), "
-                             f"got {self.block_size}")
+            raise ValueError(
+                f"GPTQConfig.block_size must be a multiple of group_size ({self.group_size}), got {self.block_size}"
+            )
         _check_choice(self, "compute_dtype", COMPUTE_DTYPES)
 
     @property
@@ -280,7 +281,7 @@ def int4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     The formula of ``kernels/reference/quant_int.int4_quantize_with_params`` (tests check they agree bit
     for bit), written for broadcast operands so GPTQ can quantize one column at a time.
     """
-    return torch.clamp(torch.round(w.float() / scale.float() + zero.float()), 0, _qi.INT4_MAX)
+    return _qi.int4_codes(w, scale, zero)
 
 
 def int4_dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -655,8 +656,10 @@ def _calibrate_blocks(model, targets, blocks, batches, device, process, replace)
     finally:
         handle.remove()
     if len(captured) != len(batches):
-        raise RuntimeError(f"calibration reached the first block {prefixes[0]!r} in {len(captured)} of {len(batches)} "
-                           "batches; every calibration batch must run through the model's blocks")
+        raise RuntimeError(
+            f"calibration reached the first block {prefixes[0]!r} in {len(captured)} of {len(batches)} "
+            "batches; every calibration batch must run through the model's blocks"
+        )
     inputs = captured
     for name, block in blocks:
         if device is not None:
@@ -920,8 +923,13 @@ def _collect_groups(scope: Scope, samples: int, keep_samples: bool) -> list[_Inp
             key = _tensor_key(x)
             key_of[fqn] = key
             if key not in by_key:
-                by_key[key] = _InputGroup(key, [], abs_sum=torch.zeros(x2.shape[1], device=x2.device),
-                                          abs_max=torch.zeros(x2.shape[1], device=x2.device), samples=[])
+                by_key[key] = _InputGroup(
+                    key,
+                    [],
+                    abs_sum=torch.zeros(x2.shape[1], device=x2.device),
+                    abs_max=torch.zeros(x2.shape[1], device=x2.device),
+                    samples=[],
+                )
             by_key[key].linears.append((fqn, module))
         group = by_key[key_of[fqn]]
         if group.linears[0][0] != fqn:
@@ -1017,8 +1025,9 @@ def _valid_producers(scope: Scope, groups: list[_InputGroup]) -> None:
 # ------------------------------------------------------------------------------------------------ AWQ
 
 
-def _awq_search_scale(scope: Scope, group: _InputGroup, fmt, grid: int, reference: list[torch.Tensor],
-                      limit: int) -> torch.Tensor:
+def _awq_search_scale(
+    scope: Scope, group: _InputGroup, fmt, grid: int, reference: list[torch.Tensor], limit: int
+) -> torch.Tensor:
     """Best s = mean|x|^a (normalised) over the grid of a: the one whose quantized linears change the scope's
     outputs least (MSE against the float outputs ``reference`` on the calibration inputs), as llm-awq measures
     the enclosing module. a = 0 (s = 1) is round-to-nearest, so the search never does worse on these inputs."""
@@ -1104,8 +1113,9 @@ def _run_awq(model, config: AWQConfig, *, filter_fn=None, device=None, calib_dat
                     if any(tag in fqn.rsplit(".", 1)[-1] for tag in _NO_CLIP):
                         continue
                     w = weight_2d(lin).detach().float()
-                    clipped = _clip_search(w, group.samples[0], fmt, config.group_size, config.clip_grid,
-                                           config.max_shrink)
+                    clipped = _clip_search(
+                        w, group.samples[0], fmt, config.group_size, config.clip_grid, config.max_shrink
+                    )
                     _set_weight_2d(lin, clipped)
         for fqn, module in scope.targets:
             scope.replace(fqn, _rtn_layer(module, fmt, fqn))
@@ -1119,8 +1129,9 @@ def _run_awq(model, config: AWQConfig, *, filter_fn=None, device=None, calib_dat
 # ---------------------------------------------------------------------------------------- SmoothQuant
 
 
-def smooth_activations(model: nn.Module, config: SmoothQuantConfig, calib_data: Iterable, *,
-                       filter_fn: FilterFn | None = None, device=None) -> nn.Module:
+def smooth_activations(
+    model: nn.Module, config: SmoothQuantConfig, calib_data: Iterable, *, filter_fn: FilterFn | None = None, device=None
+) -> nn.Module:
     """SmoothQuant's migration step alone: per input channel s = max|x|^alpha / max|w|^(1 - alpha) divided out of
     the op producing the input and multiplied into the linears; the float model computes the same function.
 

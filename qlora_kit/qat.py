@@ -58,8 +58,10 @@ class QATConfig:
         if not isinstance(self.learnable_scales, bool):
             raise ValueError(f"QATConfig.learnable_scales must be True or False, got {self.learnable_scales!r}")
         if self.learnable_scales and not isinstance(self.weight, Int4WeightConfig):
-            raise ValueError("QATConfig.learnable_scales needs weight=Int4WeightConfig(...); other formats have "
-                             "no learnable scale here")
+            raise ValueError(
+                "QATConfig.learnable_scales needs weight=Int4WeightConfig(...); other formats have "
+                "no learnable scale here"
+            )
 
 
 def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
@@ -101,8 +103,9 @@ def prepare_qat(model: nn.Module, config, *, filter_fn: FilterFn | None = None) 
             targets.append((fqn, module))
     for fqn, module in targets:
         check_finite(module.weight.detach(), f"{fqn}.weight")
-        _set_submodule(model, fqn, to_fake_quant(module, fmt_name, config.weight,
-                                                 learnable_scales=config.learnable_scales))
+        _set_submodule(
+            model, fqn, to_fake_quant(module, fmt_name, config.weight, learnable_scales=config.learnable_scales)
+        )
     return model
 
 

@@ -79,8 +79,12 @@ def environment(device: str) -> dict:
     env = {"device_type": device}
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        env.update(device=props.name, capability=f"sm_{props.major}{props.minor}",
-                   memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+        env.update(
+            device=props.name,
+            capability=f"sm_{props.major}{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+        )
     else:
         cpu = platform.processor() or platform.machine()
         try:
@@ -92,8 +96,17 @@ def environment(device: str) -> dict:
             pass
         env.update(device=cpu, cores=os.cpu_count(), threads=torch.get_num_threads())
     env.update(python=platform.python_version(), torch=torch.__version__, commit=git_commit())
-    for lib in ("qlora-kit", "triton", "transformers", "diffusers", "bitsandbytes", "torchao", "optimum-quanto",
-                "lm_eval", "peft"):
+    for lib in (
+        "qlora-kit",
+        "triton",
+        "transformers",
+        "diffusers",
+        "bitsandbytes",
+        "torchao",
+        "optimum-quanto",
+        "lm_eval",
+        "peft",
+    ):
         env[lib] = _version(lib)
     return env
 
@@ -337,12 +350,25 @@ def _bnb_dequantized(kind: str):
 def _peer_methods(note_missing: list[str]) -> list[Method]:
     peers = []
     if _version("bitsandbytes"):
-        peers.append(Method("bnb nf4 (peer)", "peer", _bnb_dequantized("nf4"), sized=False,
-                            note="bitsandbytes quantize_4bit / dequantize_4bit (nf4, blocks of 64, double quant); "
-                                 "quality only: the model computes with the dequantized weights"))
-        peers.append(Method("bnb int8 weights (peer)", "peer", _bnb_dequantized("int8"), sized=False,
-                            note="LLM.int8()'s weight rounding (row absmax / 127) without its outlier split; "
-                                 "quality only"))
+        peers.append(
+            Method(
+                "bnb nf4 (peer)",
+                "peer",
+                _bnb_dequantized("nf4"),
+                sized=False,
+                note="bitsandbytes quantize_4bit / dequantize_4bit (nf4, blocks of 64, double quant); "
+                "quality only: the model computes with the dequantized weights",
+            )
+        )
+        peers.append(
+            Method(
+                "bnb int8 weights (peer)",
+                "peer",
+                _bnb_dequantized("int8"),
+                sized=False,
+                note="LLM.int8()'s weight rounding (row absmax / 127) without its outlier split; quality only",
+            )
+        )
     else:
         note_missing.append("bitsandbytes")
     for lib in ("torchao", "optimum-quanto"):
@@ -371,8 +397,10 @@ def _w8a8_note() -> list[str]:
 
     if hasattr(configs, "Int8DynamicActivationConfig"):
         return []
-    return ["W8A8 rows: Linear layers only, through qlora_kit.ops.int8_dynamic_linear (this build has no "
-            "Int8DynamicActivationConfig layer yet); other layers stay float, so size and bits are not shown."]
+    return [
+        "W8A8 rows: Linear layers only, through qlora_kit.ops.int8_dynamic_linear (this build has no "
+        "Int8DynamicActivationConfig layer yet); other layers stay float, so size and bits are not shown."
+    ]
 
 
 # ------------------------------------------------------------------------------------ reference models
@@ -413,12 +441,15 @@ class Section:
     plots: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("key", "title", "protocol", "columns", "rows", "bars", "notes", "info",
-                                              "plots")}
+        return {
+            k: getattr(self, k)
+            for k in ("key", "title", "protocol", "columns", "rows", "bars", "notes", "info", "plots")
+        }
 
 
-def _run_method(method: Method, float_model: nn.Module, ctx: dict, device: str, evaluate: Callable[[nn.Module], dict],
-                log) -> tuple[dict, nn.Module]:
+def _run_method(
+    method: Method, float_model: nn.Module, ctx: dict, device: str, evaluate: Callable[[nn.Module], dict], log
+) -> tuple[dict, nn.Module]:
     row = {"method": method.name, "family": method.family}
     with PeakMemory(device) as peak:
         model = copy.deepcopy(float_model)
@@ -458,8 +489,9 @@ def bench_lm(rm, quick: bool, device: str, cache_dir, log, missing: list[str]) -
     new_tokens = 32 if quick else 128
     _, cd = _configs(device)
 
-    kl_windows = torch.stack([w for w in windows_of(ref.corpus.eval_docs, spec.context, max_windows)
-                              if w.numel() == spec.context][:32]).to(device)
+    kl_windows = torch.stack(
+        [w for w in windows_of(ref.corpus.eval_docs, spec.context, max_windows) if w.numel() == spec.context][:32]
+    ).to(device)
     with torch.no_grad():
         ref_logp = ref.model(input_ids=kl_windows).logits.float().log_softmax(-1)
 
@@ -474,11 +506,11 @@ def bench_lm(rm, quick: bool, device: str, cache_dir, log, missing: list[str]) -
             from .eval.lm_eval_bridge import byte_tokenizer, lm_eval_perplexity
 
             texts = ref.corpus.eval_texts[: 4 if quick else None]
-            out["lm_eval_byte_ppl"] = round(lm_eval_perplexity(model, byte_tokenizer(), texts, context=spec.context)
-                                            ["byte_perplexity"], 4)
+            out["lm_eval_byte_ppl"] = round(
+                lm_eval_perplexity(model, byte_tokenizer(), texts, context=spec.context)["byte_perplexity"], 4
+            )
         out["prefill_tok_s"] = round(prefill_tokens_per_s(model, batches[-1], spec.context, device), 1)
-        out["decode_tok_s"] = {str(b): round(decode_tokens_per_s(model, b, 16, new_tokens, device), 1)
-                               for b in batches}
+        out["decode_tok_s"] = {str(b): round(decode_tokens_per_s(model, b, 16, new_tokens, device), 1) for b in batches}
         return out
 
     methods = methods_for(device, missing)
@@ -486,8 +518,9 @@ def bench_lm(rm, quick: bool, device: str, cache_dir, log, missing: list[str]) -
     qat_lr = 1e-3 if quick else 3e-4
 
     def qat_with(learnable: bool):
-        cfg = QATConfig(__import__("qlora_kit").Int4WeightConfig(group_size=128, compute_dtype=F32),
-                        learnable_scales=learnable)
+        cfg = QATConfig(
+            __import__("qlora_kit").Int4WeightConfig(group_size=128, compute_dtype=F32), learnable_scales=learnable
+        )
 
         def qat(model, ctx):
             prepare_qat(model, cfg)
@@ -513,29 +546,52 @@ def bench_lm(rm, quick: bool, device: str, cache_dir, log, missing: list[str]) -
     def control_rtn(model, ctx):
         import qlora_kit
 
-        return qlora_kit.quantize(copy.deepcopy(ctx["control"]), qlora_kit.Int4WeightConfig(group_size=128,
-                                                                                             compute_dtype=cd))
+        return qlora_kit.quantize(
+            copy.deepcopy(ctx["control"]), qlora_kit.Int4WeightConfig(group_size=128, compute_dtype=cd)
+        )
 
-    methods.append(Method(CONTROL, "control", control,
-                          note=f"the float model trained for the same {qat_steps} steps as QAT (same data, lr "
-                               f"{qat_lr}): QAT's baseline, since the extra training alone lowers perplexity"))
+    methods.append(
+        Method(
+            CONTROL,
+            "control",
+            control,
+            note=f"the float model trained for the same {qat_steps} steps as QAT (same data, lr "
+            f"{qat_lr}): QAT's baseline, since the extra training alone lowers perplexity",
+        )
+    )
     methods.append(Method(CONTROL_RTN, "control", control_rtn, note="that trained control, then int4 g128 RTN"))
-    methods.append(Method(QAT_NAME, "qat", qat_with(False),
-                          note=f"prepare_qat(int4 g128, straight-through, scales from round-to-nearest) + the same "
-                               f"{qat_steps} steps, then convert_qat; quant time includes the training"))
+    methods.append(
+        Method(
+            QAT_NAME,
+            "qat",
+            qat_with(False),
+            note=f"prepare_qat(int4 g128, straight-through, scales from round-to-nearest) + the same "
+            f"{qat_steps} steps, then convert_qat; quant time includes the training",
+        )
+    )
     if not quick:
-        methods.append(Method(QAT_NAME + " LSQ", "qat", qat_with(True),
-                              note="as above with LSQ-learned int4 scales and zero points"))
+        methods.append(
+            Method(
+                QAT_NAME + " LSQ", "qat", qat_with(True), note="as above with LSQ-learned int4 scales and zero points"
+            )
+        )
     section = Section(
         key="lm",
         title=f"Llama LM on Python's standard library ({sum(p.numel() for p in ref.model.parameters()) / 1e6:.2f}M "
-              "parameters, byte tokens)",
+        "parameters, byte tokens)",
         protocol=[],
-        columns=[("method", "method", "s"), ("ppl", "perplexity", ".4f"), ("kl_milli", "KL to float (1e-3)", ".3f"),
-                 ("lm_eval_byte_ppl", "lm-eval byte ppl", ".4f"), ("bits", "bits/param", ".2f"),
-                 ("size_bytes", "weights", "bytes"),
-                 ("peak_mem_bytes", "peak mem", "bytes"), ("quant_seconds", "quant time s", ".2f"),
-                 ("prefill_tok_s", f"prefill tok/s (b{batches[-1]})", ".0f"), ("decode_tok_s", "decode tok/s", "dict")],
+        columns=[
+            ("method", "method", "s"),
+            ("ppl", "perplexity", ".4f"),
+            ("kl_milli", "KL to float (1e-3)", ".3f"),
+            ("lm_eval_byte_ppl", "lm-eval byte ppl", ".4f"),
+            ("bits", "bits/param", ".2f"),
+            ("size_bytes", "weights", "bytes"),
+            ("peak_mem_bytes", "peak mem", "bytes"),
+            ("quant_seconds", "quant time s", ".2f"),
+            ("prefill_tok_s", f"prefill tok/s (b{batches[-1]})", ".0f"),
+            ("decode_tok_s", "decode tok/s", "dict"),
+        ],
         info={k: v for k, v in ref.info.items() if k != "spec"} | {"spec": ref.info.get("spec")},
     )
     ctx = {"calib": calib, "device_arg": device if device == "cuda" else None}
@@ -554,9 +610,15 @@ def bench_lm(rm, quick: bool, device: str, cache_dir, log, missing: list[str]) -
         "the original float model on purpose)",
         f"throughput: prefill = one forward of batch {batches[-1]} x {spec.context} tokens (median of 3); decode = "
         f"greedy, KV cache, {new_tokens} new tokens after a 16-token prompt, by batch size",
-        "peak mem: " + ("CUDA peak allocated growth" if device == "cuda" else "growth of the process's peak resident "
-                        "set after returning free heap pages to the OS (memory the allocator still holds is reused "
-                        "without growth)") + " while copying, quantizing and evaluating the model",
+        "peak mem: "
+        + (
+            "CUDA peak allocated growth"
+            if device == "cuda"
+            else "growth of the process's peak resident "
+            "set after returning free heap pages to the OS (memory the allocator still holds is reused "
+            "without growth)"
+        )
+        + " while copying, quantizing and evaluating the model",
     ]
     if not _version("lm_eval"):
         section.notes.append("lm-eval is not installed: the lm-eval column is empty (pip install 'lm-eval>=0.4').")
@@ -564,11 +626,21 @@ def bench_lm(rm, quick: bool, device: str, cache_dir, log, missing: list[str]) -
     section.notes += [f"{m.name}: {m.note}" for m in methods if m.note]
     section.bars = lm_bars(section.rows)
     section.plots = [
-        {"kind": "quality_vs_bits", "title": "Perplexity vs bits per parameter (post-training methods)", "x": "bits",
-         "y": "ppl",
-         "xlabel": "bits per quantized parameter (float = 32)", "ylabel": "held-out perplexity"},
-        {"kind": "throughput_vs_batch", "title": "Decode throughput vs batch", "key": "decode_tok_s",
-         "xlabel": "batch size", "ylabel": "decode tokens/s"},
+        {
+            "kind": "quality_vs_bits",
+            "title": "Perplexity vs bits per parameter (post-training methods)",
+            "x": "bits",
+            "y": "ppl",
+            "xlabel": "bits per quantized parameter (float = 32)",
+            "ylabel": "held-out perplexity",
+        },
+        {
+            "kind": "throughput_vs_batch",
+            "title": "Decode throughput vs batch",
+            "key": "decode_tok_s",
+            "xlabel": "batch size",
+            "ylabel": "decode tokens/s",
+        },
     ]
     return section
 
@@ -591,19 +663,36 @@ def lm_bars(rows: list[dict]) -> list[dict]:
         return None if r is None else (r["ppl"] - fp) / fp
 
     r8 = rel("int8 RTN")
-    bars.append(_ratio_bar("int8 weight-only perplexity within 0.5% of float", r8, 0.005,
-                           f"{100 * r8:+.3f}%" if r8 is not None else "not run"))
+    bars.append(
+        _ratio_bar(
+            "int8 weight-only perplexity within 0.5% of float",
+            r8,
+            0.005,
+            f"{100 * r8:+.3f}%" if r8 is not None else "not run",
+        )
+    )
     ours, bnb = _row(rows, "nf4 RTN"), _row(rows, "bnb nf4 (peer)")
     if ours and bnb:
         d = abs(ours["ppl"] - bnb["ppl"]) / bnb["ppl"]
-        bars.append(_ratio_bar("our NF4 equals bitsandbytes NF4 (perplexity within 0.1%)", d, 0.001,
-                               f"ours {ours['ppl']:.4f} vs bitsandbytes {bnb['ppl']:.4f}"))
+        bars.append(
+            _ratio_bar(
+                "our NF4 equals bitsandbytes NF4 (perplexity within 0.1%)",
+                d,
+                0.001,
+                f"ours {ours['ppl']:.4f} vs bitsandbytes {bnb['ppl']:.4f}",
+            )
+        )
     rtn = _row(rows, "int4 g128 RTN")
     for name in ("int4 g128 GPTQ", "int4 g128 HQQ", "int4 g128 AWQ"):
         r = _row(rows, name)
         if rtn and r:
-            bars.append({"name": f"{name.split()[-1]} beats RTN at int4 g128", "passed": r["ppl"] < rtn["ppl"],
-                         "detail": f"{r['ppl']:.4f} vs RTN {rtn['ppl']:.4f}"})
+            bars.append(
+                {
+                    "name": f"{name.split()[-1]} beats RTN at int4 g128",
+                    "passed": r["ppl"] < rtn["ppl"],
+                    "detail": f"{r['ppl']:.4f} vs RTN {rtn['ppl']:.4f}",
+                }
+            )
     sq = rel("W8A8 SmoothQuant")
     if sq is not None:
         bars.append(_ratio_bar("W8A8 with SmoothQuant within 1% of float", sq, 0.01, f"{100 * sq:+.3f}%"))
@@ -612,10 +701,14 @@ def lm_bars(rows: list[dict]) -> list[dict]:
         # same training budget on both sides: (train, then RTN) vs QAT, both against the trained float model
         gap = ctrl_rtn["ppl"] - ctrl["ppl"]
         recovered = (ctrl_rtn["ppl"] - qat["ppl"]) / gap if gap > 0 else float("nan")
-        bars.append({"name": "QAT recovers at least half of the int4 RTN perplexity gap",
-                     "passed": bool(recovered >= 0.5),
-                     "detail": f"recovered {100 * recovered:.0f}% (float trained {ctrl['ppl']:.4f}, + RTN "
-                               f"{ctrl_rtn['ppl']:.4f}, QAT {qat['ppl']:.4f}; the same training for all three)"})
+        bars.append(
+            {
+                "name": "QAT recovers at least half of the int4 RTN perplexity gap",
+                "passed": bool(recovered >= 0.5),
+                "detail": f"recovered {100 * recovered:.0f}% (float trained {ctrl['ppl']:.4f}, + RTN "
+                f"{ctrl_rtn['ppl']:.4f}, QAT {qat['ppl']:.4f}; the same training for all three)",
+            }
+        )
     return bars
 
 
@@ -663,17 +756,27 @@ def bench_minilm(rm, quick: bool, device: str, cache_dir, log, missing: list[str
         enc = {k: v.to(device) for k, v in enc.items()}
         with torch.no_grad():
             sps = len(SENTENCES) / _median_time(lambda: m(**enc), device, 3)
-        return {"cosine_mean": round(res.mean, 6), "cosine_min": round(res.min, 6), "sentences_s": round(sps, 1),
-                "_protocol": res.protocol}
+        return {
+            "cosine_mean": round(res.mean, 6),
+            "cosine_min": round(res.min, 6),
+            "sentences_s": round(sps, 1),
+            "_protocol": res.protocol,
+        }
 
     section = Section(
         key="minilm",
         title="all-MiniLM-L6-v2 (real pretrained weights, 22.7M parameters)",
         protocol=[],
-        columns=[("method", "method", "s"), ("cosine_mean", "cosine mean", ".6f"),
-                 ("cosine_min", "cosine min", ".6f"), ("bits", "bits/param", ".2f"), ("size_bytes", "weights", "bytes"),
-                 ("peak_mem_bytes", "peak mem", "bytes"),
-                 ("quant_seconds", "quant time s", ".2f"), ("sentences_s", "sentences/s", ".0f")],
+        columns=[
+            ("method", "method", "s"),
+            ("cosine_mean", "cosine mean", ".6f"),
+            ("cosine_min", "cosine min", ".6f"),
+            ("bits", "bits/param", ".2f"),
+            ("size_bytes", "weights", "bytes"),
+            ("peak_mem_bytes", "peak mem", "bytes"),
+            ("quant_seconds", "quant time s", ".2f"),
+            ("sentences_s", "sentences/s", ".0f"),
+        ],
     )
     ctx = {"calib": calib, "device_arg": None}
     for method in methods_for(device, []):
@@ -682,21 +785,30 @@ def bench_minilm(rm, quick: bool, device: str, cache_dir, log, missing: list[str
         if not section.protocol:
             section.protocol.append(f"quality: {proto} (fixed list in qlora_kit/eval/embeddings.py)")
         section.rows.append(row)
-    section.protocol.append(f"calibration: {len(sentences)} docstring sentences from the stdlib training files, "
-                            "batches of 16")
+    section.protocol.append(
+        f"calibration: {len(sentences)} docstring sentences from the stdlib training files, batches of 16"
+    )
     section.protocol.append(f"throughput: one forward of the {len(SENTENCES)} sentences (median of 3)")
     section.notes += _w8a8_note()
-    section.plots = [{"kind": "quality_vs_bits", "title": "Embedding cosine vs bits per parameter", "x": "bits",
-                      "y": "cosine_mean", "xlabel": "bits per quantized parameter (float = 32)",
-                      "ylabel": "mean cosine vs float"}]
+    section.plots = [
+        {
+            "kind": "quality_vs_bits",
+            "title": "Embedding cosine vs bits per parameter",
+            "x": "bits",
+            "y": "cosine_mean",
+            "xlabel": "bits per quantized parameter (float = 32)",
+            "ylabel": "mean cosine vs float",
+        }
+    ]
     return section
 
 
 # ------------------------------------------------------------------------------------------ image models
 
 
-def _image_section(key, title, float_model, sample: Callable, calib, classifier, real, device, log, quick,
-                   extra_protocol: list[str]) -> Section:
+def _image_section(
+    key, title, float_model, sample: Callable, calib, classifier, real, device, log, quick, extra_protocol: list[str]
+) -> Section:
     from .eval.images import frechet_classifier_distance, psnr
 
     n = 64 if quick else 256
@@ -708,21 +820,32 @@ def _image_section(key, title, float_model, sample: Callable, calib, classifier,
         with torch.no_grad():
             imgs = sample(m, noise)
             ips = n / _median_time(lambda: sample(m, noise), device, 1)
-        return {"psnr_db": round(psnr(imgs, ref_images), 2) if not torch.equal(imgs, ref_images) else None,
-                "frechet_digits": round(frechet_classifier_distance(classifier, imgs, real), 3),
-                "images_s": round(ips, 1)}
+        return {
+            "psnr_db": round(psnr(imgs, ref_images), 2) if not torch.equal(imgs, ref_images) else None,
+            "frechet_digits": round(frechet_classifier_distance(classifier, imgs, real), 3),
+            "images_s": round(ips, 1),
+        }
 
     section = Section(
-        key=key, title=title,
-        protocol=[f"PSNR (dB) of {n} generated images vs the float model's from the same noise (range [-1, 1]); "
-                  "empty for the float model itself",
-                  f"frechet_digits: Frechet distance between {n} generated images and {real.shape[0]} held-out real "
-                  "digits in the feature space of a small digits CNN (not FID: another feature network)"]
+        key=key,
+        title=title,
+        protocol=[
+            f"PSNR (dB) of {n} generated images vs the float model's from the same noise (range [-1, 1]); "
+            "empty for the float model itself",
+            f"frechet_digits: Frechet distance between {n} generated images and {real.shape[0]} held-out real "
+            "digits in the feature space of a small digits CNN (not FID: another feature network)",
+        ]
         + extra_protocol,
-        columns=[("method", "method", "s"), ("psnr_db", "PSNR dB", ".2f"),
-                 ("frechet_digits", "Frechet (digits CNN)", ".3f"), ("bits", "bits/param", ".2f"),
-                 ("size_bytes", "weights", "bytes"), ("peak_mem_bytes", "peak mem", "bytes"),
-                 ("quant_seconds", "quant time s", ".2f"), ("images_s", "images/s", ".1f")],
+        columns=[
+            ("method", "method", "s"),
+            ("psnr_db", "PSNR dB", ".2f"),
+            ("frechet_digits", "Frechet (digits CNN)", ".3f"),
+            ("bits", "bits/param", ".2f"),
+            ("size_bytes", "weights", "bytes"),
+            ("peak_mem_bytes", "peak mem", "bytes"),
+            ("quant_seconds", "quant time s", ".2f"),
+            ("images_s", "images/s", ".1f"),
+        ],
     )
     ctx = {"calib": calib, "device_arg": None}
     has_linear = any(type(m) is nn.Linear for m in float_model.modules())
@@ -731,15 +854,25 @@ def _image_section(key, title, float_model, sample: Callable, calib, classifier,
             continue  # W8A8 covers Linear layers; this model has none
         row, _ = _run_method(method, float_model, ctx, device, evaluate, log)
         section.rows.append(row)
-    section.notes.append("the default filter keeps the first and last convolution in high precision; GPTQ handles "
-                         "Linear / Conv1D / Conv2d layers, AWQ and SmoothQuant Linear layers; other layers get RTN")
+    section.notes.append(
+        "the default filter keeps the first and last convolution in high precision; GPTQ handles "
+        "Linear / Conv1D / Conv2d layers, AWQ and SmoothQuant Linear layers; other layers get RTN"
+    )
     if not has_linear and not any(type(m) is nn.Conv2d for m in float_model.modules()):
         section.notes.append("this model has only transposed convolutions: the calibrated rows equal RTN")
     section.notes.append("bitsandbytes quantizes Linear layers only; it is compared on the transformers above")
     if has_linear:
         section.notes += _w8a8_note()
-    section.plots = [{"kind": "quality_vs_bits", "title": "PSNR vs bits per parameter", "x": "bits", "y": "psnr_db",
-                      "xlabel": "bits per quantized parameter", "ylabel": "PSNR vs float (dB)"}]
+    section.plots = [
+        {
+            "kind": "quality_vs_bits",
+            "title": "PSNR vs bits per parameter",
+            "x": "bits",
+            "y": "psnr_db",
+            "xlabel": "bits per quantized parameter",
+            "ylabel": "PSNR vs float (dB)",
+        }
+    ]
     return section
 
 
@@ -761,22 +894,46 @@ def bench_images(rm, quick: bool, device: str, cache_dir, log, missing: list[str
     unet = rm.reference_unet(quick, cache_dir, device)
     sampler = _Sampler(lambda m, z: unet.sample(m, z), (1, 8, 8), device)
     calib = [tuple(t.to(device) for t in b) for b in unet.calib_batches(batches=4 if quick else 16)]
-    sections.append(_image_section(
-        "unet", f"DDPM UNet on digits (diffusers UNet2DModel, "
-        f"{sum(p.numel() for p in unet.model.parameters()) / 1e6:.2f}M parameters)", unet.model, sampler, calib,
-        classifier, real, device, log, quick,
-        [f"sampling: DDIM, {unet.spec.sample_steps} steps, eta 0 (deterministic)",
-         f"calibration: {len(calib)} batches of noisy digits with timesteps stratified over [0, "
-         f"{unet.spec.train_timesteps}) (activation statistics across diffusion timesteps)",
-         f"digits classifier test accuracy: {cinfo.get('test_accuracy')}"]))
+    sections.append(
+        _image_section(
+            "unet",
+            f"DDPM UNet on digits (diffusers UNet2DModel, "
+            f"{sum(p.numel() for p in unet.model.parameters()) / 1e6:.2f}M parameters)",
+            unet.model,
+            sampler,
+            calib,
+            classifier,
+            real,
+            device,
+            log,
+            quick,
+            [
+                f"sampling: DDIM, {unet.spec.sample_steps} steps, eta 0 (deterministic)",
+                f"calibration: {len(calib)} batches of noisy digits with timesteps stratified over [0, "
+                f"{unet.spec.train_timesteps}) (activation statistics across diffusion timesteps)",
+                f"digits classifier test accuracy: {cinfo.get('test_accuracy')}",
+            ],
+        )
+    )
     sections[-1].info = unet.info
     gen, ginfo = rm.reference_dcgan(quick, cache_dir, device)
     gsampler = _Sampler(lambda m, z: m(z), (gen.nz,), device)
     gcalib = [torch.randn((64, gen.nz), generator=torch.Generator().manual_seed(i)).to(device) for i in range(4)]
-    sections.append(_image_section(
-        "dcgan", f"DCGAN generator on digits ({sum(p.numel() for p in gen.parameters()) / 1e6:.2f}M parameters)",
-        gen, gsampler, gcalib, classifier, real, device, log, quick,
-        ["calibration: 4 batches of 64 latent vectors"]))
+    sections.append(
+        _image_section(
+            "dcgan",
+            f"DCGAN generator on digits ({sum(p.numel() for p in gen.parameters()) / 1e6:.2f}M parameters)",
+            gen,
+            gsampler,
+            gcalib,
+            classifier,
+            real,
+            device,
+            log,
+            quick,
+            ["calibration: 4 batches of 64 latent vectors"],
+        )
+    )
     sections[-1].info = ginfo
     return sections
 
@@ -805,14 +962,18 @@ def render_markdown(results: dict, plot_files: dict[str, str] | None = None) -> 
     env = results["env"]
     lines = [f"# qlora-kit method comparison ({env.get('device_type')}{', quick' if results.get('quick') else ''})", ""]
     lines.append("Device: " + ", ".join(f"{k}={v}" for k, v in env.items() if v is not None))
-    lines.append(f"Run: {results.get('started')}, {results.get('wall_seconds')} s in all"
-                 f"{' (reference models loaded from the cache)' if results.get('cached') else ''}.")
+    lines.append(
+        f"Run: {results.get('started')}, {results.get('wall_seconds')} s in all"
+        f"{' (reference models loaded from the cache)' if results.get('cached') else ''}."
+    )
     if results.get("missing"):
         lines.append(f"Peers not installed (skipped): {', '.join(results['missing'])}.")
     if env.get("device_type") == "cpu":
-        lines.append("CPU timings (quantization time, throughput, peak memory) are single runs of the PyTorch "
-                     "reference path (weights dequantized on every call), on whatever else the machine was doing: "
-                     "indicative only. The fused kernels run on CUDA.")
+        lines.append(
+            "CPU timings (quantization time, throughput, peak memory) are single runs of the PyTorch "
+            "reference path (weights dequantized on every call), on whatever else the machine was doing: "
+            "indicative only. The fused kernels run on CUDA."
+        )
     lines.append("")
     for sec in results["sections"]:
         lines += [f"## {sec['title']}", ""]
@@ -844,8 +1005,24 @@ def render_markdown(results: dict, plot_files: dict[str, str] | None = None) -> 
     return "\n".join(lines)
 
 
-_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-            "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd")
+_PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+    "#393b79",
+    "#637939",
+    "#8c6d31",
+    "#843c39",
+    "#7b4173",
+    "#3182bd",
+)
 
 
 def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -886,8 +1063,9 @@ def _plot_series(sec: dict, plot: dict) -> list[tuple[str, list[tuple[float, flo
     return series
 
 
-def svg_plot(series, *, title: str, xlabel: str, ylabel: str, width: int = 640, height: int = 380,
-             logx: bool = False) -> str:
+def svg_plot(
+    series, *, title: str, xlabel: str, ylabel: str, width: int = 640, height: int = 380, logx: bool = False
+) -> str:
     """A self-contained SVG chart: points (or lines) per series, axes with ticks, and a legend."""
     left, right, top, bottom = 70, 210, 34, 50
     pw, ph = width - left - right, height - top - bottom
@@ -908,11 +1086,13 @@ def svg_plot(series, *, title: str, xlabel: str, ylabel: str, width: int = 640, 
     def py(v):
         return top + ph - (v - y_lo) / (y_hi - y_lo) * ph
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{left + pw / 2}" y="18" text-anchor="middle" font-size="13">{html.escape(title)}</text>',
-           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{left + pw / 2}" y="18" text-anchor="middle" font-size="13">{html.escape(title)}</text>',
+        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>',
+    ]
     for t in _nice_ticks(y_lo, y_hi):
         y = py(t)
         out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
@@ -923,16 +1103,19 @@ def svg_plot(series, *, title: str, xlabel: str, ylabel: str, width: int = 640, 
         out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + ph}" stroke="#eee"/>')
         out.append(f'<text x="{x:.1f}" y="{top + ph + 16}" text-anchor="middle">{t:g}</text>')
     out.append(f'<text x="{left + pw / 2}" y="{height - 12}" text-anchor="middle">{html.escape(xlabel)}</text>')
-    out.append(f'<text transform="translate(16 {top + ph / 2}) rotate(-90)" text-anchor="middle">'
-               f'{html.escape(ylabel)}</text>')
+    out.append(
+        f'<text transform="translate(16 {top + ph / 2}) rotate(-90)" text-anchor="middle">{html.escape(ylabel)}</text>'
+    )
     for i, (label, pts, connect) in enumerate(series):
         color = _PALETTE[i % len(_PALETTE)]
         if connect and len(pts) > 1:
             path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
             out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>')
         for x, y in pts:
-            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="4" fill="{color}">'
-                       f'<title>{html.escape(label)}: ({x:g}, {y:g})</title></circle>')
+            out.append(
+                f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="4" fill="{color}">'
+                f"<title>{html.escape(label)}: ({x:g}, {y:g})</title></circle>"
+            )
         ly = top + 8 + i * 15
         out.append(f'<circle cx="{left + pw + 14}" cy="{ly}" r="4" fill="{color}"/>')
         out.append(f'<text x="{left + pw + 22}" y="{ly + 4}">{html.escape(label)}</text>')
@@ -998,13 +1181,17 @@ def render_html(results: dict, markdown_text: str, plots, files: dict[str, str])
         else:
             pending.append(line)
     chunks.append(_markdown_to_html("\n".join(pending)))
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;"
-             "padding:3px 8px}th{background:#f4f4f4}td.num{text-align:right}code{font-size:11px;"
-             "word-break:break-all}.pass{color:#1a7f37}.fail{color:#cf222e}figure{display:inline-block;margin:8px}")
+    style = (
+        "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;"
+        "padding:3px 8px}th{background:#f4f4f4}td.num{text-align:right}code{font-size:11px;"
+        "word-break:break-all}.pass{color:#1a7f37}.fail{color:#cf222e}figure{display:inline-block;margin:8px}"
+    )
     title = html.escape(markdown_text.splitlines()[0].lstrip("# "))
-    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style>"
-            f"</head><body>\n{''.join(chunks)}\n</body></html>\n")
+    return (
+        f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style>"
+        f"</head><body>\n{''.join(chunks)}\n</body></html>\n"
+    )
 
 
 def _inline(text: str) -> str:
@@ -1026,8 +1213,14 @@ def _markdown_to_html(md: str) -> str:
         rows = ["<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
         for line in table[2:]:
             cells = [c.strip() for c in line.strip("|").split("|")]
-            rows.append("<tr>" + "".join(f"<td class='{'num' if a else ''}'>{html.escape(c)}</td>"
-                                         for c, a in zip(cells, aligns, strict=False)) + "</tr>")
+            rows.append(
+                "<tr>"
+                + "".join(
+                    f"<td class='{'num' if a else ''}'>{html.escape(c)}</td>"
+                    for c, a in zip(cells, aligns, strict=False)
+                )
+                + "</tr>"
+            )
         out.append("<table>" + "".join(rows) + "</table>")
         table.clear()
 
@@ -1096,21 +1289,31 @@ def run_bench(*, quick: bool, device: str, suites=_SUITES, cache_dir=None, log=p
     if "images" in suites:
         log("== image generators")
         sections += [s.as_dict() for s in bench_images(rm, quick, device, cache_dir, log, missing)]
-    return {"env": environment(device), "quick": quick, "started": started, "cached": cache_before,
-            "wall_seconds": round(time.perf_counter() - t0, 1), "missing": sorted(set(missing)),
-            "sections": sections}
+    return {
+        "env": environment(device),
+        "quick": quick,
+        "started": started,
+        "cached": cache_before,
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "missing": sorted(set(missing)),
+        "sections": sections,
+    }
 
 
 def main_bench(argv: list[str] | None = None) -> int:
     """``qlora-kit bench``: run the method comparison and write JSON, Markdown and HTML results."""
-    parser = argparse.ArgumentParser(prog="qlora-kit bench", description="Compare quantization methods on "
-                                     "reference models: quality, size, peak memory, quantization time, throughput.")
+    parser = argparse.ArgumentParser(
+        prog="qlora-kit bench",
+        description="Compare quantization methods on "
+        "reference models: quality, size, peak memory, quantization time, throughput.",
+    )
     parser.add_argument("--quick", action="store_true", help="small models and data (2 CPU cores: < 10 minutes)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="output directory (default: benchmarks/results)")
     parser.add_argument("--suites", default=",".join(_SUITES), help=f"comma-separated subset of {','.join(_SUITES)}")
-    parser.add_argument("--cache-dir", default=None, help="reference model cache (default: $QLORA_KIT_CACHE or "
-                        "~/.cache/qlora_kit)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="reference model cache (default: $QLORA_KIT_CACHE or ~/.cache/qlora_kit)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     suites = tuple(s.strip() for s in args.suites.split(",") if s.strip())
@@ -1134,8 +1337,9 @@ def main_bench(argv: list[str] | None = None) -> int:
 
 def main_report(argv: list[str] | None = None) -> int:
     """``qlora-kit report RESULTS.json``: render Markdown and HTML from a results file written by bench."""
-    parser = argparse.ArgumentParser(prog="qlora-kit report", description="Render a bench results JSON as Markdown "
-                                     "and self-contained HTML.")
+    parser = argparse.ArgumentParser(
+        prog="qlora-kit report", description="Render a bench results JSON as Markdown and self-contained HTML."
+    )
     parser.add_argument("results", help="JSON written by qlora-kit bench")
     parser.add_argument("--out", default=None, help="output directory (default: next to the JSON)")
     args = parser.parse_args(argv)

@@ -21,13 +21,16 @@ import torch
 from torch import nn
 
 from .api import _format_name, _set_submodule
-from .configs import FORMAT_OF_CONFIG
+from .configs import CONFIG_CLASSES, FORMAT_OF_CONFIG
 from .nn.quantized import LAYER_CLASSES, QuantizedLayer
 
 WEIGHTS_NAME = "model.safetensors"
 QMAP_NAME = "quantization.json"
 _VERSION = 1
-_CONFIG_BY_FORMAT = {v: k for k, v in FORMAT_OF_CONFIG.items()}
+# the weight-only config of each format (files written before the config class was recorded)
+_CONFIG_BY_FORMAT = {}
+for _cls, _fmt in FORMAT_OF_CONFIG.items():
+    _CONFIG_BY_FORMAT.setdefault(_fmt, _cls)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -43,11 +46,16 @@ def _dtype_from_name(name: str) -> torch.dtype:
 
 def _config_meta(config) -> dict:
     meta = {k: getattr(config, k) for k in config.__dataclass_fields__}
-    return {k: (_dtype_name(v) if isinstance(v, torch.dtype) else v) for k, v in meta.items()}
+    meta = {k: (_dtype_name(v) if isinstance(v, torch.dtype) else v) for k, v in meta.items()}
+    return {"class": type(config).__name__, **meta}
 
 
 def _config_from_meta(fmt: str, meta: dict):
-    cls = _CONFIG_BY_FORMAT[fmt]
+    meta = dict(meta)
+    name = meta.pop("class", None)
+    cls = _CONFIG_BY_FORMAT.get(fmt) if name is None else CONFIG_CLASSES.get(name)
+    if cls is None or FORMAT_OF_CONFIG.get(cls) != fmt:
+        raise ValueError(f"{QMAP_NAME}: config {name!r} does not describe format {fmt!r}; the file is corrupt")
     kwargs = {k: (_dtype_from_name(v) if k.endswith("dtype") else v) for k, v in meta.items()}
     return cls(**kwargs)
 

@@ -185,8 +185,9 @@ def test_digits_split_and_range():
 
 
 def test_reference_models_train_once_then_load_from_cache(tmp_path):
-    spec = rm.LMSpec(hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64, context=16, steps=3, batch=2,
-                     max_train_bytes=20_000)
+    spec = rm.LMSpec(
+        hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64, context=16, steps=3, batch=2, max_train_bytes=20_000
+    )
     first = rm.reference_lm(cache_dir=tmp_path, spec=spec)
     folders = list(tmp_path.iterdir())
     assert len(folders) == 1 and (folders[0] / "info.json").is_file()
@@ -203,27 +204,97 @@ def test_reference_models_train_once_then_load_from_cache(tmp_path):
 
 def _synthetic_results():
     rows = [
-        {"method": "float", "family": "float", "ppl": 10.0, "bits": None, "size_bytes": 4000, "peak_mem_bytes": 10,
-         "quant_seconds": None, "decode_tok_s": {"1": 100.0, "4": 300.0}},
-        {"method": "int8 RTN", "family": "weight-only", "ppl": 10.03, "bits": 8.2, "size_bytes": 1000,
-         "peak_mem_bytes": 5, "quant_seconds": 0.1, "decode_tok_s": {"1": 90.0, "4": 250.0}},
-        {"method": "int4 g128 RTN", "family": "weight-only", "ppl": 11.0, "bits": 4.25, "size_bytes": 600,
-         "peak_mem_bytes": 5, "quant_seconds": 0.1, "decode_tok_s": {"1": 80.0, "4": 200.0}},
-        {"method": "int4 g128 GPTQ", "family": "weight-only", "ppl": 10.5, "bits": 4.25, "size_bytes": 600,
-         "peak_mem_bytes": 7, "quant_seconds": 2.0, "decode_tok_s": {"1": 80.0, "4": 200.0}},
-        {"method": "int4 g128 AWQ", "family": "weight-only", "ppl": 11.2, "bits": 4.25, "size_bytes": 600,
-         "peak_mem_bytes": 7, "quant_seconds": 2.0, "decode_tok_s": {"1": 80.0, "4": 200.0}},
+        {
+            "method": "float",
+            "family": "float",
+            "ppl": 10.0,
+            "bits": None,
+            "size_bytes": 4000,
+            "peak_mem_bytes": 10,
+            "quant_seconds": None,
+            "decode_tok_s": {"1": 100.0, "4": 300.0},
+        },
+        {
+            "method": "int8 RTN",
+            "family": "weight-only",
+            "ppl": 10.03,
+            "bits": 8.2,
+            "size_bytes": 1000,
+            "peak_mem_bytes": 5,
+            "quant_seconds": 0.1,
+            "decode_tok_s": {"1": 90.0, "4": 250.0},
+        },
+        {
+            "method": "int4 g128 RTN",
+            "family": "weight-only",
+            "ppl": 11.0,
+            "bits": 4.25,
+            "size_bytes": 600,
+            "peak_mem_bytes": 5,
+            "quant_seconds": 0.1,
+            "decode_tok_s": {"1": 80.0, "4": 200.0},
+        },
+        {
+            "method": "int4 g128 GPTQ",
+            "family": "weight-only",
+            "ppl": 10.5,
+            "bits": 4.25,
+            "size_bytes": 600,
+            "peak_mem_bytes": 7,
+            "quant_seconds": 2.0,
+            "decode_tok_s": {"1": 80.0, "4": 200.0},
+        },
+        {
+            "method": "int4 g128 AWQ",
+            "family": "weight-only",
+            "ppl": 11.2,
+            "bits": 4.25,
+            "size_bytes": 600,
+            "peak_mem_bytes": 7,
+            "quant_seconds": 2.0,
+            "decode_tok_s": {"1": 80.0, "4": 200.0},
+        },
     ]
-    sec = Section(key="lm", title="Tiny <LM> & co", protocol=["perplexity: test protocol"],
-                  columns=[("method", "method", "s"), ("ppl", "perplexity", ".4f"), ("bits", "bits/param", ".2f"),
-                           ("size_bytes", "weights", "bytes"), ("decode_tok_s", "decode tok/s", "dict")],
-                  rows=rows, bars=lm_bars(rows), notes=["a note"],
-                  plots=[{"kind": "quality_vs_bits", "title": "ppl vs bits", "x": "bits", "y": "ppl", "xlabel": "bits",
-                          "ylabel": "ppl"},
-                         {"kind": "throughput_vs_batch", "title": "decode", "key": "decode_tok_s", "xlabel": "batch",
-                          "ylabel": "tok/s"}])
-    return {"env": {"device_type": "cpu", "device": "test"}, "quick": True, "started": "now", "wall_seconds": 1.0,
-            "missing": ["torchao"], "sections": [sec.as_dict()]}
+    sec = Section(
+        key="lm",
+        title="Tiny <LM> & co",
+        protocol=["perplexity: test protocol"],
+        columns=[
+            ("method", "method", "s"),
+            ("ppl", "perplexity", ".4f"),
+            ("bits", "bits/param", ".2f"),
+            ("size_bytes", "weights", "bytes"),
+            ("decode_tok_s", "decode tok/s", "dict"),
+        ],
+        rows=rows,
+        bars=lm_bars(rows),
+        notes=["a note"],
+        plots=[
+            {
+                "kind": "quality_vs_bits",
+                "title": "ppl vs bits",
+                "x": "bits",
+                "y": "ppl",
+                "xlabel": "bits",
+                "ylabel": "ppl",
+            },
+            {
+                "kind": "throughput_vs_batch",
+                "title": "decode",
+                "key": "decode_tok_s",
+                "xlabel": "batch",
+                "ylabel": "tok/s",
+            },
+        ],
+    )
+    return {
+        "env": {"device_type": "cpu", "device": "test"},
+        "quick": True,
+        "started": "now",
+        "wall_seconds": 1.0,
+        "missing": ["torchao"],
+        "sections": [sec.as_dict()],
+    }
 
 
 def test_bars_are_computed_from_the_numbers():
@@ -242,7 +313,7 @@ def test_report_renders_markdown_html_and_svg(tmp_path):
     html_text = paths["html"].read_text()
     assert html_text.startswith("<!doctype html>") and "Tiny &lt;LM&gt; &amp; co" in html_text
     assert "<svg" in html_text or "data:image/png;base64," in html_text  # plots inline: self-contained
-    assert "src=\"http" not in html_text and "<script" not in html_text
+    assert 'src="http' not in html_text and "<script" not in html_text
     svgs = sorted(tmp_path.glob("cmp_*.svg"))
     assert len(svgs) == 2
     for p in svgs:
@@ -252,8 +323,13 @@ def test_report_renders_markdown_html_and_svg(tmp_path):
 
 
 def test_svg_plot_places_points_inside_the_axes():
-    svg = svg_plot([("a", [(1.0, 2.0), (4.0, 8.0)], True), ("b", [(2.0, 5.0)], False)], title="t", xlabel="x",
-                   ylabel="y", logx=True)
+    svg = svg_plot(
+        [("a", [(1.0, 2.0), (4.0, 8.0)], True), ("b", [(2.0, 5.0)], False)],
+        title="t",
+        xlabel="x",
+        ylabel="y",
+        logx=True,
+    )
     root = ET.fromstring(svg)
     ns = "{http://www.w3.org/2000/svg}"
     frame = root.findall(f"{ns}rect")[1]

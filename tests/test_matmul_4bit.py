@@ -47,8 +47,9 @@ def make_weight(quant_type, double_quant, n, k, blocksize, device=DEVICE, seed=0
     meta = ref.Quant4bitMeta((n, k), blocksize, quant_type, double_quant)
     if double_quant:
         qa, nested, offset = q4.double_quantize(absmax)
-        return ref.Packed4bit(packed.to(device), meta, qabsmax=qa.to(device), nested_absmax=nested.to(device),
-                              offset=offset.to(device))
+        return ref.Packed4bit(
+            packed.to(device), meta, qabsmax=qa.to(device), nested_absmax=nested.to(device), offset=offset.to(device)
+        )
     return ref.Packed4bit(packed.to(device), meta, absmax=absmax.to(device))
 
 
@@ -73,8 +74,9 @@ PLAN_DTYPES = [(p, d) for p in PLANS for d in DTYPES if p.lut == "memory" or d =
 
 @pytest.mark.parametrize("weight", WEIGHTS, ids=lambda w: "-".join(map(str, w)))
 @pytest.mark.parametrize("m", [1, 3, 17, 64])
-@pytest.mark.parametrize("plan,dtype", PLAN_DTYPES, ids=lambda v: f"{v.path}-{v.split_k}-{v.lut}"
-                         if isinstance(v, mm.MatmulPlan) else str(v))
+@pytest.mark.parametrize(
+    "plan,dtype", PLAN_DTYPES, ids=lambda v: f"{v.path}-{v.split_k}-{v.lut}" if isinstance(v, mm.MatmulPlan) else str(v)
+)
 def test_forward_and_grad_input(plan, dtype, m, weight):
     w = make_weight(*weight)
     n, k = w.meta.shape
@@ -122,8 +124,9 @@ def test_layout_matches_bitsandbytes():
         packed, state = bnbF.quantize_4bit(wf, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
         meta = ref.Quant4bitMeta((37, 53), 64, "nf4", double_quant)
         if double_quant:
-            w = ref.Packed4bit(packed.reshape(-1), meta, qabsmax=state.absmax, nested_absmax=state.state2.absmax,
-                               offset=state.offset)
+            w = ref.Packed4bit(
+                packed.reshape(-1), meta, qabsmax=state.absmax, nested_absmax=state.state2.absmax, offset=state.offset
+            )
         else:
             w = ref.Packed4bit(packed.reshape(-1), meta, absmax=state.absmax)
         expected = bnbF.dequantize_4bit(packed, state)
@@ -179,8 +182,16 @@ def test_dispatcher_reads_measured_table(table):
     plans = [
         {"device": "cpu", "format": "nf4", "m": 1, "n": 4096, "k": 4096, "path": "gemm"},
         {"device": "cpu", "format": "nf4", "m": 64, "n": 4096, "k": 4096, "path": "dequant"},
-        {"device": "cpu", "format": "nf4", "m": 1, "n": 14336, "k": 4096, "path": "gemv", "split_k": 4,
-         "lut": "registers"},
+        {
+            "device": "cpu",
+            "format": "nf4",
+            "m": 1,
+            "n": 14336,
+            "k": 4096,
+            "path": "gemv",
+            "split_k": 4,
+            "lut": "registers",
+        },
         {"device": "other gpu", "format": "nf4", "m": 1, "n": 4096, "k": 4096, "path": "dequant"},
     ]
     table.write_text(json.dumps({"version": 1, "plans": plans}))

@@ -96,7 +96,11 @@ def test_int4(plan, m, weight, dtype):
     check_forward_backward(
         lambda x, b, p: mi.matmul_int4(x, packed, scale, zero, gs, b, plan=p),
         lambda g, p: mi.matmul_int4_grad_input(g, packed, scale, zero, k, gs, plan=p),
-        w32, m, dtype, plan, with_bias=m in (1, 17),
+        w32,
+        m,
+        dtype,
+        plan,
+        with_bias=m in (1, 17),
     )
 
 
@@ -116,7 +120,11 @@ def test_channelwise(plan, m, weight, dtype):
     check_forward_backward(
         lambda x, b, p: mi.matmul_channelwise(x, qdata, scale, b, plan=p),
         lambda g, p: mi.matmul_channelwise_grad_input(g, qdata, scale, plan=p),
-        w32, m, dtype, plan, with_bias=m in (3, 64),
+        w32,
+        m,
+        dtype,
+        plan,
+        with_bias=m in (3, 64),
     )
 
 

@@ -66,8 +66,9 @@ def dequantized(qweight):
     if hasattr(qweight, "dequantize"):
         return qweight.dequantize(torch.float32)
     if qweight.name == "int4":
-        return ref.dequantize_int4(qweight.packed, qweight.scale, qweight.zero, qweight.shape[1], qweight.group_size,
-                                   torch.float32)
+        return ref.dequantize_int4(
+            qweight.packed, qweight.scale, qweight.zero, qweight.shape[1], qweight.group_size, torch.float32
+        )
     return ref.dequantize_channelwise(qweight.qdata, qweight.scale, torch.float32)
 
 
@@ -93,8 +94,11 @@ def _op_cases():
     x = torch.randn(3, 53)
     bias = torch.randn(37)
     nf4, fp4, int4, int8, fp8 = (make_qweight(name) for name in FORMATS)
-    yield "nf4", torch.ops.qlora_kit.matmul_4bit, (x, nf4.packed, nf4.qabsmax, nf4.nested_absmax, nf4.offset, bias,
-                                                    37, 53, 64, "nf4")
+    yield (
+        "nf4",
+        torch.ops.qlora_kit.matmul_4bit,
+        (x, nf4.packed, nf4.qabsmax, nf4.nested_absmax, nf4.offset, bias, 37, 53, 64, "nf4"),
+    )
     yield "fp4", torch.ops.qlora_kit.matmul_4bit, (x, fp4.packed, fp4.absmax, None, None, None, 37, 53, 32, "fp4")
     yield "int4", torch.ops.qlora_kit.matmul_int4, (x, int4.packed, int4.scale, int4.zero, bias, 32)
     yield "int8", torch.ops.qlora_kit.matmul_channelwise, (x, int8.qdata, int8.scale, bias)

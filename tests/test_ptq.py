@@ -228,14 +228,26 @@ def test_calibration_goes_block_by_block():
 def test_calibration_falls_back_to_whole_model_passes():
     bert = qlora_kit.models.tiny_bert()
     scopes = []
-    ptq.calibrate(bert, ptq._select_targets(bert, None), [torch.randint(0, 256, (2, 8))], None,
-                  lambda s: scopes.append((s.prefix, [f for f, _ in s.targets])), "test")
+    ptq.calibrate(
+        bert,
+        ptq._select_targets(bert, None),
+        [torch.randint(0, 256, (2, 8))],
+        None,
+        lambda s: scopes.append((s.prefix, [f for f, _ in s.targets])),
+        "test",
+    )
     assert [p for p, _ in scopes] == ["encoder.layer.0.", "encoder.layer.1.", ""]
     assert scopes[-1][1] == ["pooler.dense"]  # outside the blocks: a final whole-model pass
     unet = qlora_kit.models.tiny_unet()
     scopes.clear()
-    ptq.calibrate(unet, ptq._select_targets(unet, None), [(torch.randn(2, 1, 8, 8), torch.tensor([1, 500]))],
-                  None, lambda s: scopes.append((s.prefix, s.module)), "test")
+    ptq.calibrate(
+        unet,
+        ptq._select_targets(unet, None),
+        [(torch.randn(2, 1, 8, 8), torch.tensor([1, 500]))],
+        None,
+        lambda s: scopes.append((s.prefix, s.module)),
+        "test",
+    )
     assert scopes == [("", unet)]  # no repeated chain of blocks
 
 
@@ -263,8 +275,9 @@ def test_awq_folds_only_where_the_function_is_preserved():
     # BERT is post-LN: its LayerNorm outputs also feed the residual, so nothing may be folded into them
     bert = qlora_kit.models.tiny_bert()
     norms = {n: m.weight.detach().clone() for n, m in bert.named_modules() if isinstance(m, nn.LayerNorm)}
-    qlora_kit.quantize(bert, ptq.AWQConfig(group_size=32, clip=False, compute_dtype=F32),
-                       calib_data=[torch.randint(0, 256, (2, 8))])
+    qlora_kit.quantize(
+        bert, ptq.AWQConfig(group_size=32, clip=False, compute_dtype=F32), calib_data=[torch.randint(0, 256, (2, 8))]
+    )
     assert all(torch.equal(bert.get_submodule(n).weight, w) for n, w in norms.items())
 
 
@@ -273,8 +286,17 @@ def test_awq_folds_only_where_the_function_is_preserved():
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    spec = rm.LMSpec(hidden=128, layers=2, heads=4, kv_heads=4, intermediate=256, context=64, steps=250, batch=8,
-                     max_train_bytes=300_000)
+    spec = rm.LMSpec(
+        hidden=128,
+        layers=2,
+        heads=4,
+        kv_heads=4,
+        intermediate=256,
+        context=64,
+        steps=250,
+        batch=8,
+        max_train_bytes=300_000,
+    )
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(spec.seed)
@@ -305,8 +327,11 @@ def _layer_inputs(model, batches):
     def hook(name):
         return lambda mod, args: acts.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))
 
-    hs = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
-          if isinstance(m, nn.Linear) and n != "lm_head"]
+    hs = [
+        m.register_forward_pre_hook(hook(n))
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n != "lm_head"
+    ]
     with torch.no_grad():
         for b in batches:
             model(b)
@@ -346,11 +371,14 @@ def test_end_to_end_int4_gptq_awq_beat_rtn_and_int8_is_lossless(tiny_lm):
         assert all(isinstance(m.get_submodule(f"model.layers.{i}.mlp.down_proj"), QuantizedLayer) for i in range(2))
         return m
 
-    kl = {name: _kl(run(cfg), ref_logp, windows) for name, cfg in {
-        "rtn": Int4WeightConfig(compute_dtype=F32),
-        "gptq": ptq.GPTQConfig(compute_dtype=F32),
-        "awq": ptq.AWQConfig(compute_dtype=F32),
-    }.items()}
+    kl = {
+        name: _kl(run(cfg), ref_logp, windows)
+        for name, cfg in {
+            "rtn": Int4WeightConfig(compute_dtype=F32),
+            "gptq": ptq.GPTQConfig(compute_dtype=F32),
+            "awq": ptq.AWQConfig(compute_dtype=F32),
+        }.items()
+    }
     assert kl["gptq"] < 0.5 * kl["rtn"]  # measured 0.08
     assert kl["awq"] < 0.9 * kl["rtn"]  # measured 0.66
     nll_float = _nll(model, windows)
@@ -366,15 +394,26 @@ def _ids():
 
 
 BACKBONES = {
-    "gpt2": (qlora_kit.models.tiny_gpt2, lambda m, b=None: m(_ids() if b is None else b).logits,
-             lambda: [torch.randint(0, 256, (2, 16)) for _ in range(2)]),
-    "bert": (qlora_kit.models.tiny_bert, lambda m, b=None: m(_ids() if b is None else b).last_hidden_state,
-             lambda: [torch.randint(0, 256, (2, 16)) for _ in range(2)]),
-    "unet": (qlora_kit.models.tiny_unet,
-             lambda m, b=None: m(torch.ones(2, 1, 8, 8) * 0.3, torch.tensor([3, 50])).sample,
-             lambda: [(torch.randn(4, 1, 8, 8), torch.tensor([10, 300, 600, 900])) for _ in range(2)]),
-    "dcgan": (qlora_kit.models.dcgan_generator, lambda m, b=None: m(torch.linspace(-1, 1, 32).reshape(2, 16)),
-              lambda: [torch.randn(8, 16) for _ in range(2)]),
+    "gpt2": (
+        qlora_kit.models.tiny_gpt2,
+        lambda m, b=None: m(_ids() if b is None else b).logits,
+        lambda: [torch.randint(0, 256, (2, 16)) for _ in range(2)],
+    ),
+    "bert": (
+        qlora_kit.models.tiny_bert,
+        lambda m, b=None: m(_ids() if b is None else b).last_hidden_state,
+        lambda: [torch.randint(0, 256, (2, 16)) for _ in range(2)],
+    ),
+    "unet": (
+        qlora_kit.models.tiny_unet,
+        lambda m, b=None: m(torch.ones(2, 1, 8, 8) * 0.3, torch.tensor([3, 50])).sample,
+        lambda: [(torch.randn(4, 1, 8, 8), torch.tensor([10, 300, 600, 900])) for _ in range(2)],
+    ),
+    "dcgan": (
+        qlora_kit.models.dcgan_generator,
+        lambda m, b=None: m(torch.linspace(-1, 1, 32).reshape(2, 16)),
+        lambda: [torch.randn(8, 16) for _ in range(2)],
+    ),
 }
 
 
@@ -385,9 +424,11 @@ def test_algorithms_run_on_every_backbone(backbone, method):
     model = build()
     with torch.no_grad():
         ref = run(model)
-    cfg = {"gptq": ptq.GPTQConfig(group_size=32, compute_dtype=F32),
-           "awq": ptq.AWQConfig(group_size=32, grid=4, clip_grid=4, compute_dtype=F32),
-           "hqq": ptq.HQQConfig(group_size=32, compute_dtype=F32)}[method]
+    cfg = {
+        "gptq": ptq.GPTQConfig(group_size=32, compute_dtype=F32),
+        "awq": ptq.AWQConfig(group_size=32, grid=4, clip_grid=4, compute_dtype=F32),
+        "hqq": ptq.HQQConfig(group_size=32, compute_dtype=F32),
+    }[method]
     qlora_kit.quantize(model, cfg, calib_data=calib())
     layers = [m for m in model.modules() if isinstance(m, QuantizedLayer)]
     assert layers and all(m.format_name == "int4" for m in layers)
@@ -397,9 +438,14 @@ def test_algorithms_run_on_every_backbone(backbone, method):
     assert cos > 0.95  # RTN int4 g32 on these backbones measures 0.985-1.0 (tests/test_quantize_models.py)
 
 
-@pytest.mark.parametrize("config", [ptq.HQQConfig(group_size=32, compute_dtype=F32),
-                                    ptq.GPTQConfig(group_size=32, act_order=True, compute_dtype=F32),
-                                    ptq.GPTQConfig(bits=8, compute_dtype=F32)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        ptq.HQQConfig(group_size=32, compute_dtype=F32),
+        ptq.GPTQConfig(group_size=32, act_order=True, compute_dtype=F32),
+        ptq.GPTQConfig(bits=8, compute_dtype=F32),
+    ],
+)
 def test_ptq_models_save_and_load_exactly(tmp_path, config):
     model = qlora_kit.models.tiny_llama()
     qlora_kit.quantize(model, config, calib_data=[torch.randint(0, 256, (2, 16))])

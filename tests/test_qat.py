@@ -232,8 +232,12 @@ def test_qat_recovers_most_of_the_int4_gap():
             return float(((m(x_test) - y_test) ** 2).mean())
 
     torch.manual_seed(0)
-    base = train(nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 8)),
-                 3000, 3e-3, batch=256)
+    base = train(
+        nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 8)),
+        3000,
+        3e-3,
+        batch=256,
+    )
     everything = lambda m, n: True  # noqa: E731
     cfg = qlora_kit.Int4WeightConfig(group_size=128, compute_dtype=F32)
     control = train(copy.deepcopy(base), 200, 1e-3)

@@ -17,6 +17,8 @@ CONFIGS = [
     qlora_kit.Int8WeightConfig(),
     qlora_kit.Int4WeightConfig(group_size=64),
     qlora_kit.FP8WeightConfig(),
+    qlora_kit.Int8DynamicActivationConfig(compute_dtype=torch.float32),
+    qlora_kit.FP8DynamicActivationConfig(),
 ]
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 

@@ -133,8 +133,9 @@ def perplexity(
         for i in range(0, len(group), batch_size):
             ids = torch.stack(group[i : i + batch_size]).to(device)
             logits = _logits(model, ids).float()
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                  reduction="none")
+            nll = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+            )
             total += float(nll.double().sum())  # summed in float64: thousands of tokens
             count += ids[:, 1:].numel()
     model.train(was_training)

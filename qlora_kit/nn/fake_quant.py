@@ -167,11 +167,20 @@ class FakeQuantConvTranspose2d(FakeQuantMixin, nn.ConvTranspose2d):
         return w2d.reshape(o, i, kh, kw).transpose(0, 1)
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 2,
-                                              self.dilation)
+        output_padding = self._output_padding(
+            x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation
+        )
         cd = self.compute_dtype
-        out = F.conv_transpose2d(x.to(cd), self.fake_weight(cd), self._bias(cd), self.stride, self.padding,
-                                 output_padding, self.groups, self.dilation)
+        out = F.conv_transpose2d(
+            x.to(cd),
+            self.fake_weight(cd),
+            self._bias(cd),
+            self.stride,
+            self.padding,
+            output_padding,
+            self.groups,
+            self.dilation,
+        )
         return out.to(x.dtype)
 
 
@@ -220,8 +229,13 @@ def _fake_conv1d_class() -> type:
         cls = type(
             "FakeQuantConv1D",
             (FakeQuantMixin, Conv1D),
-            {"_to_2d": _to_2d, "_from_2d": _from_2d, "forward": forward, "__module__": __name__,
-             "__doc__": "transformers ``Conv1D`` with a fake-quantized weight (mirrors ``QuantConv1D``)."},
+            {
+                "_to_2d": _to_2d,
+                "_from_2d": _from_2d,
+                "forward": forward,
+                "__module__": __name__,
+                "__doc__": "transformers ``Conv1D`` with a fake-quantized weight (mirrors ``QuantConv1D``).",
+            },
         )
         _CONV1D_FAKE.append(cls)
     return _CONV1D_FAKE[0]

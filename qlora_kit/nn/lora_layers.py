@@ -482,6 +482,10 @@ class LoraLinear(LoraLayer):
             return None
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return None
+        from .fake_quant import is_fake_quant
+
+        if is_fake_quant(self.base_layer):  # QAT base: its forward fake-quantizes the weight, the kernel would not
+            return None
         from ..kernels.lora import LoraMeta, Packed4bit, Quant4bitMeta, lora_linear
 
         name, base = live[0], self.base_layer

@@ -19,18 +19,21 @@ _CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding"
 
 
 def is_transformers_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 style Conv1D (checked by name, so transformers need not be imported)."""
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+    """transformers' GPT-2 style Conv1D or a subclass (checked by name, so transformers need not be imported)."""
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)
 
 
 def _linear(layer: QuantizedLayer, x: torch.Tensor) -> torch.Tensor:
     """y = x W^T + b for a layer whose 2-D quantized view is (out, in) (Linear, Conv1D)."""
     x_c = x.to(layer.compute_dtype)
-    if x.is_cuda:
+    activation = getattr(layer.quant_config, "activation", None)
+    if x.is_cuda or activation is not None:
         from .. import ops  # fused Triton matmuls (imported lazily: they import triton)
 
-        return ops.quantized_linear(x_c, layer.qweight, layer._bias(layer.compute_dtype)).to(x.dtype)
+        # W8A8 / fp8 rowwise run the custom op on every device: its CPU reference has the same numerics
+        return ops.quantized_linear(x_c, layer.qweight, layer._bias(layer.compute_dtype), activation=activation).to(
+            x.dtype
+        )
     w2d = layer.qweight.dequantize(layer.compute_dtype)
     return F.linear(x_c, w2d, layer._bias(layer.compute_dtype)).to(x.dtype)
 
