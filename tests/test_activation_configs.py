@@ -3,11 +3,11 @@ their activations per token on every call, with the numerics of qlora_kit.ops' r
 
 import pytest
 import torch
+from qlora_kit.kernels.reference import matmul as ref
 from torch import nn
 
 import qlora_kit
 from qlora_kit import models
-from qlora_kit.kernels.reference import matmul as ref
 from qlora_kit.nn.quantized import QuantConv1D, QuantLinear
 
 F32 = torch.float32

@@ -36,6 +36,19 @@ def _weights():
 WEIGHTS = list(_weights())
 
 
+def _bnb_generic_dequantize(q, absmax, blocksize, quant_type, shape, dtype):
+    """bitsandbytes' own pure-PyTorch 4-bit dequantize (its default backend; also what its CPU backend uses for
+    odd shapes). Its native AVX-512 CPU kernel (bitsandbytes 0.50.2) reads the wrong absmax for some shapes whose
+    row length is not a multiple of the blocksize (5x96 at blocksize 64: 285 of 480 values differ from this
+    path, measured), so the byte-level contract is checked against this path, and against the native kernel
+    wherever the two agree."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    code = _get_4bit_code(quant_type, q.device)
+    return _dequantize_4bit_compute(q.reshape(-1), absmax, code, blocksize, shape, dtype).reshape(shape)
+
+
 def test_tables_match_bitsandbytes():
     assert torch.equal(ref.NF4_CODE, bnbF.get_4bit_type("nf4", "cpu"))
     assert torch.equal(ref.FP4_CODE, bnbF.get_4bit_type("fp4", "cpu"))
@@ -58,10 +71,17 @@ def test_reference_matches_bitsandbytes(quant_type, blocksize):
             assert torch.equal(absmax, state.absmax), (label, dtype)
             for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
                 state.dtype = out_dtype
-                expect = bnbF.dequantize_4bit(q, state).reshape(wd.shape)
+                native = bnbF.dequantize_4bit(q, state).reshape(wd.shape)
+                generic = _bnb_generic_dequantize(q, state.absmax, blocksize, quant_type, wd.shape, out_dtype)
                 deq = F.dequantize_nf4 if quant_type == "nf4" else F.dequantize_fp4
                 got = deq(packed, absmax, wd.shape, blocksize, out_dtype)
-                assert torch.equal(got, expect), (label, dtype, out_dtype)
+                assert torch.equal(got, generic), (label, dtype, out_dtype)
+                # bitsandbytes' native CPU kernel disagrees with its own generic path on some shapes (see
+                # _bnb_generic_dequantize); everywhere else we equal it too
+                same = native == generic
+                assert torch.equal(got[same], native[same]), (label, dtype, out_dtype)
+                if wd.shape[-1] % blocksize == 0:
+                    assert same.all(), (label, dtype, out_dtype)
 
 
 @pytest.mark.parametrize("blocksize", (32, 64, 4096))
