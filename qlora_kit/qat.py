@@ -52,8 +52,8 @@ class QATConfig:
     learnable_scales: bool = False
 
     def __post_init__(self):
-        if type(self.weight) not in FORMAT_OF_CONFIG:
-            known = ", ".join(c.__name__ for c in FORMAT_OF_CONFIG)
+        if type(self.weight) not in FORMAT_OF_CONFIG or getattr(self.weight, "activation", None) is not None:
+            known = ", ".join(c.__name__ for c in FORMAT_OF_CONFIG if getattr(c, "activation", None) is None)
             raise ValueError(f"QATConfig.weight must be a format config ({known}), got {type(self.weight).__name__}")
         if not isinstance(self.learnable_scales, bool):
             raise ValueError(f"QATConfig.learnable_scales must be True or False, got {self.learnable_scales!r}")
