@@ -152,7 +152,12 @@ def provider_torchao(kind, device, dtype):
         if kind == "int4-g128":
             config = getattr(tq, "Int4WeightOnlyConfig", None) or tq.int4_weight_only
             nbytes = case["n"] * case["k"] // 2 + 4 * case["n"] * (case["k"] // 128)
-            tq.quantize_(layer, config(group_size=128))
+            try:  # torchao >= 0.14: the default "plain" packing needs the separate mslk package; tinygemm's
+                # tile-packed layout runs on torch's built-in _weight_int4pack_mm (the path torchao benchmarks)
+                cfg = config(group_size=128, int4_packing_format="tile_packed_to_4d")
+            except TypeError:  # older torchao: no int4_packing_format argument, tinygemm by default
+                cfg = config(group_size=128)
+            tq.quantize_(layer, cfg)
         else:
             config = getattr(tq, "Int8WeightOnlyConfig", None) or tq.int8_weight_only
             nbytes = case["n"] * case["k"] + 2 * case["n"]

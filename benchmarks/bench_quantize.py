@@ -96,7 +96,8 @@ def providers(w: torch.Tensor):
                 lambda qt=quant_type, d=dq: bnbF.quantize_4bit(w, blocksize=64, quant_type=qt, compress_statistics=d),
                 lambda qb=qb, s=state: bnbF.dequantize_4bit(qb, s),
             )
-    yield "int8", "bitsandbytes", (lambda: bnbF.int8_vectorwise_quant(w)), None
+    q8, s8, _ = bnbF.int8_vectorwise_quant(w)
+    yield "int8", "bitsandbytes", (lambda: bnbF.int8_vectorwise_quant(w)), (lambda: bnbF.int8_vectorwise_dequant(q8, s8))
 
 
 def main(argv=None) -> list[dict]:

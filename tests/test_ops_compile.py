@@ -169,3 +169,43 @@ def test_torch_compile_fullgraph(backend):
     for out in outs:
         out.square().sum().backward()
     torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-4, atol=1e-4)
+
+
+MODEL_CONFIGS = {
+    **CONFIGS,
+    "w8a8": configs.Int8DynamicActivationConfig(compute_dtype=torch.float32),
+    "fp8_rowwise": configs.FP8DynamicActivationConfig(compute_dtype=torch.float32),
+}
+
+
+@pytest.mark.parametrize("fmt", list(MODEL_CONFIGS))
+def test_compile_quantized_llama_fullgraph_through_the_ops(fmt):
+    """quantize() a transformers Llama, torch.compile(fullgraph=True): every quantized linear layer is one
+    qlora_kit custom-op node in the captured graph (no graph break), and the outputs equal eager mode."""
+    import qlora_kit
+    from qlora_kit import models
+    from qlora_kit.nn.quantized import QuantizedLayer
+
+    torch._dynamo.reset()
+    model = qlora_kit.quantize(models.tiny_llama(), MODEL_CONFIGS[fmt]).eval()
+    n_linear = sum(
+        isinstance(m, QuantizedLayer) and m.qweight.shape[1] == m.in_features
+        for m in model.modules()
+        if hasattr(m, "in_features")
+    )
+    assert n_linear > 0
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, fullgraph=True, backend=record)
+    with torch.no_grad():
+        expect = model(ids).logits
+        got = compiled(ids).logits
+    assert torch.equal(got, expect)
+    assert len(graphs) == 1
+    op_nodes = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "qlora_kit" in str(n.target)]
+    assert len(op_nodes) == n_linear

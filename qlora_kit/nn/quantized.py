@@ -2,9 +2,9 @@
 
 Each holds its weight as a format object (``.qweight``, see ``qlora_kit/formats``) that sees a 2-D
 (output channels x rest) view of the weight; the layer reshapes to and from the float layout. Weights are
-frozen buffers; gradients flow to the input (QLoRA trains adapters on top). On CPU the forward
-dequantizes to ``compute_dtype`` and calls the float op; on CUDA linear layers call the fused Triton
-matmuls when they are available (``qlora_kit/ops.py``).
+frozen buffers; gradients flow to the input (QLoRA trains adapters on top). Linear-like layers call the
+``qlora_kit`` custom ops (fused Triton matmuls on CUDA, PyTorch references on the CPU); convolutions and
+embeddings dequantize to ``compute_dtype`` and call the float op.
 """
 
 from __future__ import annotations
@@ -24,18 +24,18 @@ def is_transformers_conv1d(module: nn.Module) -> bool:
 
 
 def _linear(layer: QuantizedLayer, x: torch.Tensor) -> torch.Tensor:
-    """y = x W^T + b for a layer whose 2-D quantized view is (out, in) (Linear, Conv1D)."""
-    x_c = x.to(layer.compute_dtype)
-    activation = getattr(layer.quant_config, "activation", None)
-    if x.is_cuda or activation is not None:
-        from .. import ops  # fused Triton matmuls (imported lazily: they import triton)
+    """y = x W^T + b for a layer whose 2-D quantized view is (out, in) (Linear, Conv1D).
 
-        # W8A8 / fp8 rowwise run the custom op on every device: its CPU reference has the same numerics
-        return ops.quantized_linear(x_c, layer.qweight, layer._bias(layer.compute_dtype), activation=activation).to(
-            x.dtype
-        )
-    w2d = layer.qweight.dequantize(layer.compute_dtype)
-    return F.linear(x_c, w2d, layer._bias(layer.compute_dtype)).to(x.dtype)
+    Always through the ``qlora_kit`` custom ops (``qlora_kit/ops.py``): the fused Triton matmuls on CUDA,
+    the pure-PyTorch references on the CPU (the same numerics as dequantize-then-``F.linear``), and one
+    opaque node per layer for ``torch.compile`` on every device.
+    """
+    from .. import ops  # imported on first use: it registers the custom ops
+
+    activation = getattr(layer.quant_config, "activation", None)  # W8A8 / fp8 rowwise layers
+    x_c = x.to(layer.compute_dtype)
+    out = ops.quantized_linear(x_c, layer.qweight, layer._bias(layer.compute_dtype), activation=activation)
+    return out.to(x.dtype)
 
 
 class QuantizedLayer(nn.Module):
