@@ -6,9 +6,11 @@
     qlora-kit quantize [--model M] [--format F] ...        quantize a model and save it
     qlora-kit merge RUN_DIR [--output DIR]                 merge a run's adapter into its base and save
     qlora-kit eval RUN_DIR                                 perplexity of base and base + adapter
+    qlora-kit bench [--quick] ... / report RESULTS.json    compare quantization methods / render the results
 
-User mistakes (unknown recipe or key, wrong type, missing file, bad YAML, ...) print one line naming the
-problem and the fix and exit with code 2; nothing is written.
+Options and ``key=value`` overrides may come in any order. User mistakes (unknown recipe or key, wrong type,
+missing or unreadable file, bad YAML, ...) print one line naming the problem and the fix and exit with code 2;
+nothing is written.
 """
 
 from __future__ import annotations
@@ -20,11 +22,38 @@ import sys
 import time
 from pathlib import Path
 
-from .recipe import RecipeError
+from .recipe import BLOCKSIZES, GROUP_SIZES, RecipeError
 
 EXIT_USER_ERROR = 2
 QUANT_MODELS = ("tiny-llama", "tiny-gpt2", "tiny-bert")
 QUANT_FORMATS = ("nf4", "fp4", "int8", "int4", "fp8")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (argparse reports the flag: ``argument --batch-size: ...``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}; pass a positive integer")
+    return value
+
+
+def _int_choice(allowed: tuple[int, ...]):
+    """argparse type: an integer from ``allowed`` (the message lists them)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value not in allowed:
+            raise argparse.ArgumentTypeError(f"must be one of {list(allowed)}, got {text!r}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in some messages
+    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -320,8 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--model", default="tiny-llama", help=f"{' | '.join(QUANT_MODELS)} | local directory | hub id")
     q.add_argument("--format", default="nf4", choices=QUANT_FORMATS)
-    q.add_argument("--blocksize", type=int, default=64, help="nf4 / fp4 block size (32 ... 4096)")
-    q.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64, 128)")
+    q.add_argument(
+        "--blocksize", type=_int_choice(BLOCKSIZES), default=64, help="nf4 / fp4 block size (32, 64, ..., 4096)"
+    )
+    q.add_argument("--group-size", type=_int_choice(GROUP_SIZES), default=128, help="int4 group size (32, 64, 128)")
     q.add_argument("--no-double-quant", action="store_true", help="nf4 / fp4: keep fp32 block scales")
     q.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     q.add_argument("--output", help="directory to write (default: ./<model>-<format>)")
@@ -343,51 +374,64 @@ def build_parser() -> argparse.ArgumentParser:
             c.set_defaults(func=_cmd_merge)
         else:
             c.add_argument("--dataset", help="text to evaluate on (default: the run's dataset)")
-            c.add_argument("--seq-len", type=int, help="tokens per sequence")
-            c.add_argument("--batch-size", type=int, default=8)
-            c.add_argument("--batches", type=int, default=16, help="at most this many batches")
+            c.add_argument("--seq-len", type=_positive_int, help="tokens per sequence")
+            c.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per batch")
+            c.add_argument("--batches", type=_positive_int, default=16, help="at most this many batches")
             c.set_defaults(func=_cmd_eval)
-    for name, helptext in (
-        ("bench", "compare quantization methods (quality, size, memory, speed) on reference models"),
-        ("report", "render a bench results JSON as Markdown and HTML"),
-    ):
-        b = sub.add_parser(name, help=helptext, add_help=False)
-        b.add_argument("rest", nargs=argparse.REMAINDER)
-        b.set_defaults(func=_cmd_bench if name == "bench" else _cmd_report)
+    # listed here for `qlora-kit --help`; main() hands their arguments to qlora_kit.report's own parsers
+    for name, helptext in _PASSTHROUGH_HELP.items():
+        sub.add_parser(name, help=helptext, add_help=False)
     return p
 
 
-def _cmd_bench(args) -> int:
-    from .report import main_bench
-
-    return _run_argparse_main(main_bench, args.rest)
-
-
-def _cmd_report(args) -> int:
-    from .report import main_report
-
-    return _run_argparse_main(main_report, args.rest)
+_PASSTHROUGH_HELP = {
+    "bench": "compare quantization methods (quality, size, memory, speed) on reference models",
+    "report": "render a bench results JSON as Markdown and HTML",
+}
 
 
-def _run_argparse_main(fn, argv) -> int:
+def _run_passthrough(command: str, argv: list[str]) -> int:
+    """``bench`` / ``report``: qlora_kit.report's own argparse main, its SystemExit turned into the exit code."""
+    from . import report
+
+    fn = report.main_bench if command == "bench" else report.main_report
+    # their parsers are plain argparse (usage dump + error); report usage errors in one line like ours
+    plain_error = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = _Parser.error
     try:
         return int(fn(list(argv)) or 0)
-    except SystemExit as e:  # their own argparse: --help (0) or a one-line usage error (2)
-        return int(e.code or 0)
+    except SystemExit as e:  # their own argparse: --help (0) or a usage error (2, already reported)
+        code = e.code
+        if code is None or isinstance(code, int):
+            return int(code or 0)
+        sys.stderr.write(f"qlora-kit: error: {code}\n")
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write("qlora-kit: interrupted\n")
+        return 130
+    finally:
+        argparse.ArgumentParser.error = plain_error
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit code (0 success, 2 user error)."""
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("-") and argv[0] not in parser._subparsers._group_actions[0].choices:
-        names = list(parser._subparsers._group_actions[0].choices)
+    if argv and argv[0] in _PASSTHROUGH_HELP:
+        return _run_passthrough(argv[0], argv[1:])
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+        names = list(commands)
         close = difflib.get_close_matches(argv[0], names, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         sys.stderr.write(f"qlora-kit: error: unknown command {argv[0]!r}; {hint}commands: {', '.join(names)}\n")
         return EXIT_USER_ERROR
     try:
-        args = parser.parse_args(argv)
+        if argv and argv[0] in commands:  # the command's own parser, intermixed: options and overrides in any order
+            args = commands[argv[0]].parse_intermixed_args(argv[1:])
+            args.command = argv[0]
+        else:
+            args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2, already reported in one line)
         return int(e.code or 0)
     if args.command is None:

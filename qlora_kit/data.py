@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import string
 import sysconfig
 import zlib
 from dataclasses import dataclass
@@ -28,9 +27,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .recipe import BUILTIN_MODELS, Recipe, RecipeError
+from .recipe import BUILTIN_MODELS, Recipe, RecipeError, template_fields
 
 TEXT_EXTENSIONS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
+_FORMAT_HINTS = {  # (what datasets reads it as, what a valid file looks like)
+    ".json": ("JSON", "a JSON list of objects, or one JSON object per line"),
+    ".jsonl": ("JSON lines", 'one JSON object per line, e.g. {"text": "..."}'),
+    ".txt": ("text", "UTF-8 text, documents separated by blank lines"),
+    ".parquet": ("Parquet", "a Parquet table with a text column"),
+    ".csv": ("CSV", "a header row, then one quoted row per document"),
+}
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
 _STDLIB_SIZE = (1_000, 200_000)  # bytes: skip stubs and the few generated giants (pydoc topics)
 
@@ -162,33 +168,81 @@ def _read_texts(root: Path, files: list[str]) -> list[str]:
     return [(root / f).read_text(encoding="utf-8", errors="replace") for f in files]
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:160]
+
+
+def _error_chain(e: BaseException | None) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def _local_file_error(name: str, e: BaseException) -> RecipeError:
+    """One sentence for a local data file datasets could not read: which file, what is wrong, the fix."""
+    path = Path(name).expanduser()
+    kind, looks = _FORMAT_HINTS.get(path.suffix.lower(), ("data", "a supported data file"))
+    try:
+        empty = path.is_file() and path.stat().st_size < 2**20 and not path.read_bytes().strip()
+    except OSError:
+        empty = False
+    chain = _error_chain(e)
+    # the parser's own error (pyarrow, pandas, json) says what is wrong; datasets' wrappers do not
+    cause = next((c for c in chain if not type(c).__module__.startswith("datasets")), chain[-1])
+    if empty or any(type(c).__name__ == "SchemaInferenceError" for c in chain):
+        return RecipeError(f"dataset file {name!r} holds no examples; add data to it ({looks}) or use another file")
+    return RecipeError(
+        f"could not read dataset file {name!r} as {kind} ({_first_line(cause)}); fix it ({looks}) or use another file"
+    )
+
+
 def _load_table(name: str, split: str):
     """A datasets.Dataset from a local file or a hub id."""
     import datasets
+    from datasets.utils import logging as ds_logging
 
+    names = ("DatasetsError", "DatasetNotFoundError")
+    dataset_errors = tuple(getattr(datasets.exceptions, n) for n in names if hasattr(datasets.exceptions, n))
+    local = is_local_path(name)
+    verbosity = ds_logging.get_verbosity()
     try:
-        if is_local_path(name):
+        if local:
+            ds_logging.set_verbosity(ds_logging.CRITICAL)  # our one-line error says what its log lines would
             path = str(Path(name).expanduser())
             builder = TEXT_EXTENSIONS[Path(path).suffix.lower()]
             kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
             return datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
         return datasets.load_dataset(name, split=split)
-    except (OSError, ValueError, getattr(datasets.exceptions, "DatasetNotFoundError", OSError)) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RecipeError(f"could not load dataset {name!r} ({first[:160]}); check the path, name or network") from None
+    except (OSError, ValueError, StopIteration, *dataset_errors) as e:  # StopIteration: datasets on an empty file
+        if local:
+            raise _local_file_error(name, e) from None
+        raise RecipeError(
+            f"could not load dataset {name!r} ({_first_line(e)}); check the path, name or network"
+        ) from None
+    finally:
+        ds_logging.set_verbosity(verbosity)
 
 
 def _text_rows(ds, recipe: Recipe, where: str) -> list[str]:
     columns = list(ds.column_names)
     if recipe.prompt_template is not None:
-        fields = [f for _, f, _, _ in string.Formatter().parse(recipe.prompt_template) if f]
+        fields = template_fields(recipe.prompt_template)
         missing = [f for f in fields if f not in columns]
         if missing:
             raise RecipeError(
                 f"prompt_template uses {missing} but {where} has columns {columns}; rename the fields in the template"
             )
         template = recipe.prompt_template
-        return [template.format(**row) for row in ds]
+        try:
+            return [template.format(**row) for row in ds]
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+            raise RecipeError(
+                f"prompt_template {template!r} does not fit the rows of {where} ({type(e).__name__}: "
+                f"{_first_line(e)}); use plain {{column}} fields"
+            ) from None
     if recipe.text_column not in columns:
         raise RecipeError(
             f"{where} has no column {recipe.text_column!r} (it has {columns}); set text_column or prompt_template"
@@ -244,6 +298,10 @@ def load_text_data(recipe: Recipe, tokenizer) -> Data:
         if recipe.max_documents is not None:
             table = table.select(range(min(recipe.max_documents, len(table))))
         train_texts = _text_rows(table, recipe, repr(recipe.dataset))
+        if not any(t.strip() for t in train_texts):
+            raise RecipeError(
+                f"dataset {recipe.dataset!r} holds no examples with text (only blank rows); add text or use another"
+            )
         eval_texts = _text_rows(eval_table, recipe, "the evaluation data") if eval_table is not None else []
         source = f"{recipe.dataset}: {len(train_texts)} documents, {len(eval_texts)} held out"
     train = _pack(train_texts, tokenizer, recipe.seq_len)

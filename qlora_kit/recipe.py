@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import math
 import os
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +40,35 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 GROUP_SIZES = (32, 64, 128)
 BUILTIN_MODELS = {"tiny-llama": "causal_lm", "tiny-gpt2": "causal_lm", "tiny-unet": "diffusion", "dcgan": "gan"}
 BUILTIN_DATASETS = {"stdlib": "text", "digits": "image"}
+# names other tools (transformers' TrainingArguments, PEFT, axolotl, LLaMA-Factory, torchtune) use for our keys:
+# only used to say "did you mean ...?" (an unknown key is still an error)
+KEY_ALIASES = {
+    "lr": "learning_rate",
+    "grad_clip": "max_grad_norm",
+    "clip_grad_norm": "max_grad_norm",
+    "gradient_clipping": "max_grad_norm",
+    "rank": "lora.r",
+    "lora_r": "lora.r",
+    "lora_rank": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules",
+    "lora_target": "lora.target_modules",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "warmup": "warmup_steps",
+    "max_train_steps": "max_steps",
+    "lr_scheduler_type": "lr_schedule",
+    "lr_scheduler": "lr_schedule",
+    "max_seq_length": "seq_len",
+    "sequence_len": "seq_len",
+    "cutoff_len": "seq_len",
+    "model_name_or_path": "model",
+    "base_model": "model",
+}
 
 
 class RecipeError(ValueError):
@@ -60,6 +91,7 @@ class LoraSection:
     init: str = "default"  # default | gaussian | pissa | loftq
 
     def __post_init__(self):
+        _check_finite(self, "lora.")
         _check_positive("lora.r", self.r)
         _check_positive("lora.alpha", self.alpha)
         if not 0 <= self.dropout < 1:
@@ -139,6 +171,7 @@ class Recipe:
     merge_adapter: bool = False  # also export the base with the adapter merged into output_dir/merged
 
     def __post_init__(self):
+        _check_finite(self)
         _check_choice("objective", self.objective, OBJECTIVES)
         _check_choice("quantization", self.quantization, QUANTIZATIONS)
         _check_choice("blocksize", self.blocksize, BLOCKSIZES)
@@ -183,6 +216,8 @@ class Recipe:
             raise RecipeError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction!r}; e.g. 0.05")
         if not self.output_dir:
             raise RecipeError("output_dir must not be empty; set output_dir=runs/my-run")
+        if self.prompt_template is not None:
+            template_fields(self.prompt_template)
         kind = BUILTIN_MODELS.get(self.model)
         if kind is not None and kind != self.objective:
             fits = [m for m, k in BUILTIN_MODELS.items() if k == self.objective]
@@ -219,6 +254,43 @@ class Recipe:
 
 
 # ----- checks ----------------------------------------------------------------------------------------------
+def _check_finite(section, prefix: str = "") -> None:
+    """Every float field of a section is a finite number (inf / nan would pass the range checks)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            default = "null" if f.default is None else f.default
+            raise RecipeError(
+                f"{prefix}{f.name} must be a finite number, got {value!r}; set a real value (default: {default})"
+            )
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a ``prompt_template`` fills in (``{instruction}`` -> ``instruction``), in order.
+
+    Raises:
+        RecipeError: a brace that does not close, an empty ``{}``, a positional ``{0}`` or a conversion
+            other than ``!s`` / ``!r`` / ``!a``.
+    """
+    fix = "write columns as {name} and literal braces as {{ and }}"
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise RecipeError(f"prompt_template {template!r} is not a valid template ({e}); {fix}") from None
+    names = []
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name == "" or name.isdigit():
+            raise RecipeError(f"prompt_template {template!r} has a field without a column name; {fix}")
+        if conversion not in (None, "s", "r", "a"):
+            raise RecipeError(f"prompt_template {template!r} has an unknown conversion !{conversion}; {fix}")
+        if spec and any(c in spec for c in "{}"):
+            raise RecipeError(f"prompt_template {template!r} nests fields in a format spec; {fix}")
+        names.append(name)
+    return names
+
+
 def _check_positive(key: str, value) -> None:
     if not value > 0:
         raise RecipeError(f"{key} must be > 0, got {value!r}; pass a positive value such as {key}=8")
@@ -309,9 +381,27 @@ def valid_keys() -> list[str]:
     return keys
 
 
+def suggest_key(key: str) -> str | None:
+    """The valid key a mistyped or foreign ``key`` most likely means (never a section name), or None."""
+    keys = valid_keys()
+    head, dot, tail = key.partition(".")
+    sections = _section_fields()
+    for name in (key, tail if dot else None):
+        if name is not None and name.lower() in KEY_ALIASES:
+            return KEY_ALIASES[name.lower()]
+    if not dot:  # a section's own key written flat: r=8 -> lora.r
+        nested = [k for k in keys if "." in k and k.partition(".")[2] == key]
+        if nested:
+            return nested[0]
+    elif head in sections and tail in keys:  # a top-level key written under a section: lora.seed -> seed
+        return tail
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def _unknown_key(key: str, where: str) -> RecipeError:
-    close = difflib.get_close_matches(key, valid_keys() + list(_section_fields()), n=1, cutoff=0.5)
-    hint = f"did you mean {close[0]!r}?" if close else "`qlora-kit finetune --keys` lists the valid keys"
+    close = suggest_key(key)
+    hint = f"did you mean {close!r}?" if close else "`qlora-kit finetune --keys` lists the valid keys"
     return RecipeError(f"unknown key {key!r} in {where}; {hint}")
 
 
@@ -358,7 +448,14 @@ def recipe_text(name_or_path: str) -> tuple[str, str]:
         path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist; check the path or run `qlora-kit ls`")
-        return path.read_text(encoding="utf-8"), str(path)
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as e:
+            raise RecipeError(
+                f"recipe file {str(path)!r} is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML"
+            ) from None
+        except OSError as e:
+            raise RecipeError(f"cannot read recipe file {str(path)!r} ({e.strerror}); check its permissions") from None
     resource = importlib.resources.files("qlora_kit.recipes") / f"{name_or_path}.yaml"
     if not resource.is_file():
         names = list(bundled_recipes())

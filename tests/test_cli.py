@@ -86,6 +86,28 @@ def _jsonl_without_text(tmp: Path) -> str:
     return str(p)
 
 
+def _write(tmp: Path, name: str, data: bytes) -> str:
+    p = tmp / "inputs" / name
+    p.write_bytes(data)
+    return str(p)
+
+
+def _malformed_jsonl(tmp: Path) -> str:
+    return _write(tmp, "m.jsonl", b'{"text": "a fine row"}\n{"text": broken\n')
+
+
+def _empty_txt(tmp: Path) -> str:
+    return _write(tmp, "empty.txt", b"")
+
+
+def _latin1_recipe(tmp: Path) -> str:
+    return _write(tmp, "latin1.yaml", "description: caf\u00e9\nmodel: tiny-llama\n".encode("latin-1"))
+
+
+def _file_as_parent(tmp: Path) -> str:
+    return str(Path(_write(tmp, "a_file", b"x")) / "run")
+
+
 FINETUNE_ERRORS = [
     (lambda t: ["finetune", "quikstart"], ["unknown recipe", "'quickstart'"]),
     (lambda t: ["finetune", str(t / "inputs" / "none.yaml")], ["does not exist"]),
@@ -109,7 +131,33 @@ FINETUNE_ERRORS = [
     (lambda t: ["quantize", "--model", "./nope"], ["model directory './nope' does not exist"]),
     (lambda t: ["cp", "quikstart", str(t / "x.yaml")], ["unknown recipe"]),
     (lambda t: ["eval", str(t / "inputs")], ["not a run directory"]),
-]
+    # options and overrides mixed in any order; lora targets that match nothing, with and without --dry-run
+    (lambda t: ["finetune", "quickstart", "--dry-run", "lora.target_modules=[nomatch]"],
+     ["lora.target_modules=[nomatch] matched no layer", "q_proj"]),
+    (lambda t: ["finetune", "quickstart", "lora.target_modules=[nomatch]"], ["matched no layer", "q_proj"]),
+    # data files datasets cannot read; templates that do not parse
+    (lambda t: ["finetune", "quickstart", f"dataset={_malformed_jsonl(t)}"], ["m.jsonl", "JSON lines", "fix it"]),
+    (lambda t: ["finetune", "quickstart", f"dataset={_empty_txt(t)}"], ["empty.txt", "holds no examples"]),
+    (lambda t: ["finetune", "quickstart", "prompt_template={instruction"], ["prompt_template", "{{"]),
+    (lambda t: ["finetune", _latin1_recipe(t)], ["latin1.yaml", "not UTF-8"]),
+    (lambda t: ["finetune", "quickstart", f"output_dir={_file_as_parent(t)}"], ["a_file", "is a file", "output_dir"]),
+    # foreign key names point at ours (never at the section name 'lora'); non-finite numbers
+    (lambda t: ["finetune", "quickstart", "lr=1e-3"], ["'lr'", "did you mean 'learning_rate'"]),
+    (lambda t: ["finetune", "quickstart", "rank=8"], ["did you mean 'lora.r'"]),
+    (lambda t: ["finetune", "quickstart", "grad_clip=0.3"], ["did you mean 'max_grad_norm'"]),
+    (lambda t: ["finetune", "quickstart", "learning_rate=inf"], ["learning_rate must be a finite number"]),
+    (lambda t: ["finetune", "quickstart", "weight_decay=nan"], ["weight_decay must be a finite number"]),
+    # numeric flags
+    (lambda t: ["eval", "--batch-size", "0"], ["--batch-size", "> 0"]),
+    (lambda t: ["eval", "--batch-size", "-2"], ["--batch-size", "> 0"]),
+    (lambda t: ["eval", "--batches", "0"], ["--batches", "> 0"]),
+    (lambda t: ["eval", "--seq-len", "0"], ["--seq-len", "> 0"]),
+    (lambda t: ["quantize", "--blocksize", "0"], ["--blocksize", "32, 64, 128"]),
+    (lambda t: ["quantize", "--format", "nf4", "--group-size", "48"], ["--group-size", "[32, 64, 128]"]),
+    # bench / report: their own parsers, errors in one line
+    (lambda t: ["report", "/nonexistent.json"], ["/nonexistent.json does not exist"]),
+    (lambda t: ["bench", "--suites", "nope"], ["unknown suite"]),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("make_args, words", FINETUNE_ERRORS)
@@ -118,7 +166,8 @@ def test_user_errors_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, mo
     monkeypatch.chdir(tmp_path)
     args = make_args(tmp_path)
     if args[0] == "finetune" and len(args) > 1:
-        args = [*args, f"output_dir={tmp_path / 'out'}", *SMALL]
+        out = [] if any(a.startswith("output_dir=") for a in args) else [f"output_dir={tmp_path / 'out'}"]
+        args = [*args, *out, *SMALL]
     before = _snapshot(tmp_path)
     rc = main(args)
     err = capsys.readouterr().err
@@ -132,11 +181,33 @@ def test_user_errors_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, mo
     assert _snapshot(tmp_path) == before  # nothing written (no output_dir, no cwd files)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_output_dir_that_cannot_be_created_is_a_user_error(capsys):
+    """As root os.access() says /proc is writable; the check must still catch it, before building anything."""
+    assert main(["finetune", "quickstart", "output_dir=/proc/nope/run", *SMALL]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qlora-kit: error: output_dir '/proc/nope/run' cannot be created") and "\n" not in err
+    assert not os.path.exists("/proc/nope") and not [p for p in os.listdir("/proc") if "qlora-kit" in p]
+
+
 def test_output_dir_holding_a_run_needs_resume_or_overwrite(tmp_path, capsys):
+    import yaml
+
+    from qlora_kit.recipe import load_recipe
+
     out = tmp_path / "run"
     assert main(["finetune", "quickstart", *SMALL, "max_steps=2", f"output_dir={out}"]) == 0
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    capsys.readouterr()
+    # the resolved config is printed at the start of the run (compact YAML, before the banner) and saved
+    text = capsys.readouterr().out
+    head, _, rest = text.partition("\nqlora-kit finetune · ")
+    assert head.startswith(f"resolved config (saved as {out / 'config.yaml'}):\n{{") and rest
+    assert len(head.splitlines()) < 20
+    printed = yaml.safe_load(head.split("\n", 1)[1])
+    assert printed == yaml.safe_load((out / "config.yaml").read_text())
+    assert printed["max_steps"] == 2 and printed["output_dir"] == str(out) and printed["lora"]["r"] == 16
+    resolved = load_recipe("quickstart", [*SMALL, "max_steps=2", f"output_dir={out}"])
+    assert load_recipe(str(out / "config.yaml")) == resolved
     assert main(["finetune", "quickstart", *SMALL, "max_steps=2", f"output_dir={out}"]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
@@ -157,6 +228,25 @@ def test_ls_and_cp(tmp_path, capsys):
     assert load_recipe(str(dest)) == load_recipe("quickstart")
     assert main(["cp", "quickstart", str(dest)]) == 2  # exists: needs --force
     assert main(["cp", "quickstart", str(dest), "--force"]) == 0
+
+
+def test_bench_and_report_take_their_own_options(capsys):
+    """`bench` / `report` hand their arguments to qlora_kit.report's parsers (leading dashes included)."""
+    assert main(["bench", "--help"]) == 0
+    assert "--quick" in capsys.readouterr().out
+    assert main(["report", "--help"]) == 0
+    assert "results" in capsys.readouterr().out
+    assert main(["--help"]) == 0
+    listing = capsys.readouterr().out
+    assert "bench" in listing and "report" in listing
+
+
+def test_options_and_overrides_mix_in_any_order(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["finetune", "--print-config", "quickstart", "max_steps=3", "--dry-run", f"output_dir={out}"]) == 0
+    text = capsys.readouterr().out
+    assert "max_steps: 3\n" in text and f"output_dir: {out}\n" in text
+    assert not out.exists()
 
 
 def test_console_script_is_installed():

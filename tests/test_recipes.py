@@ -11,11 +11,14 @@ import torch
 import yaml
 
 from qlora_kit.recipe import (
+    KEY_ALIASES,
+    LoraSection,
     Recipe,
     RecipeError,
     bundled_recipes,
     load_recipe,
     recipe_from_dict,
+    suggest_key,
     to_dict,
     to_yaml,
     valid_keys,
@@ -85,6 +88,19 @@ def test_overrides_are_typed_and_dotted_keys_reach_the_section():
         (["max_steps"], ["key=value"]),
         (["stop_after_steps=400", "max_steps=10"], ["stop_after_steps"]),
         (["eval_fraction=0"], ["eval_fraction"]),
+        (["learning_rate=inf"], ["learning_rate", "finite"]),
+        (["learning_rate=-inf"], ["learning_rate", "finite"]),
+        (["weight_decay=nan"], ["weight_decay", "finite"]),
+        (["max_grad_norm=.nan"], ["max_grad_norm", "finite"]),
+        (["lora.alpha=inf"], ["lora.alpha", "finite"]),
+        (["lora.dropout=nan"], ["lora.dropout", "finite"]),
+        (["adam_beta2=nan"], ["adam_beta2", "finite"]),
+        (["epochs=.inf"], ["epochs", "integer"]),
+        (["prompt_template={instruction"], ["prompt_template", "{{ and }}"]),
+        (["prompt_template=a {} b"], ["prompt_template", "column name"]),
+        (["prompt_template={0}"], ["prompt_template", "column name"]),
+        (["prompt_template={x!z}"], ["prompt_template", "!z"]),
+        (["prompt_template=}{x}"], ["prompt_template", "{{ and }}"]),
     ],
 )
 def test_bad_overrides_name_the_key_and_the_fix(overrides, words):
@@ -94,6 +110,61 @@ def test_bad_overrides_name_the_key_and_the_fix(overrides, words):
     assert "\n" not in message
     for w in words:
         assert w in message
+
+
+@pytest.mark.parametrize(
+    "key, want",
+    [
+        ("lr", "learning_rate"),
+        ("rank", "lora.r"),
+        ("lora_r", "lora.r"),
+        ("r", "lora.r"),  # a section key written flat
+        ("alpha", "lora.alpha"),
+        ("lora.rank", "lora.r"),
+        ("lora.lora_alpha", "lora.alpha"),
+        ("lora.seed", "seed"),  # a top-level key written under the section
+        ("grad_clip", "max_grad_norm"),
+        ("num_train_epochs", "epochs"),
+        ("per_device_train_batch_size", "batch_size"),
+        ("gradient_accumulation_steps", "grad_accum_steps"),
+        ("warmup", "warmup_steps"),
+        ("learning_rat", "learning_rate"),
+        ("lora.dropot", "lora.dropout"),
+    ],
+)
+def test_unknown_keys_suggest_a_valid_key(key, want):
+    assert suggest_key(key) == want
+    with pytest.raises(RecipeError) as e:
+        load_recipe("quickstart", [f"{key}=1"])
+    assert f"unknown key {key!r}" in str(e.value) and f"did you mean {want!r}?" in str(e.value)
+
+
+def test_suggestions_are_always_valid_keys():
+    keys = set(valid_keys())
+    assert set(KEY_ALIASES.values()) <= keys
+    assert not set(KEY_ALIASES) & keys  # an alias never shadows a real key
+    for key in ["lora", "lr", "rank", "lra", "ranks", "lor", "xyz", "lora.lora", "lora.x", "l", "init", *KEY_ALIASES]:
+        assert suggest_key(key) in keys | {None}, key
+
+
+def test_non_finite_numbers_are_rejected_from_yaml_and_python(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("learning_rate: .inf\n")
+    with pytest.raises(RecipeError, match="learning_rate must be a finite number"):
+        load_recipe(str(path))
+    with pytest.raises(RecipeError, match="weight_decay must be a finite number"):
+        Recipe(weight_decay=float("nan"))
+    with pytest.raises(RecipeError, match="d_learning_rate must be a finite number"):
+        Recipe(d_learning_rate=float("inf"))
+    with pytest.raises(RecipeError, match="lora.alpha must be a finite number"):
+        LoraSection(alpha=float("inf"))
+
+
+def test_recipe_files_that_are_not_utf8_are_user_errors(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("description: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match="not UTF-8"):
+        load_recipe(str(path))
 
 
 def test_unknown_recipe_suggests_the_closest_name(tmp_path):
@@ -193,6 +264,34 @@ def test_local_jsonl_with_text_column_and_prompt_template(tmp_path):
         load_data(load_recipe("quickstart", [*base, "text_column=body"]), None)
     with pytest.raises(RecipeError, match="missing_field"):
         load_data(load_recipe("quickstart", [*base, "prompt_template={missing_field}"]), None)
+    with pytest.raises(RecipeError, match="does not fit the rows"):  # parses, but 'say 0' is no integer
+        load_data(load_recipe("quickstart", [*base, "prompt_template={instruction:d}"]), None)
+
+
+@pytest.mark.parametrize(
+    "name, data, words",
+    [
+        ("bad.jsonl", b'{"text": "ok"}\n{"text": oops}\n', ["bad.jsonl", "JSON lines", "one JSON object per line"]),
+        ("bad.json", b"[{", ["bad.json", "JSON"]),
+        ("empty.jsonl", b"", ["empty.jsonl", "holds no examples"]),
+        ("empty.txt", b"", ["empty.txt", "holds no examples"]),
+        ("blank.txt", b"\n \n", ["blank.txt", "holds no examples"]),
+        ("latin1.txt", "caf\u00e9\n".encode("latin-1"), ["latin1.txt", "utf-8"]),
+        ("bad.csv", b'text,n\n"unclosed,1\n', ["bad.csv", "CSV"]),
+        ("bad.parquet", b"not parquet", ["bad.parquet", "Parquet"]),
+    ],
+)
+def test_unreadable_local_data_files_are_user_errors(tmp_path, name, data, words):
+    from qlora_kit.data import ByteTokenizer, load_data
+
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(RecipeError) as e:
+        load_data(load_recipe("quickstart", [f"dataset={path}", "seq_len=8"]), ByteTokenizer())
+    message = str(e.value)
+    assert "\n" not in message
+    for w in words:
+        assert w in message
 
 
 def test_missing_local_dataset_is_a_user_error(tmp_path):

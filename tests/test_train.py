@@ -249,3 +249,20 @@ def test_lora_variants_train(tmp_path, variant):
         from qlora_kit.cli import main
 
         assert main(["eval", str(out), "--batches", "1"]) == 2  # their adapters need the changed base
+
+
+# ----- output_dir checks before anything is built -----------------------------------------------------------
+def test_output_dir_writability_is_checked_without_leaving_anything(tmp_path, monkeypatch):
+    from qlora_kit.recipe import RecipeError
+    from qlora_kit.train.loop import _check_writable
+
+    (tmp_path / "existing").mkdir()
+    _check_writable(tmp_path / "existing")  # the probe directory is made and removed
+    _check_writable(tmp_path / "a" / "b" / "c")  # created later from the nearest existing parent
+    assert [p.name for p in tmp_path.rglob("*")] == ["existing"]
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)  # a directory we may not write (root may anyway)
+    with pytest.raises(RecipeError, match="is not writable"):
+        _check_writable(tmp_path / "new")
+    with pytest.raises(RecipeError, match="is not writable"):
+        finetune(load_recipe("quickstart", [*SMALL, f"output_dir={tmp_path / 'new'}"]))
+    assert [p.name for p in tmp_path.rglob("*")] == ["existing"]

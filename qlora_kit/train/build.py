@@ -201,6 +201,25 @@ def lora_config(recipe: Recipe, model: nn.Module):
         raise RecipeError(f"invalid lora section: {e}") from None
 
 
+def attach_lora(model: nn.Module, config, recipe: Recipe) -> None:
+    """``add_lora(model, config)`` with its ValueErrors (no layer matched, ...) reported as one RecipeError."""
+    from ..lora import add_lora
+
+    try:
+        add_lora(model, config)
+    except ValueError as e:
+        if "matched no layer" not in str(e):
+            raise RecipeError(f"cannot add LoRA adapters: {_first_line(e)}; fix the lora section") from None
+        target = recipe.lora.target_modules
+        shown = target if isinstance(target, str) else "[" + ", ".join(target) + "]"
+        names = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in _lora_capable(model, include_convs=True)))
+        layers = f"its layers are named {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}; " if names else ""
+        raise RecipeError(
+            f"lora.target_modules={shown} matched no layer of {type(model).__name__}; {layers}"
+            "set lora.target_modules to some of those names, all-linear or all"
+        ) from None
+
+
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(all parameters with quantized weights at their logical size and adapters excluded, trainable)."""
     from ..nn.lora_layers import LoraLayer
@@ -271,17 +290,14 @@ def estimate_quantized_bytes(model: nn.Module, recipe: Recipe) -> tuple[int, int
 def _adapt(model: nn.Module, recipe: Recipe, qconfig, device, seed: int) -> None:
     """Quantize the base, prepare it for k-bit training and attach the adapters (in place)."""
     from ..api import default_filter, quantize
-    from ..lora import add_lora, prepare_for_kbit_training, set_adapter
+    from ..lora import prepare_for_kbit_training, set_adapter
 
     lcfg = lora_config(recipe, model)  # before quantizing: "all" resolves on float layer types
     loftq = recipe.lora.init == "loftq"
 
     def attach():
         torch.manual_seed(seed)  # adapters start from the recipe's seed, whatever loading did to the RNG
-        try:
-            add_lora(model, lcfg)
-        except ValueError as e:
-            raise RecipeError(f"cannot add LoRA adapters: {_first_line(e)}; fix the lora section") from None
+        attach_lora(model, lcfg, recipe)
 
     filter_fn = None
     if loftq:  # LoftQ initialises from the float weights and leaves the base NF4-exact: adapters first

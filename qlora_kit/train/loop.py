@@ -106,7 +106,7 @@ def _holds_run(out_dir: Path) -> bool:
 
 
 def _preflight(recipe: Recipe, out_dir: Path, dry_run: bool) -> Path | None:
-    """Checks that need no model or data; returns the checkpoint to resume from. Writes nothing."""
+    """Checks that need no model or data; returns the checkpoint to resume from. Leaves nothing written."""
     from ..data import check_data_paths
     from .build import check_model_path
 
@@ -116,6 +116,7 @@ def _preflight(recipe: Recipe, out_dir: Path, dry_run: bool) -> Path | None:
         return None
     if out_dir.exists() and not out_dir.is_dir():
         raise RecipeError(f"output_dir {str(out_dir)!r} is a file; set output_dir to a directory path")
+    _check_writable(out_dir)
     if recipe.resume:
         found = checkpoint.latest(out_dir / "checkpoints")
         if found is None:
@@ -129,6 +130,30 @@ def _preflight(recipe: Recipe, out_dir: Path, dry_run: bool) -> Path | None:
             "overwrite=true to start over, or another output_dir"
         )
     return None
+
+
+def _check_writable(out_dir: Path) -> None:
+    """RecipeError unless ``out_dir`` exists writable or its nearest existing parent lets us create it.
+
+    ``os.access`` first; then (as root it says yes even for /proc) a probe directory made and removed at
+    once in that parent, so nothing is left behind.
+    """
+    import tempfile
+
+    target = Path(os.path.abspath(out_dir))
+    parent = target
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    what = "output_dir" if parent == target else f"output_dir {str(out_dir)!r} cannot be created:"
+    fix = "set output_dir to a directory you can write to"
+    if not parent.is_dir():
+        raise RecipeError(f"{what} {str(parent)!r} is a file, not a directory; {fix}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RecipeError(f"{what} {str(parent)!r} is not writable (permission denied); {fix}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".qlora-kit-probe-", dir=parent))
+    except OSError as e:
+        raise RecipeError(f"{what} {str(parent)!r} is not writable ({e.strerror or e}); {fix}") from None
 
 
 class _Run:
@@ -329,6 +354,7 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
         start_step if resume_from is not None else None,
     )
 
+    _say(accelerator, f"resolved config (saved as {out_dir / 'config.yaml'}):\n{compact_yaml(recipe)}")
     _say(accelerator, _banner(recipe, run, built, data, resume_from, start_step))
     progress = Progress(run.max_steps, start_step, recipe.progress_bar and accelerator.is_main_process, objective.unit)
     losses: dict[int, float] = {}
@@ -440,6 +466,16 @@ def _changed_keys(saved_yaml: str | None, recipe: Recipe) -> list[str]:
         return []
     now = to_dict(recipe)
     return sorted(k for k in now if k not in _RUN_ONLY_KEYS and k in saved and saved[k] != now[k])
+
+
+def compact_yaml(recipe: Recipe, width: int = 100) -> str:
+    """The resolved recipe as one YAML flow mapping wrapped near ``width`` columns (about a dozen lines; valid YAML)."""
+    import yaml
+
+    from ..recipe import to_dict
+
+    text = yaml.safe_dump(to_dict(recipe), default_flow_style=True, sort_keys=False, allow_unicode=True, width=width)
+    return text.rstrip("\n")
 
 
 def _units(objective, recipe: Recipe, run: _Run) -> int:
@@ -583,9 +619,9 @@ def _summary(recipe, run, losses, last_eval, elapsed, units_done, start_step, ou
 def dry_run_report(recipe: Recipe) -> dict:
     """``--dry-run``: the resolved config, parameter counts, trainable share, quantized size and a rough
     peak-memory estimate, without loading weights of hub / local models or training."""
-    from ..lora import add_lora
     from ..recipe import BUILTIN_MODELS
     from .build import (
+        attach_lora,
         compute_dtype,
         count_params,
         estimate_quantized_bytes,
@@ -627,7 +663,7 @@ def dry_run_report(recipe: Recipe) -> dict:
         if full_d:
             t_train = t_all
         else:
-            add_lora(model, lora_config(recipe, model))
+            attach_lora(model, lora_config(recipe, model), recipe)
             _, t_train = count_params(model)
         total += t_all
         trainable += t_train
