@@ -97,7 +97,8 @@ def providers(w: torch.Tensor):
                 lambda qb=qb, s=state: bnbF.dequantize_4bit(qb, s),
             )
     q8, s8, _ = bnbF.int8_vectorwise_quant(w)
-    yield "int8", "bitsandbytes", (lambda: bnbF.int8_vectorwise_quant(w)), (lambda: bnbF.int8_vectorwise_dequant(q8, s8))
+    quant8, dequant8 = (lambda: bnbF.int8_vectorwise_quant(w)), (lambda: bnbF.int8_vectorwise_dequant(q8, s8))
+    yield "int8", "bitsandbytes", quant8, dequant8
 
 
 def main(argv=None) -> list[dict]:

@@ -144,7 +144,7 @@ def _load_tile(
     c0 = _decode(q0, code_ptr, LUT_REGISTERS)
     c1 = _decode(q1, code_ptr, LUT_REGISTERS)
     # the flat range [row + k0, row + k0 + BLOCK_K) has length <= BLOCKSIZE: at most two blocks per row
-    first = (row + k0) // BLOCKSIZE
+    first = tl.minimum((row + k0) // BLOCKSIZE, nblocks - 1)  # a tile past K must not read past the end
     a_first = _block_absmax(first, n_ok, absmax_ptr, dmap_ptr, nested_ptr, offset_ptr, DOUBLE_QUANT)
     if ALIGNED:
         s0 = a_first[:, None]

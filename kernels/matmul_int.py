@@ -58,7 +58,7 @@ def _int4_tile(
     rows = offs_n.to(tl.int64)
     mask = n_ok[:, None] & (k0 + 2 * j < K)[None, :]
     byte = tl.load(packed_ptr + rows[:, None] * k_bytes + (k0 // 2 + j)[None, :], mask=mask, other=0).to(tl.int32)
-    g = k0 // GROUP_SIZE
+    g = tl.minimum(k0 // GROUP_SIZE, ngroups - 1)  # a tile past K must not read past the end
     s = tl.load(scale_ptr + rows * ngroups + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     z = tl.load(zero_ptr + rows * ngroups + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     d0 = _nibble_to_f32(byte >> 4) - z

@@ -8,17 +8,29 @@ import pytest
 import torch
 from qlora_kit.kernels.reference import lora as ref
 from qlora_kit.kernels.reference import quant_4bit as q4
+from qlora_kit.kernels.reference import quant_int as qi
+from torch import nn
 
 lora_k = pytest.importorskip("qlora_kit.kernels.lora")
 LoraMeta, Packed4bit, Quant4bitMeta = lora_k.LoraMeta, lora_k.Packed4bit, lora_k.Quant4bitMeta
+PackedInt, IntQuantMeta = lora_k.PackedInt, lora_k.IntQuantMeta
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 17, 33), (37, 45, 29), (70, 64, 130)]  # (M, K, N): odd sizes, tails of every tile
 
 
-def _make_base(kind: str, n: int, k: int, dtype, double_quant=False, blocksize=64):
+def _make_base(kind: str, n: int, k: int, dtype, double_quant=False, blocksize=64, group_size=32):
     """(what the kernel gets, the dense fp64 weight it stands for)."""
     w = torch.randn(n, k, device=DEVICE) / k**0.5
+    if kind in ("int8", "fp8", "int4"):
+        if kind == "int4":
+            packed, scale, zero = qi.quantize_int4(w, group_size)
+            base = PackedInt(packed, scale, IntQuantMeta((n, k), "int4", group_size), zero=zero)
+        else:
+            qdata, scale = qi.quantize_int8(w) if kind == "int8" else qi.quantize_fp8(w)
+            base = PackedInt(qdata, scale, IntQuantMeta((n, k), kind))
+        # the fp64 reference: the format's own dequantization (fp32), then the kernel's compute dtype
+        return base, ref.dense_weight(base, torch.float32).to(dtype).double()
     if kind == "float":
         return w.to(dtype), w.to(dtype).double()
     if kind == "float_t":  # transformers' Conv1D keeps W^T: hand the kernel a strided view
@@ -92,14 +104,165 @@ def test_fused_4bit_base(kind, double_quant, r, m, k, n):
     _run_case(m, k, n, r, torch.float32, kind, double_quant=double_quant)
 
 
-@pytest.mark.parametrize("path", ["gemv", "gemm", "dequant"])
+def _plan(path: str):
+    from qlora_kit.kernels import matmul_4bit
+
+    return matmul_4bit.MatmulPlan("gemv", split_k=2) if path == "gemv-split2" else matmul_4bit.MatmulPlan(path)
+
+
+PATHS = ["gemv", "gemv-split2", "gemm", "dequant"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dropout", [False, True])
 def test_fused_4bit_every_matmul_path(path, dropout):
     """The 4-bit forward and dX follow the fused-matmul dispatcher's plan; each path gives the same result."""
     from qlora_kit.kernels import matmul_4bit
 
-    with matmul_4bit.force_path(path):
+    with matmul_4bit.force_path(_plan(path)):
         _run_case(5, 66, 40, 8, torch.float32, "nf4", double_quant=True, dropout=dropout)
+
+
+# ----- int8 / fp8 per channel and int4 per group ---------------------------------------------------------------
+INT_KINDS = ["int8", "fp8", "int4"]
+
+
+@pytest.mark.parametrize("kind", INT_KINDS)
+@pytest.mark.parametrize(
+    "m,k,n,r,bias,dtype",
+    [  # M <= 8 takes the fused gemv, M = 17 the gemm; K, N multiples of neither 16 nor the group size (32)
+        (1, 45, 33, 1, True, torch.float32),
+        (1, 45, 33, 64, False, torch.float16),
+        (3, 45, 33, 8, False, torch.float16),
+        (3, 70, 45, 64, True, torch.float32),
+        (17, 70, 45, 1, True, torch.float16),
+        (17, 45, 33, 8, False, torch.float32),
+        (17, 45, 33, 64, True, torch.float32),
+    ],
+)
+def test_fused_int_base(kind, m, k, n, r, bias, dtype):
+    """Values and gradients (x, A, B, bias) over int8 / fp8 / int4 bases against fp64 on the dequantized weight."""
+    _run_case(m, k, n, r, dtype, kind, bias=bias)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", INT_KINDS)
+def test_fused_int_every_matmul_path(kind, path):
+    """Every plan of the dispatcher (split-K gemv included) over int bases, with and without dropout."""
+    from qlora_kit.kernels import matmul_4bit
+
+    odd = path in ("gemv", "dequant")  # alternate dtype, dropout, bias and K parity across the paths
+    with matmul_4bit.force_path(_plan(path)):
+        _run_case(6, 67 if odd else 66, 41, 3, torch.float16 if odd else torch.float32, kind, bias=odd, dropout=not odd)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8", "int4"])
+def test_gemv_adds_update_in_its_epilogue(kind, monkeypatch):
+    """A few rows: the low-rank update is added inside the GEMV kernel, not by a separate addmm afterwards."""
+    from qlora_kit.kernels import matmul_4bit
+
+    def no_addmm(*args, **kwargs):
+        raise AssertionError("the fused gemv path must not add the update with a separate addmm")
+
+    monkeypatch.setattr(torch, "addmm", no_addmm)
+    monkeypatch.setattr(torch.Tensor, "addmm_", no_addmm)
+    with matmul_4bit.force_path("gemv"):
+        _run_case(2, 45, 33, 8, torch.float32, kind, double_quant=True)
+
+
+def test_int4_group_sizes_and_wide_k():
+    """Groups of 64 and 128 (one tile spans part of a group), K beyond one gemv step."""
+    for group_size, k in ((64, 150), (128, 300)):
+        base, dense = _make_base("int4", 19, k, torch.float32, group_size=group_size)
+        x = torch.randn(4, k, device=DEVICE)
+        a, b = torch.randn(8, k, device=DEVICE) / k**0.5, torch.randn(19, 8, device=DEVICE)
+        for path in ("gemv", "gemm"):
+            from qlora_kit.kernels import matmul_4bit
+
+            with matmul_4bit.force_path(path):
+                y = lora_k.lora_linear(x, base, None, a, b, LoraMeta(scale=0.5))
+            y64 = ref.lora_linear(x.double(), dense, None, a.double(), b.double(), 0.5)
+            torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_int_validation():
+    q, s = qi.quantize_int8(torch.randn(8, 16))
+    with pytest.raises(ValueError, match="int8 qdata must be"):
+        PackedInt(q[:, :15], s, IntQuantMeta((8, 16), "int8")).check()
+    with pytest.raises(ValueError, match="scale must have shape"):
+        PackedInt(q, s[:7], IntQuantMeta((8, 16), "int8")).check()
+    with pytest.raises(ValueError, match="fp8 qdata must be"):
+        PackedInt(q, s, IntQuantMeta((8, 16), "fp8")).check()
+    packed, scale, zero = qi.quantize_int4(torch.randn(8, 40), 32)
+    with pytest.raises(ValueError, match="int4 zero"):
+        PackedInt(packed, scale, IntQuantMeta((8, 40), "int4", 32)).check()
+    with pytest.raises(ValueError, match="power of two >= 32"):
+        IntQuantMeta((8, 40), "int4", 16)
+    with pytest.raises(ValueError, match="fmt"):
+        IntQuantMeta((8, 40), "int2")
+    a, b = torch.randn(2, 40), torch.randn(8, 2)
+    with pytest.raises(ValueError, match="int4 scale"):
+        lora_k.lora_linear(torch.randn(3, 40), PackedInt(packed, scale[:, :1], IntQuantMeta((8, 40), "int4", 32),
+                                                         zero=zero), None, a, b, LoraMeta(scale=1.0))  # fmt: skip
+
+
+# ----- the layer-level forward takes the fused path -----------------------------------------------------------
+LAYER_CONFIGS = {
+    "nf4": lambda qk: qk.NF4Config(compute_dtype=torch.float32),
+    "int8": lambda qk: qk.Int8WeightConfig(compute_dtype=torch.float32),
+    "fp8": lambda qk: qk.FP8WeightConfig(compute_dtype=torch.float32),
+    "int4": lambda qk: qk.Int4WeightConfig(group_size=32, compute_dtype=torch.float32),
+    "w8a8": lambda qk: qk.Int8DynamicActivationConfig(compute_dtype=torch.float32),
+    "fp8-dynamic": lambda qk: qk.FP8DynamicActivationConfig(compute_dtype=torch.float32),
+}
+
+
+@pytest.mark.parametrize("base", list(LAYER_CONFIGS))
+def test_layer_forward_takes_fused_path(base, monkeypatch):
+    """QLORA_KIT_BACKEND=triton: each weight-only base runs the fused kernel (same values and gradients as the
+    unfused layer); layers that quantize their activations (W8A8, fp8 dynamic) never do."""
+    import qlora_kit
+    from qlora_kit.nn.lora_layers import LoraLayer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(45, 33), nn.ReLU(), nn.Linear(33, 20, bias=False))
+    qlora_kit.quantize(model, LAYER_CONFIGS[base](qlora_kit), filter_fn=lambda m, n: True)
+    qlora_kit.add_lora(model, qlora_kit.LoraConfig(r=4, alpha=8, target_modules=["0", "2"]))
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == 2
+    for m in layers:
+        nn.init.normal_(m.lora_B["default"].weight, std=0.1)
+    x = torch.randn(2, 3, 45)
+
+    def run():
+        model.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = model(xi)
+        y.square().sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return y.detach(), xi.grad, grads
+
+    monkeypatch.setenv("QLORA_KIT_BACKEND", "triton")
+    for m in layers:
+        m.fuse = False
+    ref_y, ref_dx, ref_grads = run()
+    for m in layers:
+        m.fuse = True
+    calls = []
+    apply = lora_k._LoraLinearFn.apply
+    monkeypatch.setattr(lora_k._LoraLinearFn, "apply", lambda *a: calls.append(a[-2]) or apply(*a))
+    y, dx, grads = run()
+    if base in ("w8a8", "fp8-dynamic"):
+        assert calls == [], "a layer that quantizes its activations must not take the fused weight-only path"
+    else:
+        expected = Packed4bit if base == "nf4" else PackedInt
+        assert len(calls) == 2 and all(isinstance(c, expected) for c in calls)
+        if base != "nf4":
+            assert all(c.meta.fmt == base for c in calls)
+    torch.testing.assert_close(y, ref_y, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-4, atol=1e-5)
+    for ours, expected_grad in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(ours, expected_grad, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["float", "nf4"])
@@ -122,13 +285,13 @@ def test_fused_half_precision_other_bases(kind):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kind", ["float", "nf4"])
-@pytest.mark.parametrize("path", ["gemv", "gemm", "dequant"])
+@pytest.mark.parametrize("kind", ["float", "nf4", "int8", "fp8", "int4"])
+@pytest.mark.parametrize("path", ["gemv", "gemv-split2", "gemm", "dequant"])
 def test_fused_bf16_on_gpu(kind, path):
     """bf16 (QLoRA's compute dtype) on a real GPU; the interpreter cannot check it (its bf16 tl.dot is wrong)."""
     from qlora_kit.kernels import matmul_4bit
 
-    with matmul_4bit.force_path(path):
+    with matmul_4bit.force_path(_plan(path)):
         _run_case(300, 512, 384, 16, torch.bfloat16, kind, double_quant=True)
         _run_case(7, 200, 96, 16, torch.bfloat16, kind, double_quant=True, dropout=True)
 
@@ -148,13 +311,14 @@ def test_fused_blocksize_not_dividing_rows():
     torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8", "fp8", "int4"])
 @pytest.mark.parametrize("path", ["gemv", "gemm", "dequant"])
-def test_backward_keeps_only_packed_weight(path):
-    """Between forward and backward nothing of size N x K in floating point is kept: only packed bytes."""
+def test_backward_keeps_only_packed_weight(path, kind):
+    """Between forward and backward nothing of size N x K wider than a byte is kept: only the packed codes."""
     from qlora_kit.kernels import matmul_4bit
 
     n, k, m, r = 64, 96, 8, 4
-    base, _ = _make_base("nf4", n, k, torch.float32, double_quant=True)
+    base, _ = _make_base(kind, n, k, torch.float32, double_quant=True)
     x = torch.randn(m, k, device=DEVICE, requires_grad=True)
     a = torch.randn(r, k, device=DEVICE, requires_grad=True)
     b = torch.randn(n, r, device=DEVICE, requires_grad=True)
@@ -164,9 +328,10 @@ def test_backward_keeps_only_packed_weight(path):
             y = lora_k.lora_linear(x, base, None, a, b, LoraMeta(scale=1.0))
         y.sum().backward()
     assert x.grad is not None and a.grad is not None
-    big_float = [tuple(t.shape) for t in saved if t.is_floating_point() and t.numel() >= n * k]
-    assert big_float == [], f"a dense weight-sized float tensor was saved for backward: {big_float}"
-    assert any(t.dtype == torch.uint8 and t.numel() == n * k // 2 for t in saved)
+    wide = [(tuple(t.shape), t.dtype) for t in saved if t.element_size() > 1 and t.numel() >= n * k]
+    assert wide == [], f"a dense weight-sized tensor was saved for backward: {wide}"
+    codes = base.packed if kind == "nf4" else base.qdata
+    assert any(t is codes for t in saved), "the packed codes themselves are what backward reads"
 
 
 def test_reference_backward_formulas_match_autograd():

@@ -15,12 +15,112 @@ Backward (the base weight and bias are frozen):
 
 These functions are the CPU path of the LoRA layers and what the Triton kernels are tested against
 (in fp64).
+
+Quantized bases of the fused kernel besides NF4 / FP4 (:class:`~.matmul.Packed4bit`) are described by
+:class:`PackedInt` (buffers) and :class:`IntQuantMeta` (everything else):
+    int8 / fp8   qdata int8 or float8_e4m3fn [N, K], scale fp32 [N]:   W = qdata * scale[:, None]
+    int4         qdata = packed uint8 [N, ceil(K / 2)] (column 2j in the high nibble), scale and zero bf16
+                 [N, ceil(K / group_size)]:                          W = (q - zero) * scale
+(all in fp32, then cast; the layouts of ``qlora_kit/formats/int8.py``, ``fp8.py`` and ``int4.py``).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+from .matmul import Packed4bit, dequantize_channelwise, dequantize_int4, dequantize_packed_4bit
+
+INT_FORMATS = ("int8", "fp8", "int4")
+_CODE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "int4": torch.uint8}
+
+
+@dataclass(frozen=True)
+class IntQuantMeta:
+    """Static description of an int8 / fp8 per-channel or int4 per-group weight (everything but its buffers).
+
+    Args:
+        shape: (N, K) = (output channels, reduction dim) of the 2-D weight.
+        fmt: "int8", "fp8" or "int4".
+        group_size: int4 only: columns per group, a power of two >= 32 (the fused kernels' tiles need it);
+            0 for the per-channel formats.
+    """
+
+    shape: tuple[int, int]
+    fmt: str
+    group_size: int = 0
+
+    def __post_init__(self):
+        shape = tuple(int(s) for s in self.shape)
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"IntQuantMeta.shape must be (N, K) with N, K >= 1, got {self.shape!r}")
+        object.__setattr__(self, "shape", shape)
+        if self.fmt not in INT_FORMATS:
+            raise ValueError(f"IntQuantMeta.fmt must be one of {list(INT_FORMATS)}, got {self.fmt!r}")
+        g = self.group_size
+        if self.fmt == "int4" and (isinstance(g, bool) or not isinstance(g, int) or g < 32 or g & (g - 1)):
+            raise ValueError(
+                f"IntQuantMeta.group_size must be a power of two >= 32 for int4, got {g!r}; requantize with 32, 64 "
+                "or 128 (or leave such layers unfused)"
+            )
+        if self.fmt != "int4" and g != 0:
+            raise ValueError(f"IntQuantMeta.group_size is for int4 only; pass 0 for {self.fmt}, got {g!r}")
+
+    @property
+    def ngroups(self) -> int:
+        return math.ceil(self.shape[1] / self.group_size) if self.fmt == "int4" else 1
+
+
+class PackedInt(NamedTuple):
+    """The buffers of an int8 / fp8 / int4 weight plus its metadata (see the module docstring for layouts)."""
+
+    qdata: torch.Tensor
+    scale: torch.Tensor
+    meta: IntQuantMeta
+    zero: torch.Tensor | None = None
+
+    def check(self) -> PackedInt:
+        """Validate dtypes and shapes against ``meta``; returns self."""
+        m = self.meta
+        n, k = m.shape
+        code_shape = (n, (k + 1) // 2) if m.fmt == "int4" else (n, k)
+        want = _CODE_DTYPES[m.fmt]
+        if self.qdata.dtype != want or tuple(self.qdata.shape) != code_shape:
+            raise ValueError(
+                f"{m.fmt} qdata must be {want} of shape {code_shape}, got {self.qdata.dtype} {tuple(self.qdata.shape)}"
+            )
+        for what, t in (("qdata", self.qdata), ("scale", self.scale), ("zero", self.zero)):
+            if t is not None and not t.is_contiguous():
+                raise ValueError(f"{m.fmt} {what} must be contiguous (row-major); call .contiguous() on it")
+        stats = (n, m.ngroups) if m.fmt == "int4" else (n,)
+        if tuple(self.scale.shape) != stats:
+            raise ValueError(f"{m.fmt} scale must have shape {stats}, got {tuple(self.scale.shape)}")
+        if m.fmt == "int4" and (self.zero is None or tuple(self.zero.shape) != stats):
+            got = None if self.zero is None else tuple(self.zero.shape)
+            raise ValueError(f"int4 zero must have shape {stats}, got {got}")
+        if m.fmt != "int4" and self.zero is not None:
+            raise ValueError(f"{m.fmt} weights have no zero point; pass zero=None")
+        return self
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The (N, K) weight in ``dtype`` (computed in fp32, then cast), as the format's ``dequantize``."""
+        m = self.meta
+        if m.fmt == "int4":
+            return dequantize_int4(self.qdata, self.scale, self.zero, m.shape[1], m.group_size, dtype)
+        return dequantize_channelwise(self.qdata, self.scale, dtype)
+
+
+def dense_weight(base, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight W [N, K] in ``dtype`` for a float tensor, a :class:`Packed4bit` or a :class:`PackedInt`."""
+    if isinstance(base, Packed4bit):
+        return dequantize_packed_4bit(base, dtype)
+    if isinstance(base, PackedInt):
+        return base.dequantize(dtype)
+    return base.to(dtype)
 
 
 def lora_linear(

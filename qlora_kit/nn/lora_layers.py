@@ -18,7 +18,8 @@ merging, PiSSA, LoftQ and DoRA norms are written once on that view.
 
 On CUDA a linear-like layer with one active adapter runs the fused Triton kernel
 (``kernels/lora.py``): the low-rank update is added in the epilogue of the base matmul, for float and
-NF4/FP4 bases. Elsewhere the forward is the plain PyTorch composition (the reference).
+weight-only quantized bases (NF4, FP4, int8, fp8, int4; not W8A8 / fp8-dynamic layers). Elsewhere the
+forward is the plain PyTorch composition (the reference).
 """
 
 from __future__ import annotations
@@ -486,19 +487,14 @@ class LoraLinear(LoraLayer):
 
         if is_fake_quant(self.base_layer):  # QAT base: its forward fake-quantizes the weight, the kernel would not
             return None
-        from ..kernels.lora import LoraMeta, Packed4bit, Quant4bitMeta, lora_linear
+        from ..kernels.lora import LoraMeta, lora_linear
 
         name, base = live[0], self.base_layer
         dropout = self.lora_dropout[name]
         if isinstance(base, QuantizedLayer):
-            q = base.qweight
-            if getattr(q, "name", "") not in ("nf4", "fp4"):
+            weight = self._packed_base(base)
+            if weight is None:
                 return None
-            w_meta = Quant4bitMeta(tuple(q.shape), q.blocksize, q.quant_type, q.double_quant)
-            if q.double_quant:
-                weight = Packed4bit(q.packed, w_meta, qabsmax=q.qabsmax, nested_absmax=q.nested_absmax, offset=q.offset)
-            else:
-                weight = Packed4bit(q.packed, w_meta, absmax=q.absmax)
             x_c = x.to(base.compute_dtype)
         else:
             w = base.weight
@@ -511,6 +507,31 @@ class LoraLinear(LoraLayer):
         meta = LoraMeta(scale=self.scaling[name], dropout=x_d is not None)
         y = lora_linear(x_c, weight, bias, self._a(name), self._b(name), meta, x_dropped=x_d)
         return y.to(x.dtype)
+
+    @staticmethod
+    def _packed_base(base: QuantizedLayer):
+        """The quantized weight as the fused kernel's weight object, or None when the kernel cannot take it.
+
+        Weight-only formats only: a layer that also quantizes its activations (W8A8 / fp8 dynamic,
+        ``quant_config.activation``) computes something else, so it keeps its own forward. int4 groups
+        narrower than 32 columns do not fit the kernel's tiles.
+        """
+        from ..kernels.lora import IntQuantMeta, Packed4bit, PackedInt, Quant4bitMeta
+
+        if getattr(base.quant_config, "activation", None) is not None:
+            return None
+        q = base.qweight
+        fmt = getattr(q, "name", "")
+        if fmt in ("nf4", "fp4"):
+            w_meta = Quant4bitMeta(tuple(q.shape), q.blocksize, q.quant_type, q.double_quant)
+            if q.double_quant:
+                return Packed4bit(q.packed, w_meta, qabsmax=q.qabsmax, nested_absmax=q.nested_absmax, offset=q.offset)
+            return Packed4bit(q.packed, w_meta, absmax=q.absmax)
+        if fmt in ("int8", "fp8"):
+            return PackedInt(q.qdata, q.scale, IntQuantMeta(tuple(q.shape), fmt))
+        if fmt == "int4" and q.group_size >= 32:
+            return PackedInt(q.packed, q.scale, IntQuantMeta(tuple(q.shape), "int4", q.group_size), zero=q.zero)
+        return None
 
 
 class LoraConv(LoraLayer):
