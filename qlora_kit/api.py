@@ -121,6 +121,7 @@ def quantize(
         if device is not None:
             module.to(device)
         layer = cls.from_float(module, config, fmt, tensor_name=f"{fqn}.weight")
+        layer.train(module.training)
         _set_submodule(model, fqn, layer)
         # free the float weight right away (matters when the model is large)
         del module

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -76,8 +77,9 @@ class LoraConfig:
         use_rslora: rank-stabilised scaling alpha / sqrt(r).
         use_dora: DoRA (weight-decomposed LoRA; linear and convolution layers).
         init: "default" (A Kaiming-uniform, B = 0: output unchanged), "gaussian" (A ~ N(0, 1/r), B = 0),
-            "pissa" (A, B from the top singular vectors; the base keeps the residual), or "loftq"
-            (float bases only: base = NF4-quantized residual, A, B = its SVD).
+            "pissa" (A, B from the top singular vectors; the base keeps the residual; float bases can save
+            it exactly, see :func:`save_adapter`), or "loftq" (float bases only: base = nf4(W) with blocks of
+            64, A, B = the SVD of W - nf4(W); quantize to NF4 with blocksize 64 before saving).
 
     Raises:
         ValueError: a field is out of range (the message names it).
@@ -239,8 +241,32 @@ def _add_to_module(model, path, module, adapter_name, *, r, alpha, config: LoraC
         init=init,
         base_name=path,
     )
+    parent_name = path.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    layer.train(parent.training)  # new modules start in train mode; in an eval model, adapter dropout must stay off
     layer.active_adapters = list(_active(model))
     return layer
+
+
+_REWRITING_INITS = ("pissa", "loftq")
+
+
+@torch.no_grad()
+def _record_base_rewrite(layer: LoraLayer, adapter_name: str, init: str, was_quantized: bool) -> None:
+    """Remember that ``init`` rewrote this layer's base weight, and PiSSA's initial factors A0, B0.
+
+    PiSSA leaves base = W - s B0 A0, so :func:`save_adapter` can write an adapter that is exact on the
+    original W (PEFT's conversion, rank 2r). The factors are non-persistent buffers: they follow the model
+    across devices and stay out of its state dict.
+    """
+    layer.__dict__.setdefault("_lora_base_rewrites", {})[adapter_name] = {
+        "init": init,
+        "scaling": layer.scaling[adapter_name],
+        "was_quantized": was_quantized,
+    }
+    if init == "pissa":
+        layer.register_buffer(f"_lora_init_A_{adapter_name}", layer._a(adapter_name).detach().clone(), False)
+        layer.register_buffer(f"_lora_init_B_{adapter_name}", layer._b(adapter_name).detach().clone(), False)
 
 
 # ----- public API ----------------------------------------------------------------------------------------
@@ -277,9 +303,12 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
     if not _active(model):
         _active(model).append(adapter_name)
     for path, module in targets:
-        _add_to_module(
+        was_quantized = isinstance(module.base_layer if isinstance(module, LoraLayer) else module, QuantizedLayer)
+        layer = _add_to_module(
             model, path, module, adapter_name, r=config.r, alpha=config.alpha, config=config, init=config.init
         )
+        if config.init in _REWRITING_INITS:
+            _record_base_rewrite(layer, adapter_name, config.init, was_quantized)
     configs[adapter_name] = config
     _refresh_trainable(model)
     return model
@@ -350,19 +379,26 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 @dataclass
 class MergeReport:
-    """What :func:`merge_lora` did.
+    """What :func:`merge_lora` did, and how much merging changed the outputs.
+
+    Every drift is a relative error ||a - b||_F / ||b||_F (Frobenius norms, b the value before merging).
 
     Attributes:
         merged: paths of the layers merged.
-        weight_drift: per quantized layer, ||W_new - (W + dW)||_F / ||W + dW||_F after requantization
-            (the expected relative output error of that layer for white-noise inputs).
-        output_drift: when ``example_inputs`` were given, max |y_merged - y_unmerged| / max |y_unmerged|
-            over the model's output; else None.
+        layer_output_drift: per merged layer, the relative error of its output on a fixed-seed random probe
+            input (linear: 8 rows of N(0, 1) features; convolution: one small N(0, 1) image; embedding: 8
+            random ids), merged layer vs base + adapters before merging. Float bases: rounding level;
+            requantized quantized bases: the drift requantization caused.
+        weight_drift: per quantized layer, ||W_new - (W + dW)||_F / ||W + dW||_F (W_new the requantized
+            weight; ~0 with ``requantize=False``).
+        output_drift: the model-level drift: with ``example_inputs``, the relative error of the model's
+            output on them; otherwise the largest ``layer_output_drift`` (0.0 when nothing was merged).
     """
 
     merged: list[str] = field(default_factory=list)
+    layer_output_drift: dict[str, float] = field(default_factory=dict)
     weight_drift: dict[str, float] = field(default_factory=dict)
-    output_drift: float | None = None
+    output_drift: float = 0.0
 
     @property
     def max_weight_drift(self) -> float:
@@ -402,18 +438,55 @@ def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
     return {k: v for k, v in owners.items() if len(v) > 1}
 
 
+def _relative_error(new: torch.Tensor, ref: torch.Tensor) -> float:
+    new, ref = new.double(), ref.double()
+    return float(torch.linalg.norm(new - ref) / torch.linalg.norm(ref).clamp(min=1e-30))
+
+
+def _probe_input(layer: LoraLayer) -> torch.Tensor:
+    """A fixed-seed random input for ``layer`` (see :class:`MergeReport`), on its device and in its dtype."""
+    g = torch.Generator().manual_seed(0)
+    base, device = layer.base_layer, layer.base_device()
+    if layer.kind == "embedding":
+        return torch.randint(0, base.num_embeddings, (8,), generator=g).to(device)
+    dtype = base.compute_dtype if isinstance(base, QuantizedLayer) else base.weight.dtype
+    if layer.kind == "linear":
+        return torch.randn(8, layer._dims()[0], generator=g).to(device, dtype)
+    nd = len(base.kernel_size)
+    if layer.kind == "conv_transpose":
+        sizes = (4,) * nd
+    else:  # large enough for the kernel, a few strides, and reflect/replicate padding
+        pad = (0,) * nd if isinstance(base.padding, str) else base.padding
+        sizes = tuple(d * (k - 1) + 1 + 3 * st + 2 * p for d, k, st, p in zip(
+            base.dilation, base.kernel_size, base.stride, pad, strict=True))  # fmt: skip
+    return torch.randn(1, base.in_channels, *sizes, generator=g).to(device, dtype)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+
+
 @torch.no_grad()
 def merge_lora(model: nn.Module, *, requantize: bool = True, example_inputs=None) -> MergeReport:
-    """Fold the active adapters into the base weights (undo with :func:`unmerge_lora`).
+    """Fold the active adapters into the base weights (undo with :func:`unmerge_lora`) and measure the drift.
 
-    Float bases change in place. Quantized bases are dequantized (fp32), merged and requantized
-    (``requantize=True``) or replaced by float layers in their compute dtype (``requantize=False``);
-    the drift this causes is measured and returned, and a warning is issued when it exceeds 1%.
+    Float bases change in place. Quantized bases are dequantized to an fp32 copy (the merge math runs in
+    fp32, more accurate than a bf16 copy), merged, then requantized (``requantize=True``) or replaced by
+    float layers in their compute dtype (``requantize=False``). Every merged layer's output drift is
+    measured on a fixed-seed probe input (see :class:`MergeReport`); the model's output drift too when
+    ``example_inputs`` are given. Requantizing quantized layers always issues a warning stating the drift.
 
     Args:
         model: a model with LoRA adapters.
         requantize: keep quantized bases quantized after merging.
-        example_inputs: optional model inputs (tensor, tuple or dict) to measure the output drift.
+        example_inputs: optional model inputs (tensor, tuple or dict) to measure the model's output drift.
 
     Returns:
         A :class:`MergeReport`.
@@ -433,24 +506,33 @@ def merge_lora(model: nn.Module, *, requantize: bool = True, example_inputs=None
             )
     reference = None
     if example_inputs is not None:
-        reference = _run(model, example_inputs).float()
+        with _eval_mode(model):
+            reference = _run(model, example_inputs)
     report = MergeReport()
     for path, layer in layers:
         if not layer._live_adapters():
             continue
-        drift = layer.merge(requantize=requantize)
+        probe = _probe_input(layer)
+        with _eval_mode(layer):
+            before = layer(probe)
+            drift = layer.merge(requantize=requantize)
+            report.layer_output_drift[path] = _relative_error(layer(probe), before)
         report.merged.append(path)
         if drift is not None:
             report.weight_drift[path] = drift
     model.__dict__["_lora_merge_requantize"] = requantize
     if reference is not None:
-        merged = _run(model, example_inputs).float()
-        report.output_drift = float((merged - reference).abs().max() / reference.abs().max().clamp(min=1e-30))
+        with _eval_mode(model):
+            report.output_drift = _relative_error(_run(model, example_inputs), reference)
+    else:
+        report.output_drift = max(report.layer_output_drift.values(), default=0.0)
     if report.weight_drift and requantize:
+        worst = max(report.weight_drift, key=lambda p: report.layer_output_drift[p])
         warnings.warn(
-            f"merged LoRA into {len(report.weight_drift)} quantized layers and requantized them: their weights moved "
-            f"by up to {report.max_weight_drift:.2%} (relative Frobenius) from base + adapter; pass requantize=False "
-            "to keep merged layers in float",
+            f"merged LoRA into {len(report.weight_drift)} quantized layers and requantized them: their outputs moved "
+            f"by up to {report.layer_output_drift[worst]:.2%} ({worst}; relative error on a probe input"
+            + (f", {report.output_drift:.2%} on the model's example inputs" if reference is not None else "")
+            + "); pass requantize=False to keep merged layers in float",
             stacklevel=3,
         )
     return report
@@ -518,7 +600,7 @@ def _hook_input_grads(model: nn.Module) -> None:
 
 # ----- save / load ---------------------------------------------------------------------------------------
 def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, dict[str, torch.Tensor]]:
-    """path -> {PEFT suffix: tensor} for one adapter."""
+    """path -> {PEFT suffix: tensor} for one adapter, as trained (relative to the current base)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for path, layer in _lora_layers(model):
         if adapter_name not in layer.r:
@@ -536,6 +618,80 @@ def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, dict[str,
     return out
 
 
+def _is_nf4_64(base: nn.Module) -> bool:
+    q = getattr(base, "qweight", None)
+    return getattr(q, "name", "") == "nf4" and getattr(q, "blocksize", None) == 64
+
+
+def _export_adapter(
+    model: nn.Module, adapter_name: str, as_trained: bool = False
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int], dict[str, float]]:
+    """The tensors, ranks and alphas to save for one adapter, such that loading them into a fresh (original)
+    model reproduces this model's output.
+
+    PiSSA rewrote the base to W - s0 B0 A0, so the update relative to the original W is s B A - s0 B0 A0:
+    saved as PEFT does (``save_pretrained(path_initial_model_for_weight_conversion=...)``), a rank-(r + r0)
+    adapter A' = [A; A0], B' = [B, -(s0 / s) B0] with alpha scaled so that the scaling s stays (2 alpha at
+    rank 2r; sqrt(2) alpha with rsLoRA). This holds for the PiSSA adapter itself and for any other adapter
+    sitting on a PiSSA residual. LoftQ's base is nf4(W) with blocks of 64, not a low-rank shift of W: its
+    layers are saved as trained, which is exact on the original model quantized to NF4 with blocksize 64,
+    and only when they are quantized that way here.
+
+    Raises:
+        ValueError: a layer's base cannot be expressed on the original model (the message names the fix).
+    """
+    tensors = _adapter_tensors(model, adapter_name)
+    layers = dict(_lora_layers(model))
+    use_rslora = _configs(model)[adapter_name].use_rslora
+    ranks, alphas = {}, {}
+    for path, entry in tensors.items():
+        layer = layers[path]
+        r, alpha = layer.r[adapter_name], layer.lora_alpha[adapter_name]
+        ranks[path], alphas[path] = r, alpha
+        rewrites = {} if as_trained else layer.__dict__.get("_lora_base_rewrites", {})
+        merged_from_quantized = any(kind == "restore" for kind, *_ in layer._merge_undo)
+        offsets = []
+        for name, rec in rewrites.items():
+            if rec["init"] == "loftq":
+                if not (layer.is_quantized and _is_nf4_64(layer.base_layer)):
+                    raise ValueError(
+                        f"cannot save adapter {adapter_name!r}: {path!r} was initialised with init='loftq' (adapter "
+                        f"{name!r}), which is exact only over the NF4 (blocksize 64) base, not the original float "
+                        "weights; quantize the model with NF4Config(blocksize=64) before saving and load the adapter "
+                        "into the original model quantized the same way (or pass as_trained=True)"
+                    )
+                continue
+            if rec["was_quantized"] or layer.is_quantized or merged_from_quantized:
+                raise ValueError(
+                    f"cannot save adapter {adapter_name!r}: {path!r} sits on a quantized PiSSA residual (init='pissa' "
+                    f"of adapter {name!r}), which no adapter reproduces over the original quantized weights; keep "
+                    "PiSSA bases in float until saving, use init='loftq' (or 'default') for quantized bases, or pass "
+                    "as_trained=True to save it for this changed base only"
+                )
+            a0 = layer.get_buffer(f"_lora_init_A_{name}").to("cpu")
+            b0 = layer.get_buffer(f"_lora_init_B_{name}").to("cpu")
+            offsets.append((a0, b0, rec["scaling"]))
+        if not offsets:
+            continue
+        s = layer.scaling[adapter_name]
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if layer.kind == "embedding" else (
+            "lora_A.weight", "lora_B.weight")  # fmt: skip
+        a_dim = 1 if layer.kind == "conv_transpose" else 0
+        a_parts, b_parts = [entry[a_key]], [entry[b_key]]
+        for a0, b0, s0 in offsets:
+            a_parts.append(a0.to(entry[a_key].dtype))
+            b_parts.append((b0.double() * (-s0 / s)).to(entry[b_key].dtype))
+        entry[a_key] = torch.cat(a_parts, dim=a_dim).contiguous()
+        entry[b_key] = torch.cat(b_parts, dim=1).contiguous()
+        new_r = r + sum(int(a0.shape[a_dim]) for a0, _, _ in offsets)
+        if use_rslora:  # the same scaling s at the new rank
+            alphas[path] = alpha * (new_r / r) ** 0.5
+        else:
+            alphas[path] = alpha * (new_r // r) if new_r % r == 0 else alpha * new_r / r
+        ranks[path] = new_r
+    return tensors, ranks, alphas
+
+
 def _target_spec(model: nn.Module, paths: list[str]) -> list[str] | str:
     """target_modules for the saved config that selects exactly ``paths`` on the unwrapped model:
     the short names when they are unambiguous, else the full paths, else an exact regex."""
@@ -547,13 +703,17 @@ def _target_spec(model: nn.Module, paths: list[str]) -> list[str] | str:
     return "^(?:" + "|".join(re.escape(p) for p in sorted(paths)) + ")$"
 
 
-def _peft_config_dict(model: nn.Module, adapter_name: str, paths: list[str]) -> dict:
+def _peft_config_dict(
+    model: nn.Module, adapter_name: str, paths: list[str], ranks: dict[str, int], alphas: dict[str, float]
+) -> dict:
     config = _configs(model)[adapter_name]
     layers = dict(_lora_layers(model))
-    rank_pattern = {p: layers[p].r[adapter_name] for p in paths if layers[p].r[adapter_name] != config.r}
-    alpha_pattern = {
-        p: layers[p].lora_alpha[adapter_name] for p in paths if layers[p].lora_alpha[adapter_name] != config.alpha
-    }
+    # the config's r / alpha where some layer has them (PiSSA conversion doubles all: then the commonest value)
+    top_r = config.r if config.r in ranks.values() else collections.Counter(ranks.values()).most_common(1)[0][0]
+    top_alpha = (config.alpha if config.alpha in alphas.values()
+                 else collections.Counter(alphas.values()).most_common(1)[0][0])  # fmt: skip
+    rank_pattern = {p: ranks[p] for p in paths if ranks[p] != top_r}
+    alpha_pattern = {p: alphas[p] for p in paths if alphas[p] != top_alpha}
     fan_in_fan_out = any(type(layers[p].base_layer).__name__ in ("Conv1D", "QuantConv1D") for p in paths)
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     return {
@@ -562,8 +722,8 @@ def _peft_config_dict(model: nn.Module, adapter_name: str, paths: list[str]) -> 
         "base_model_name_or_path": name_or_path if isinstance(name_or_path, str) else None,
         "revision": None,
         "inference_mode": True,
-        "r": config.r,
-        "lora_alpha": config.alpha,
+        "r": top_r,
+        "lora_alpha": top_alpha,
         "lora_dropout": config.dropout,
         "target_modules": _target_spec(model, paths),
         "exclude_modules": None,
@@ -600,7 +760,12 @@ def _is_diffusers_model(model: nn.Module) -> bool:
 
 
 def save_adapter(
-    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", *, diffusers: bool | None = None
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    diffusers: bool | None = None,
+    as_trained: bool = False,
 ) -> None:
     """Write one adapter in PEFT's format (and diffusers' LoRA file for diffusers models).
 
@@ -610,8 +775,15 @@ def save_adapter(
     (``transformer.`` for other diffusers models) and the config in its metadata, as
     ``pipeline.load_lora_weights(directory)`` expects. Each file is written atomically.
 
+    The saved adapter is exact on the original model: where ``init="pissa"`` rewrote a base into its
+    residual, it is written as PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)``
+    writes it (rank 2r, alpha doubled, or times sqrt(2) with rsLoRA). ``init="loftq"`` adapters are exact
+    on the original model quantized with ``NF4Config(blocksize=64)``. ``as_trained=True`` skips this and
+    writes the tensors as trained: exact only over this model's base as it is now (changed by PiSSA / LoftQ).
+
     Raises:
-        ValueError: the model has no adapter ``adapter_name``.
+        ValueError: the model has no adapter ``adapter_name``, or the adapter cannot be made exact on the
+            original model (PiSSA over a quantized base; LoftQ before quantizing to NF4 with blocksize 64).
 
     Example:
         >>> save_adapter(model, "out/adapter")
@@ -621,9 +793,9 @@ def save_adapter(
     configs = _configs(model)
     if adapter_name not in configs:
         raise ValueError(f"no adapter named {adapter_name!r} to save; the model has {sorted(configs)}")
-    tensors = _adapter_tensors(model, adapter_name)
+    tensors, ranks, alphas = _export_adapter(model, adapter_name, as_trained)
     paths = sorted(tensors)
-    config = _peft_config_dict(model, adapter_name, paths)
+    config = _peft_config_dict(model, adapter_name, paths, ranks, alphas)
     os.makedirs(directory, exist_ok=True)
     state = {f"{_PEFT_PREFIX}{p}.{k}": v for p in paths for k, v in tensors[p].items()}
     _atomic_write(os.path.join(directory, _WEIGHTS_NAME), lambda f: save_file(state, f, metadata={"format": "pt"}))

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -254,6 +255,71 @@ def test_merge_refuses_tied_weights():
         merge_lora(model)
 
 
+# ----- merge drift ----------------------------------------------------------------------------------------
+def _independent_drift(layer, x_fn, merge):
+    """||y_merged - y|| / ||y|| of one layer on an input of our own (not merge_lora's probe)."""
+    x = x_fn()
+    before = layer(x).double()
+    merge()
+    return ((layer(x).double() - before).norm() / before.norm()).item()
+
+
+@pytest.mark.parametrize("base", ["float", "nf4", "int8"])
+def test_merge_reports_layer_output_drift_without_example_inputs(base):
+    model = models.tiny_llama(layers=1)
+    if base != "float":
+        config = qlora_kit.NF4Config if base == "nf4" else qlora_kit.Int8WeightConfig
+        qlora_kit.quantize(model, config(compute_dtype=torch.float32))
+    add_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj", "embed_tokens"]))
+    _randomize(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = merge_lora(model)
+    names = set(_lora_layers(model))
+    assert set(report.layer_output_drift) == names == set(report.merged)
+    assert report.output_drift == max(report.layer_output_drift.values())
+    if base == "float":  # rounding only
+        assert report.output_drift < 1e-6 and report.weight_drift == {}
+    else:  # requantization moved every quantized layer's output; the probe's number matches an independent input
+        unmerge_lora(model)
+        for name, layer in _lora_layers(model).items():
+            if not layer.is_quantized:
+                continue
+            fan_in = layer._dims()[0]
+            own = _independent_drift(layer, lambda n=fan_in: torch.randn(64, n) * 3, lambda la=layer: la.merge())
+            assert report.layer_output_drift[name] > 1e-3, name
+            assert 0.5 < report.layer_output_drift[name] / own < 2, (name, report.layer_output_drift[name], own)
+
+
+def test_merge_drift_with_example_inputs_and_without_requantize():
+    model = qlora_kit.quantize(models.tiny_llama(layers=1), qlora_kit.NF4Config(compute_dtype=torch.float32))
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.2, target_modules=["q_proj", "down_proj"]))
+    _randomize(model)
+    model.train()  # merge_lora measures in eval mode: dropout does not count as drift
+    expected = _logits(model.eval()).detach()
+    model.train()
+    with pytest.warns(UserWarning, match=r"outputs moved by up to .*% on the model's example inputs"):
+        report = merge_lora(model, example_inputs=IDS)
+    assert model.training and all(m.training for m in _lora_layers(model).values())
+    got = _logits(model.eval()).detach()
+    assert report.output_drift == pytest.approx(((got - expected).norm() / expected.norm()).item(), rel=1e-4)
+    assert report.output_drift > 1e-3
+    unmerge_lora(model)
+    report = merge_lora(model, requantize=False)  # float merge of the fp32 copy: rounding only
+    assert report.output_drift < 1e-6 and report.max_weight_drift < 1e-6
+
+
+def test_add_lora_to_eval_model_keeps_adapter_dropout_off():
+    for base in ("float", "nf4"):  # quantize() builds new layers (in train mode) inside the eval model
+        model = models.tiny_llama(layers=1)
+        if base == "nf4":
+            qlora_kit.quantize(model, qlora_kit.NF4Config(compute_dtype=torch.float32))
+        add_lora(model, LoraConfig(r=4, dropout=0.5, target_modules=["q_proj"]))
+        _randomize(model)
+        assert not any(m.training for la in _lora_layers(model).values() for m in la.modules()), base
+        torch.testing.assert_close(_logits(model), _logits(model), rtol=0, atol=0)
+
+
 # ----- quantized bases ------------------------------------------------------------------------------------
 def test_merge_without_requantize_keeps_float_and_unmerges_to_quantized():
     model = qlora_kit.quantize(models.tiny_llama(), qlora_kit.NF4Config(compute_dtype=torch.float32))
@@ -433,6 +499,108 @@ def test_load_into_quantized_model_and_frozen(tmp_path):
         layer.lora_B["x"].weight, model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
     )
     assert not any(p.requires_grad for p in qmodel.parameters())
+
+
+def _train_a_little(model, std=0.05, seed=3):
+    """Move every trainable adapter tensor away from its initial value (a stand-in for training)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+PISSA_TARGETS = ["q_proj", "down_proj", "embed_tokens"]
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_pissa_adapter_is_saved_for_the_original_base(rslora, tmp_path):
+    """PiSSA rewrote the base into a residual: the saved adapter is PEFT's rank-2r conversion, exact on the
+    original float model here and in peft.PeftModel.from_pretrained (<= 1e-5 in fp32)."""
+    peft = pytest.importorskip("peft")
+    model = models.tiny_llama(layers=1)
+    add_lora(model, LoraConfig(r=4, alpha=8, init="pissa", use_rslora=rslora, target_modules=PISSA_TARGETS))
+    layer = model.model.layers[0].self_attn.q_proj
+    a0, b0 = layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone()
+    _train_a_little(model)
+    expected = _logits(model).detach()
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == pytest.approx(8 * 2**0.5 if rslora else 16)
+    assert config["rank_pattern"] == {} and config["alpha_pattern"] == {} and config["init_lora_weights"] is True
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    torch.testing.assert_close(state[f"{key}.lora_A.weight"][4:], a0, rtol=0, atol=0)  # A' = [A; A0]
+    torch.testing.assert_close(state[f"{key}.lora_B.weight"][:, 4:], -b0, rtol=0, atol=0)  # B' = [B, -B0]
+    assert state["base_model.model.model.embed_tokens.lora_embedding_A"].shape[0] == 8
+
+    fresh = models.tiny_llama(layers=1)
+    assert (_logits(fresh) - expected).abs().max() > 1e-2  # the training step moved the output
+    load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(_logits(fresh), expected, rtol=0, atol=1e-5)
+    peft_model = peft.PeftModel.from_pretrained(models.tiny_llama(layers=1), str(tmp_path))
+    torch.testing.assert_close(peft_model.base_model.model(IDS).logits, expected, rtol=0, atol=1e-5)
+    merged = add_lora(models.tiny_llama(layers=1), LoraConfig(r=4, alpha=8, init="pissa", use_rslora=rslora,
+                                                      target_modules=PISSA_TARGETS[:2]))  # fmt: skip
+    merge_lora(merged)  # a merged PiSSA adapter is saved the same way (the base holds W_res + s B A)
+    save_adapter(merged, tmp_path / "merged")
+    plain = load_adapter(models.tiny_llama(layers=1), tmp_path / "merged")
+    torch.testing.assert_close(_logits(plain), _logits(merged), rtol=0, atol=1e-5)
+
+
+def test_adapter_on_a_pissa_residual_is_saved_for_the_original_base(tmp_path):
+    model = models.tiny_llama(layers=1)
+    add_lora(model, LoraConfig(r=4, alpha=8, init="pissa", target_modules=["q_proj"]))
+    add_lora(model, LoraConfig(r=2, alpha=3, target_modules=["q_proj", "v_proj"]), adapter_name="other")
+    set_adapter(model, "other")
+    _train_a_little(model, std=0.1)
+    expected = _logits(model).detach()  # the residual base + "other"
+    save_adapter(model, tmp_path, adapter_name="other")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    q_projs = {"model.layers.0.self_attn.q_proj": 6}  # 2 + PiSSA's 4
+    assert config["r"] == 2 and config["rank_pattern"] == q_projs and config["alpha_pattern"] == {k: 9 for k in q_projs}
+    fresh = load_adapter(models.tiny_llama(layers=1), tmp_path)
+    torch.testing.assert_close(_logits(fresh), expected, rtol=0, atol=1e-5)
+    peft = pytest.importorskip("peft")
+    peft_model = peft.PeftModel.from_pretrained(models.tiny_llama(layers=1), str(tmp_path))
+    torch.testing.assert_close(peft_model.base_model.model(IDS).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_pissa_over_quantized_base_refuses_to_save(tmp_path):
+    nf4 = qlora_kit.NF4Config(compute_dtype=torch.float32)
+    quantized_then_pissa = add_lora(qlora_kit.quantize(models.tiny_llama(), nf4),
+                                    LoraConfig(r=4, init="pissa", target_modules=["q_proj"]))  # fmt: skip
+    pissa_then_quantized = qlora_kit.quantize(
+        add_lora(models.tiny_llama(), LoraConfig(r=4, init="pissa", target_modules=["q_proj"])), nf4
+    )
+    for model in (quantized_then_pissa, pissa_then_quantized):
+        with pytest.raises(ValueError, match="quantized PiSSA residual.*init='loftq'"):
+            save_adapter(model, tmp_path)
+        assert not os.listdir(tmp_path)  # nothing half-written
+    save_adapter(pissa_then_quantized, tmp_path, as_trained=True)  # the tensors as trained, for this base only
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 4
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    layer = pissa_then_quantized.model.layers[0].self_attn.q_proj
+    assert torch.equal(
+        state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"], layer.lora_A["default"].weight
+    )
+
+
+def test_loftq_adapter_saves_only_over_its_nf4_base(tmp_path):
+    model = add_lora(models.tiny_gpt2(), LoraConfig(r=4, alpha=8, init="loftq", target_modules=["c_attn", "c_fc"]))
+    with pytest.raises(ValueError, match=r"init='loftq'.*NF4Config\(blocksize=64\)"):
+        save_adapter(model, tmp_path)  # float base: it holds nf4(W), not W
+    nf4 = qlora_kit.NF4Config(blocksize=64, compute_dtype=torch.float32)
+    qlora_kit.quantize(model, nf4)
+    _train_a_little(model)
+    expected = model(IDS).logits.detach()
+    save_adapter(model, tmp_path)
+    fresh = load_adapter(qlora_kit.quantize(models.tiny_gpt2(), nf4), tmp_path)
+    torch.testing.assert_close(fresh(IDS).logits, expected, rtol=0, atol=0)
+    other = add_lora(models.tiny_gpt2(), LoraConfig(r=4, init="loftq", target_modules=["c_attn"]))
+    qlora_kit.quantize(other, qlora_kit.NF4Config(blocksize=128))
+    with pytest.raises(ValueError, match="blocksize 64"):
+        save_adapter(other, tmp_path / "b128")
 
 
 def test_load_errors(tmp_path):

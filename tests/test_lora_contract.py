@@ -9,6 +9,7 @@ steps lower a loss. Interop with PEFT and diffusers' LoRA loader at the end.
 
 import importlib
 import json
+import warnings
 
 import pytest
 import torch
@@ -185,6 +186,106 @@ def test_only_adapters_train_and_loss_decreases(backbone, base):
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), f"frozen parameter {n} changed"
+
+
+# ----- configs axis: the same five properties for LoraConfig options (tiny Llama x bases x configs) ----------
+LLAMA_TARGETS = ("q_proj", "v_proj", "down_proj", "embed_tokens")
+CONFIGS = {
+    "rslora": {"use_rslora": True},
+    "dora": {"use_dora": True},  # DoRA has no embedding adapters
+    "dropout": {"dropout": 0.3},  # checked in train mode (dropout on) where the property allows it
+    "gaussian": {"init": "gaussian"},
+    "pissa": {"init": "pissa"},  # float base only: PiSSA over a quantized base cannot be saved exactly
+}
+CONFIG_CASES = [(c, b) for c in CONFIGS for b in ("float", "nf4", "int8") if c != "pissa" or b == "float"]
+
+
+def _one_layer_llama(base: str):
+    model = models.tiny_llama(layers=1)
+    config = _quant_config(base)
+    if config is not None:
+        qlora_kit.quantize(model, config)
+    return model
+
+
+def _out(model) -> torch.Tensor:
+    return _output(model, "llama")
+
+
+@pytest.mark.parametrize("name,base", CONFIG_CASES)
+def test_config_contract(name, base, tmp_path):
+    """The five contract properties for one LoraConfig option over one base (a one-layer Llama keeps it cheap)."""
+    model = _one_layer_llama(base)
+    reference = _out(model).detach()
+    config = LoraConfig(r=4, alpha=8, target_modules=LLAMA_TARGETS[:-1] if name == "dora" else LLAMA_TARGETS,
+                        **CONFIGS[name])  # fmt: skip
+    add_lora(model, config)
+
+    # 1. the initialised adapter keeps the output (PiSSA / DoRA up to rounding); a non-zero one changes it
+    torch.testing.assert_close(_out(model), reference, rtol=0, atol={"pissa": 1e-4, "dora": 1e-5}.get(name, 0))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    _randomize_adapters(model)
+    assert (_out(model) - reference).abs().max() > 1e-3
+    if name == "dropout":  # train mode drops adapter inputs at random; eval mode is deterministic
+        model.train()
+        assert (_out(model) - _out(model)).abs().max() > 1e-4
+        model.eval()
+        torch.testing.assert_close(_out(model), _out(model), rtol=0, atol=0)
+    adapted = _out(model).detach()
+
+    # 2. disable_adapters gives the base model's output (train mode with dropout: it is on the adapter path only)
+    base_output = reference
+    if name == "pissa":  # the base is now the residual W - s B0 A0: the adapters with B = 0 leave exactly it
+        saved = {k: v.clone() for k, v in model.state_dict().items() if "lora_B" in k or "lora_embedding_A" in k}
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                if k in saved:
+                    v.zero_()
+        base_output = _out(model).detach()
+        assert (base_output - reference).abs().max() > 1e-3  # so the check below is not the original base's
+        model.load_state_dict(saved, strict=False)
+    model.train(name == "dropout")
+    with disable_adapters(model):
+        torch.testing.assert_close(_out(model), base_output, rtol=0, atol=0)
+    model.eval()
+    torch.testing.assert_close(_out(model), adapted, rtol=0, atol=0)
+
+    # 3. merged == unmerged on float bases; quantized bases report the requantization drift; unmerge restores
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the requantization warning (checked in the backbone table)
+        report = merge_lora(model)
+        if base == "float":
+            torch.testing.assert_close(_out(model), adapted, rtol=1e-4, atol=1e-5)
+            assert report.output_drift < 1e-5
+        else:
+            assert set(report.layer_output_drift) == set(report.merged) and report.output_drift > 1e-3
+        unmerge_lora(model)
+        torch.testing.assert_close(_out(model), adapted, rtol=1e-4, atol=1e-5)
+
+    # 4. save_adapter then load_adapter into a fresh model: the same outputs (PiSSA: saved as a rank-2r update
+    # of the original base, PEFT's conversion, so rounding differs)
+    save_adapter(model, tmp_path)
+    fresh = _one_layer_llama(base)
+    load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(_out(fresh), adapted, rtol=0, atol=1e-5 if name == "pissa" else 0)
+
+    # 5. only adapter parameters require grad, and a few optimizer steps lower a loss
+    assert trainable and all(".lora_" in n for n in trainable), trainable
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable
+    assert name != "dora" or any("lora_magnitude_vector" in n for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    model.train(name == "dropout")
+    target = torch.randn(adapted.shape, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = (_out(model) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-4, losses
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
 
 # ----- interoperability -----------------------------------------------------------------------------------

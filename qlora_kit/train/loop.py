@@ -291,7 +291,9 @@ class _Run:
                 save_file(state, str(directory / "discriminator.safetensors"))
             else:
                 name = "adapter" if role in ("model", "generator") else "discriminator_adapter"
-                save_adapter(model, directory / name)
+                # PiSSA / LoftQ rewrite the base: qlora-kit eval / merge rebuild that same base from the recipe,
+                # so the adapter is saved as trained (save_adapter's conversion targets the untouched base)
+                save_adapter(model, directory / name, as_trained=self.recipe.lora.init in ("pissa", "loftq"))
 
 
 def _step_gen(seed: int, step: int, micro: int) -> torch.Generator:
