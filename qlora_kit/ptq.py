@@ -7,12 +7,17 @@ Each algorithm is a frozen config that ``qlora_kit.quantize`` runs (the config c
   half-quadratic solver (an lp-norm, p < 1, of the weight error; no data). Zero points may be fractional.
 * :class:`GPTQConfig`: int4 per group or int8 per channel; each layer's weight is quantized column by
   column with the error fed back through the inverse Hessian ``H = 2 X^T X / n`` of its calibration
-  inputs (damping, blocks of 128 columns, optional act-order). Linear, GPT-2 Conv1D and Conv2d layers
-  (a convolution's inputs are unfolded into patch rows).
+  inputs (damping, blocks of 128 columns, optional act-order). Linear, GPT-2 Conv1D and ungrouped
+  Conv1d / Conv2d / ConvTranspose2d layers: a convolution is a matmul of its 2-D weight view (the core
+  formats' (out, in * kernel) view) with unfolded input patches, so X holds one patch row per output pixel
+  (:func:`layer_rows`; a transposed convolution's patches are those of its zero-inserted input under the
+  flipped kernel).
 * :class:`AWQConfig`: int4 per group (or NF4); per input channel scales ``s = mean|x|^a`` (a from a grid)
   chosen by the output error of the enclosing block with the layers sharing that input quantized, folded
-  into the op that produces the input (RMSNorm / LayerNorm or a previous linear), then an optional
-  per-group clipping search; round-to-nearest after that.
+  into the op that produces the input (RMSNorm / LayerNorm or a previous linear; for convolutions a
+  BatchNorm / GroupNorm or a previous convolution, also through a ReLU in between), then an optional
+  per-group clipping search on the layer's input rows; round-to-nearest after that. Layers whose input has
+  no such producer get the clipping search only.
 * :class:`SmoothQuantConfig`: migrates activation outliers into the weights (``s = max|x|^a / max|w|^(1-a)``,
   folded the same way), then W8A8: int8 weights per channel, int8 activations per token at run time.
   :func:`smooth_activations` runs the migration alone.
@@ -33,8 +38,10 @@ arguments) up to the first block and keep those inputs, then block by block: mov
 that its quantized outputs feed the next block. Only one float block is on the device at a time, so a
 model larger than the device still calibrates. Models without a repeated block (UNets, GANs) calibrate
 in one whole-model pass; layers outside the blocks are calibrated in a final whole-model pass.
-Layers the algorithm does not handle (convolutions, embeddings) are quantized with round-to-nearest in
-the same format.
+Layers the algorithm does not handle (embeddings, grouped convolutions, layers the calibration data
+never reaches) are quantized with round-to-nearest in the same format, with a warning naming them.
+SmoothQuant smooths and runs W8A8 on Linear layers only (the core's W8A8 covers linear layers); its other
+layers get int8 weight-only quantization, with a warning.
 
 Example:
     >>> calib = [tokens[i : i + 4] for i in range(0, 32, 4)]
@@ -44,6 +51,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -353,6 +361,81 @@ def _is_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear or is_transformers_conv1d(module)
 
 
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)
+
+
+def _is_conv(module: nn.Module) -> bool:
+    """An ungrouped Conv1d / Conv2d / ConvTranspose2d: per output pixel, its 2-D weight view times a column of
+    unfolded input patches (see :func:`layer_rows`)."""
+    return type(module) in _CONV_TYPES and module.groups == 1
+
+
+def _kernel_numel(module: nn.Module) -> int:
+    return math.prod(module.kernel_size) if type(module) in _CONV_TYPES else 1
+
+
+def _expand(module: nn.Module, s: torch.Tensor) -> torch.Tensor:
+    """A per-input-channel vector as the per-column vector of the layer's 2-D weight view (a convolution's
+    columns are (in_channel, kernel position), channel-major)."""
+    k = _kernel_numel(module)
+    return s if k == 1 else s.repeat_interleave(k)
+
+
+def _batched(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A convolution's input with the batch dimension (unbatched inputs are allowed by torch)."""
+    spatial = 1 if type(module) is nn.Conv1d else 2
+    return x.unsqueeze(0) if x.dim() == spatial + 1 else x
+
+
+def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as rows (N, K) of the reduction dimension its 2-D weight view multiplies, so that
+    ``rows @ weight_2d(module).T`` (+ bias) are the layer's outputs, one row per token or output pixel.
+
+    Linear / Conv1D: the tokens. Conv1d / Conv2d: the unfolded input patches (padding applied as the layer
+    does, string paddings and padding modes included). ConvTranspose2d: the patches of the stride-dilated
+    (zero-inserted) input under the spatially flipped kernel, the convolution the transposed one equals;
+    rows of output pixels a kernel tap does not reach hold zeros there.
+    """
+    if _is_linear(module):
+        return x.reshape(-1, x.shape[-1])
+    x = _batched(module, x)
+    kernel, dil, stride = module.kernel_size, module.dilation, module.stride
+    if type(module) is not nn.ConvTranspose2d:
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+    if type(module) is nn.Conv1d:  # as a Conv2d of height 1
+        x = x.unsqueeze(2)
+        kernel, dil, stride = (1, *kernel), (1, *dil), (1, *stride)
+    if type(module) is nn.ConvTranspose2d:
+        n, c, h, w = x.shape
+        up = x.new_zeros(n, c, (h - 1) * stride[0] + 1, (w - 1) * stride[1] + 1)
+        up[:, :, :: stride[0], :: stride[1]] = x
+        pads = []
+        for i in (1, 0):  # F.pad order: last dimension first
+            edge = dil[i] * (kernel[i] - 1) - module.padding[i]
+            pads += [edge, edge + module.output_padding[i]]
+        cols = F.unfold(F.pad(up, pads), kernel, dilation=dil)  # negative pads crop
+        cols = cols.reshape(n, c, kernel[0], kernel[1], -1).flip(2, 3).reshape(n, c * kernel[0] * kernel[1], -1)
+    else:
+        cols = F.unfold(x, kernel, dilation=dil, stride=stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _channel_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as (N, channels): tokens for linear layers, pixels (channel dimension 1) for convs."""
+    if _is_linear(module):
+        return x.reshape(-1, x.shape[-1])
+    x = _batched(module, x)
+    return x.transpose(1, -1).reshape(-1, x.shape[1])
+
+
+def _warn_rtn(algorithm: str, names: list[str], why: str) -> None:
+    """Say which layers a calibrated algorithm quantized with plain round-to-nearest instead."""
+    if names:
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        warnings.warn(f"{algorithm}: {len(names)} layer(s) got round-to-nearest instead ({why}): {shown}", stacklevel=3)
+
+
 def weight_2d(module: nn.Module) -> torch.Tensor:
     """The (out, reduction) view of a layer's weight, as the core formats see it (a view, not a copy)."""
     w = module.weight
@@ -364,10 +447,17 @@ def weight_2d(module: nn.Module) -> torch.Tensor:
 
 
 def _set_weight_2d(module: nn.Module, w2d: torch.Tensor) -> None:
-    """Write a (out, reduction) matrix back into a Linear / Conv1D weight, in place."""
+    """Write a (out, reduction) matrix (the :func:`weight_2d` view) back into a layer's weight, in place."""
     w = module.weight
+    if is_transformers_conv1d(module):
+        w2d = w2d.t()
+    elif isinstance(module, nn.ConvTranspose2d):
+        i, o, kh, kw = w.shape
+        w2d = w2d.reshape(o, i, kh, kw).transpose(0, 1)
+    else:
+        w2d = w2d.reshape(w.shape)
     with torch.no_grad():
-        w.copy_((w2d.t() if is_transformers_conv1d(module) else w2d).to(w.dtype))
+        w.copy_(w2d.to(w.dtype))
 
 
 def layer_from_qweight(module: nn.Module, qweight: nn.Module, fmt_config) -> QuantizedLayer:
@@ -790,22 +880,8 @@ def gptq_quantize(w2d: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig):
 
 
 def _gptq_supports(module: nn.Module) -> bool:
-    """Linear, transformers Conv1D, and ungrouped Conv2d with numeric padding (inputs unfold into rows)."""
-    if _is_linear(module):
-        return True
-    return type(module) is nn.Conv2d and module.groups == 1 and not isinstance(module.padding, str)
-
-
-def _gptq_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as rows of the reduction dimension its 2-D weight view multiplies: (N, K)."""
-    if _is_linear(module):
-        return x.reshape(-1, x.shape[-1])
-    padding = module.padding
-    if module.padding_mode != "zeros":
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        padding = 0
-    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    """Linear, transformers Conv1D, and ungrouped Conv1d / Conv2d / ConvTranspose2d (inputs unfold into rows)."""
+    return _is_linear(module) or _is_conv(module)
 
 
 def _gptq_layer(module: nn.Module, hessian: torch.Tensor, config: GPTQConfig) -> QuantizedLayer:
@@ -833,7 +909,7 @@ def _run_gptq(model, config: GPTQConfig, *, filter_fn=None, device=None, calib_d
         counts: dict[str, int] = {}
 
         def observe(fqn, module, x):
-            x2 = _gptq_rows(module, x).float()
+            x2 = layer_rows(module, x).float()
             if fqn not in sums:
                 sums[fqn] = torch.zeros(x2.shape[1], x2.shape[1], device=x2.device)
                 counts[fqn] = 0
@@ -846,12 +922,16 @@ def _run_gptq(model, config: GPTQConfig, *, filter_fn=None, device=None, calib_d
         finally:
             _remove(handles)
         fmt = config.format_config()
+        unsupported = [f for f, m in scope.targets if not _gptq_supports(m)]
+        unreached = [f for f, m in scope.targets if _gptq_supports(m) and f not in sums]
         for fqn, module in scope.targets:
             if fqn in sums:
                 layer = _gptq_layer(module, sums.pop(fqn) * (2.0 / counts[fqn]), config)
-            else:  # not a linear layer, or never reached by the calibration data
+            else:  # an unsupported layer type, or never reached by the calibration data
                 layer = _rtn_layer(module, fmt, fqn)
             scope.replace(fqn, layer)
+        _warn_rtn("GPTQ", unsupported, "GPTQ handles Linear, Conv1D and ungrouped Conv1d/Conv2d/ConvTranspose2d")
+        _warn_rtn("GPTQ", unreached, "the calibration data never reached them")
 
     calibrate(model, targets, calib_data, device, process, "GPTQ")
     if device is not None:
@@ -864,23 +944,37 @@ def _run_gptq(model, config: GPTQConfig, *, filter_fn=None, device=None, calib_d
 
 @dataclass
 class _InputGroup:
-    """Linears that read the same input tensor, the op producing it, and statistics of that input."""
+    """Layers that read the same input tensor, the op producing it, and statistics of that input.
+
+    ``conv`` groups hold convolutions (channels on dimension 1 of the input), the others linear layers
+    (channels last). ``samples`` maps each layer geometry in the group to rows of :func:`layer_rows`.
+    """
 
     key: tuple
     linears: list[tuple[str, nn.Module]]
     abs_sum: torch.Tensor | None = None
     abs_max: torch.Tensor | None = None
     tokens: int = 0
-    samples: list[torch.Tensor] | None = None
+    samples: dict | None = None
     producer: tuple[str, nn.Module] | None = None
+    conv: bool = False
 
     @property
     def channels(self) -> int:
-        return weight_2d(self.linears[0][1]).shape[1]
+        m = self.linears[0][1]
+        return weight_2d(m).shape[1] // _kernel_numel(m)
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _geometry(module: nn.Module) -> tuple:
+    """What fixes a layer's :func:`layer_rows` for a given input (layers sharing it share the rows)."""
+    if _is_linear(module):
+        return ("linear",)
+    attrs = ("kernel_size", "stride", "padding", "dilation", "padding_mode", "output_padding")
+    return (type(module).__name__, *(str(getattr(module, a, None)) for a in attrs))
 
 
 def _is_norm(module: nn.Module, channels: int) -> bool:
@@ -894,56 +988,79 @@ def _is_norm(module: nn.Module, channels: int) -> bool:
     return "norm" in type(module).__name__.lower() and (b is None or b.numel() == channels)
 
 
-def _foldable(module: nn.Module, channels: int) -> bool:
-    if _is_linear(module):
+_CHANNEL_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
+
+
+def _is_channel_norm(module: nn.Module, channels: int) -> bool:
+    """An affine normalisation over channel dimension 1 (BatchNorm, GroupNorm): it can absorb 1/s for convs."""
+    w = getattr(module, "weight", None)
+    return isinstance(module, _CHANNEL_NORMS) and isinstance(w, torch.Tensor) and w.numel() == channels
+
+
+def _foldable(module: nn.Module, channels: int, conv: bool = False) -> bool:
+    if _is_linear(module) or _is_conv(module):
         return weight_2d(module).shape[0] == channels
-    return _is_norm(module, channels)
+    return _is_channel_norm(module, channels) if conv else _is_norm(module, channels)
 
 
 # producer rules that tensor identity cannot see (the input is a linear function of the producer's output)
 _SIBLING_PRODUCERS = {"down_proj": "up_proj", "o_proj": "v_proj", "w2": "w3", "out_proj": "v_proj"}
+# ops that commute with a positive per-channel scale: a scale folded before them passes through
+_PASS_THROUGH = (nn.ReLU, nn.LeakyReLU, nn.Identity)
 
 
-def _collect_groups(scope: Scope, samples: int, keep_samples: bool) -> list[_InputGroup]:
-    """Run the scope once: group the linears by input tensor, find each input's producer, gather statistics."""
-    linears = [(f, m) for f, m in scope.targets if _is_linear(m)]
+def _collect_groups(scope: Scope, samples: int, keep_samples: bool, convs: bool = True) -> list[_InputGroup]:
+    """Run the scope once: group the layers by input tensor, find each input's producer, gather statistics.
+
+    Linear layers always take part; ungrouped convolutions when ``convs``.
+    """
+    linears = [(f, m) for f, m in scope.targets if _is_linear(m) or (convs and _is_conv(m))]
     if not linears:
         return []
     first_batch = {"active": True}
     by_key: dict[tuple, _InputGroup] = {}
     key_of: dict[str, tuple] = {}
     outputs: dict[tuple, list[tuple[str, nn.Module]]] = {}
+    through: dict[tuple, tuple] = {}  # output key -> input key of pass-through ops (ReLU, ...)
     module_names = {id(sub): scope.prefix + sub_name for sub_name, sub in scope.module.named_modules() if sub_name}
     alive: list[torch.Tensor] = []  # first-batch tensors stay referenced so no two share an address
 
     def observe(fqn, module, x):
-        x2 = x.reshape(-1, x.shape[-1]).float()
+        conv = not _is_linear(module)
         if fqn not in key_of:
             alive.append(x)
-            key = _tensor_key(x)
+            key = (*_tensor_key(x), conv)
             key_of[fqn] = key
             if key not in by_key:
+                c = x.shape[-1] if not conv else _batched(module, x).shape[1]
                 by_key[key] = _InputGroup(
                     key,
                     [],
-                    abs_sum=torch.zeros(x2.shape[1], device=x2.device),
-                    abs_max=torch.zeros(x2.shape[1], device=x2.device),
-                    samples=[],
+                    abs_sum=torch.zeros(c, device=x.device),
+                    abs_max=torch.zeros(c, device=x.device),
+                    samples={},
+                    conv=conv,
                 )
             by_key[key].linears.append((fqn, module))
         group = by_key[key_of[fqn]]
+        geom = _geometry(module)
+        if keep_samples and next(f for f, m in group.linears if _geometry(m) == geom) == fqn:
+            group.samples.setdefault(geom, []).append(layer_rows(module, x).float())
         if group.linears[0][0] != fqn:
             return  # statistics once per input
+        x2 = _channel_rows(module, x).float()
         group.abs_sum += x2.abs().sum(0)
         group.abs_max = torch.maximum(group.abs_max, x2.abs().amax(0))
         group.tokens += x2.shape[0]
-        if keep_samples:
-            group.samples.append(x2)
 
     def record_output(module, args, out):
         if first_batch["active"] and isinstance(out, torch.Tensor):
             alive.append(out)
             outputs.setdefault(_tensor_key(out), []).append((module_names.get(id(module), ""), module))
+            if isinstance(module, _PASS_THROUGH) and args and isinstance(args[0], torch.Tensor):
+                if args[0].data_ptr() != out.data_ptr():  # in-place ops keep the key already
+                    alive.append(args[0])
+                    through[_tensor_key(out)] = _tensor_key(args[0])
 
     def end_first_batch(module, args, out):
         first_batch["active"] = False
@@ -958,16 +1075,23 @@ def _collect_groups(scope: Scope, samples: int, keep_samples: bool) -> list[_Inp
         alive.clear()
     groups = list(by_key.values())
     for group in groups:
-        if keep_samples and group.samples:
-            x = torch.cat(group.samples)
-            idx = torch.linspace(0, x.shape[0] - 1, min(samples, x.shape[0]), device=x.device).round().long()
-            group.samples = [x[idx]]
+        if keep_samples:
+            for geom, parts in group.samples.items():
+                x = torch.cat(parts)
+                idx = torch.linspace(0, x.shape[0] - 1, min(samples, x.shape[0]), device=x.device).round().long()
+                group.samples[geom] = x[idx]
         members = {id(m) for _, m in group.linears}
-        cands = [(f, m) for f, m in outputs.get(group.key, []) if id(m) not in members and m is not scope.module]
-        cands = [(f, m) for f, m in cands if _foldable(m, group.channels)]
+        key = group.key[:-1]
+        cands = []
+        for _ in range(8):  # follow pass-through ops back to a foldable producer
+            cands = [(f, m) for f, m in outputs.get(key, []) if id(m) not in members and m is not scope.module]
+            cands = [(f, m) for f, m in cands if _foldable(m, group.channels, group.conv)]
+            if cands or key not in through:
+                break
+            key = through[key]
         if cands:
             group.producer = max(cands, key=lambda c: c[0].count("."))  # the innermost module
-        elif len(group.linears) == 1:
+        elif len(group.linears) == 1 and not group.conv:
             fqn, _ = group.linears[0]
             parent, _, leaf = fqn.rpartition(".")
             sib = _SIBLING_PRODUCERS.get(leaf)
@@ -975,15 +1099,20 @@ def _collect_groups(scope: Scope, samples: int, keep_samples: bool) -> list[_Inp
             sib_mod = next((m for f, m in scope.targets if f == sib_fqn), None)
             if sib_mod is not None and _foldable(sib_mod, group.channels):
                 group.producer = (sib_fqn, sib_mod)
+    # a producer feeding two groups (e.g. a linear and a conv reading one tensor) would get both scales
+    producer_ids = [id(g.producer[1]) for g in groups if g.producer is not None]
+    for g in groups:
+        if g.producer is not None and producer_ids.count(id(g.producer[1])) > 1:
+            g.producer = None
     return groups
 
 
 def _fold_scale(group: _InputGroup, s: torch.Tensor) -> None:
-    """Divide the producer's output channels by ``s`` and multiply the linears' input channels by ``s``: the
+    """Divide the producer's output channels by ``s`` and multiply the layers' input channels by ``s``: the
     composed function is unchanged (checked by :func:`_fold_is_exact` before use)."""
     _, prod = group.producer
     with torch.no_grad():
-        if _is_linear(prod):
+        if _is_linear(prod) or _is_conv(prod):
             _set_weight_2d(prod, weight_2d(prod).float() / s[:, None])
         else:
             prod.weight.copy_((prod.weight.float() / s).to(prod.weight.dtype))
@@ -991,7 +1120,7 @@ def _fold_scale(group: _InputGroup, s: torch.Tensor) -> None:
         if isinstance(b, torch.Tensor):
             b.copy_((b.float() / s).to(b.dtype))
         for _, lin in group.linears:
-            _set_weight_2d(lin, weight_2d(lin).float() * s[None, :])
+            _set_weight_2d(lin, weight_2d(lin).float() * _expand(lin, s)[None, :])
 
 
 def _fold_is_exact(scope: Scope, group: _InputGroup, reference: list[torch.Tensor]) -> bool:
@@ -1039,7 +1168,8 @@ def _awq_search_scale(
             s = x_mean.pow(i / grid).clamp(min=1e-4)
             s = s / torch.sqrt(s.max() * s.min())
             for (_, lin), w in zip(group.linears, originals, strict=True):
-                _set_weight_2d(lin, format_fake_quant(w * s[None, :], fmt) / s[None, :])
+                se = _expand(lin, s)[None, :]
+                _set_weight_2d(lin, format_fake_quant(w * se, fmt) / se)
             outs = scope.run(limit=limit)
             loss = sum(float(((o.float() - r.float()) ** 2).mean()) for o, r in zip(outs, reference, strict=True))
             if loss < best_loss:
@@ -1103,22 +1233,28 @@ def _run_awq(model, config: AWQConfig, *, filter_fn=None, device=None, calib_dat
         limit = min(scope.batches, max(1, math.ceil(config.samples * scope.batches / max(tokens, 1))))
         reference = scope.run(limit=limit) if any(g.producer is not None for g in groups) else []
         for group in groups:
-            x = group.samples[0]
+            s = None
             if group.producer is not None:
                 s = _awq_search_scale(scope, group, fmt, config.grid, reference, limit)
                 _fold_scale(group, s)
-                group.samples = [x / s[None, :]]
             if config.clip:
                 for fqn, lin in group.linears:
                     if any(tag in fqn.rsplit(".", 1)[-1] for tag in _NO_CLIP):
                         continue
+                    x = group.samples[_geometry(lin)]
+                    if s is not None:  # the layer's inputs after the fold
+                        x = x / _expand(lin, s)[None, :]
                     w = weight_2d(lin).detach().float()
-                    clipped = _clip_search(
-                        w, group.samples[0], fmt, config.group_size, config.clip_grid, config.max_shrink
-                    )
+                    clipped = _clip_search(w, x, fmt, config.group_size, config.clip_grid, config.max_shrink)
                     _set_weight_2d(lin, clipped)
+        grouped = {id(m) for g in groups for _, m in g.linears}
         for fqn, module in scope.targets:
             scope.replace(fqn, _rtn_layer(module, fmt, fqn))
+        _warn_rtn(
+            "AWQ",
+            [f for f, m in scope.targets if id(m) not in grouped],
+            "AWQ handles Linear, Conv1D and ungrouped Conv1d/Conv2d/ConvTranspose2d layers the calibration reaches",
+        )
 
     calibrate(model, targets, calib_data, device, process, "AWQ")
     if device is not None:
@@ -1165,7 +1301,7 @@ def _smoothquant(model, config: SmoothQuantConfig, *, filter_fn, device, calib_d
         check_finite(weight_2d(module).detach(), f"{fqn}.weight")
 
     def process(scope: Scope) -> None:
-        groups = _collect_groups(scope, 0, keep_samples=False)
+        groups = _collect_groups(scope, 0, keep_samples=False, convs=False)
         _valid_producers(scope, groups)
         for group in groups:
             if group.producer is None:
@@ -1184,6 +1320,11 @@ def _smoothquant(model, config: SmoothQuantConfig, *, filter_fn, device, calib_d
         quantize(scope.module, w8a8, filter_fn=lambda m, fqn: id(m) in linear_ids)
         if other_ids:
             quantize(scope.module, weight_only, filter_fn=lambda m, fqn: id(m) in other_ids)
+            warnings.warn(
+                f"SmoothQuant: {len(other_ids)} layer(s) that are not Linear (convolutions, embeddings) got int8 "
+                "weight-only quantization without smoothing: W8A8 covers Linear layers only",
+                stacklevel=2,
+            )
 
     calibrate(model, targets, calib_data, device, process, "SmoothQuant")
     if device is not None:

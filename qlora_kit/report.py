@@ -11,8 +11,9 @@ applies every method to a fresh copy of each and measures, on the same data:
 * peak memory while quantizing and evaluating (CUDA: peak allocated; CPU: peak resident set size growth);
 * quantization time (calibration included) and throughput (prefill and decode tokens/s by batch, images/s).
 
-Methods: ours (RTN int8 / int4 / NF4 / fp8, HQQ, GPTQ, AWQ, W8A8 dynamic, SmoothQuant, QAT), and peers when
-installed (bitsandbytes NF4 / int8; torchao and optimum-quanto are listed as skipped when absent).
+Methods: ours (RTN int8 / int4 / NF4 / fp8, HQQ, GPTQ, AWQ, W8A8 dynamic, SmoothQuant, QAT on the LM and the
+DCGAN), and peers when installed (bitsandbytes NF4 / int8, torchao int8 / int4, optimum-quanto int8 / int4; the
+ones absent are listed as skipped), plus a QLoRA fine-tuning comparison of our NF4 + LoRA with PEFT's LoRA.
 Results go to ``<out>/comparison_<device>.json`` plus a Markdown and a self-contained HTML report with
 plots (matplotlib when installed, else inline SVG drawn here), the device, library versions and commit.
 
@@ -38,6 +39,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,7 +349,73 @@ def _bnb_dequantized(kind: str):
     return apply
 
 
-def _peer_methods(note_missing: list[str]) -> list[Method]:
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+def _linear_filter(model: nn.Module):
+    """Linear layers our default filter quantizes (what the peers are applied to, for a like-for-like row)."""
+    from .api import default_filter
+
+    keep = default_filter(model)
+    return lambda m, fqn: isinstance(m, nn.Linear) and keep(m, fqn)
+
+
+def _torchao(kind: str, device: str):
+    """Peer: torchao ``quantize_`` on the Linear layers our default filter picks (torchao's own tensor subclasses
+    and kernels compute the forward)."""
+
+    def apply(model, ctx):
+        from torchao.quantization import quantize_
+
+        quantize_(model, _torchao_config(kind, device)[0], filter_fn=_linear_filter(model))
+        return model
+
+    return apply
+
+
+def _torchao_config(kind: str, device: str):
+    """(torchao config, description, why the preferred config was not used or ""), probed on a small layer."""
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+
+    if kind == "int8":
+        return Int8WeightOnlyConfig(), "torchao Int8WeightOnlyConfig (int8 per output channel)", ""
+    probe = nn.Sequential(nn.Linear(256, 64)).to(device)
+    try:
+        quantize_(probe, Int4WeightOnlyConfig(group_size=128))
+        with torch.no_grad():
+            probe(torch.randn(2, 256, device=device))
+        return Int4WeightOnlyConfig(group_size=128), "torchao Int4WeightOnlyConfig(group_size=128)", ""
+    except Exception as e:  # torchao's int4 packings need CUDA or the mslk kernels
+        why = _one_line(e)
+    cfg = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(128), mapping_type=MappingType.ASYMMETRIC)
+    return (
+        cfg,
+        "torchao IntxWeightOnlyConfig(int4, PerGroup(128), asymmetric)",
+        f"Int4WeightOnlyConfig(group_size=128) does not run here ({why}), so this row uses IntxWeightOnlyConfig",
+    )
+
+
+def _quanto(kind: str):
+    """Peer: optimum-quanto ``quantize(weights=qint8 / qint4)`` + ``freeze`` on the Linear layers our default
+    filter picks (quanto's defaults otherwise)."""
+
+    def apply(model, ctx):
+        from optimum.quanto import freeze, qint4, qint8, quantize
+
+        keep = _linear_filter(model)
+        skip = [fqn for fqn, m in model.named_modules() if fqn and isinstance(m, nn.Linear) and not keep(m, fqn)]
+        quantize(model, weights=qint4 if kind == "int4" else qint8, exclude=skip or None)
+        freeze(model)
+        return model
+
+    return apply
+
+
+def _peer_methods(note_missing: list[str], device: str = "cpu") -> list[Method]:
     peers = []
     if _version("bitsandbytes"):
         peers.append(
@@ -371,15 +439,38 @@ def _peer_methods(note_missing: list[str]) -> list[Method]:
         )
     else:
         note_missing.append("bitsandbytes")
-    for lib in ("torchao", "optimum-quanto"):
-        if not _version(lib):
-            note_missing.append(lib)
+    if _version("torchao"):
+        for kind in ("int8", "int4"):
+            try:
+                _, desc, why = _torchao_config(kind, device)
+            except Exception as e:  # an installed but unusable torchao: say why, run the rest
+                peers.append(Method(f"torchao {kind} (peer)", "peer", None, note=f"not run: {_one_line(e)}"))
+                continue
+            note = f"{desc} via quantize_ on the same Linear layers; torchao's tensor subclasses compute"
+            note += f"; size not measured (torchao's own storage). {why}" if why else "; size not measured"
+            peers.append(Method(f"torchao {kind} (peer)", "peer", _torchao(kind, device), sized=False, note=note))
+    else:
+        note_missing.append("torchao")
+    if _version("optimum-quanto"):
+        for kind in ("int8", "int4"):
+            peers.append(
+                Method(
+                    f"quanto {kind} (peer)",
+                    "peer",
+                    _quanto(kind),
+                    sized=False,
+                    note=f"optimum-quanto quantize(weights=q{kind}) + freeze on the same Linear layers (quanto's "
+                    "default grouping); size not measured",
+                )
+            )
+    else:
+        note_missing.append("optimum-quanto")
     return peers
 
 
 def methods_for(device: str, note_missing: list[str], *, peers: bool = True) -> list[Method]:
-    """Our methods (and the peers when ``peers``: bitsandbytes only quantizes Linear layers, so it is compared
-    on the transformers, not on the convolutional image models)."""
+    """Our methods (and the peers when ``peers``: bitsandbytes, torchao and quanto are applied to Linear layers,
+    so they are compared on the transformers, not on the convolutional image models)."""
     cfgs, cd = _configs(device)
     out = [Method("float", "float", None)]
     for name, cfg in cfgs.items():
@@ -389,7 +480,7 @@ def methods_for(device: str, note_missing: list[str], *, peers: bool = True) -> 
             continue
         calibrated = type(cfg).__name__ in ("GPTQConfig", "AWQConfig", "SmoothQuantConfig")
         out.append(Method(name, fam, _quantize_with(cfg), calibrated))
-    return out + (_peer_methods(note_missing) if peers else [])
+    return out + (_peer_methods(note_missing, device) if peers else [])
 
 
 def _w8a8_note() -> list[str]:
@@ -472,6 +563,28 @@ def _ratio_bar(name: str, value: float | None, limit: float, detail: str) -> dic
 
 def _row(rows: list[dict], name: str) -> dict | None:
     return next((r for r in rows if r["method"] == name), None)
+
+
+def _run_rows(section: Section, methods: list[Method], float_model, ctx, device, evaluate, log, protocol=None) -> None:
+    """Run every method into ``section.rows``; a peer that fails is noted (one line), not fatal. The first
+    row's ``_protocol`` goes into the section's protocol through ``protocol(text)``."""
+    for method in methods:
+        if method.family == "peer" and method.apply is None:
+            section.notes.append(f"{method.name}: {method.note}")
+            continue
+        try:
+            row, model = _run_method(method, float_model, ctx, device, evaluate, log)
+        except Exception as e:
+            if method.family != "peer":
+                raise
+            log(f"  {method.name}: failed: {_one_line(e)}")
+            section.notes.append(f"{method.name}: not run here: {_one_line(e)}")
+            continue
+        proto = row.pop("_protocol", None)
+        if proto and protocol is not None and not section.protocol:
+            section.protocol.append(protocol(proto))
+        section.rows.append(row)
+        del model
 
 
 # --------------------------------------------------------------------------------------------- the LM
@@ -595,13 +708,16 @@ def bench_lm(rm, quick: bool, device: str, cache_dir, log, missing: list[str]) -
         info={k: v for k, v in ref.info.items() if k != "spec"} | {"spec": ref.info.get("spec")},
     )
     ctx = {"calib": calib, "device_arg": device if device == "cuda" else None}
-    for method in methods:
-        row, model = _run_method(method, ref.model, ctx, device, evaluate, log)
-        proto = row.pop("_protocol", None)
-        if proto and not section.protocol:
-            section.protocol.append(f"perplexity: {proto}; held-out files: {', '.join(ref.corpus.eval_names)}")
-        section.rows.append(row)
-        del model
+    _run_rows(
+        section,
+        methods,
+        ref.model,
+        ctx,
+        device,
+        evaluate,
+        log,
+        lambda p: f"perplexity: {p}; held-out files: {', '.join(ref.corpus.eval_names)}",
+    )
     section.protocol += [
         f"calibration (GPTQ, AWQ, SmoothQuant): {len(calib)} batches of {calib[0].shape[0]}x{calib[0].shape[1]} "
         "tokens from the training files",
@@ -623,7 +739,7 @@ def bench_lm(rm, quick: bool, device: str, cache_dir, log, missing: list[str]) -
     if not _version("lm_eval"):
         section.notes.append("lm-eval is not installed: the lm-eval column is empty (pip install 'lm-eval>=0.4').")
     section.notes += _w8a8_note()
-    section.notes += [f"{m.name}: {m.note}" for m in methods if m.note]
+    section.notes += [f"{m.name}: {m.note}" for m in methods if m.note and m.apply is not None]
     section.bars = lm_bars(section.rows)
     section.plots = [
         {
@@ -712,6 +828,86 @@ def lm_bars(rows: list[dict]) -> list[dict]:
     return bars
 
 
+def bench_adapters(rm, quick: bool, device: str, cache_dir, log, missing: list[str]) -> Section:
+    """QLoRA fine-tuning: qlora_kit's NF4 base + LoRA vs PEFT's LoRA on the bitsandbytes NF4 weights (the same
+    base numbers, dequantized) or, without bitsandbytes, on the float base; same rank, data, steps and lr."""
+    import qlora_kit
+
+    from .eval.perplexity import perplexity
+
+    ref = rm.reference_lm(quick, cache_dir, device)
+    spec = ref.spec
+    steps, lr, r = (30, 1e-3, 8) if quick else (300, 3e-4, 16)
+    max_windows = 96 if quick else None
+    _, cd = _configs(device)
+    bnb = bool(_version("bitsandbytes"))
+
+    def evaluate(model):
+        before = perplexity(model, ref.corpus.eval_docs, context=spec.context, batch_size=16, max_windows=max_windows)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        t0 = time.perf_counter()
+        rm.train_lm(model, spec, ref.corpus, steps=steps, lr=lr)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        after = perplexity(model, ref.corpus.eval_docs, context=spec.context, batch_size=16, max_windows=max_windows)
+        return {
+            "ppl_before": round(before.ppl, 4),
+            "ppl_after": round(after.ppl, 4),
+            "trainable": trainable,
+            "train_seconds": round(seconds, 2),
+            "step_ms": round(1000 * seconds / steps, 1),
+            "_protocol": after.protocol,
+        }
+
+    def ours(model, ctx):
+        qlora_kit.quantize(model, qlora_kit.NF4Config(blocksize=64, double_quant=True, compute_dtype=cd))
+        torch.manual_seed(0)
+        return qlora_kit.add_lora(model, qlora_kit.LoraConfig(r=r, alpha=2 * r, target_modules="all-linear"))
+
+    def with_peft(model, ctx):
+        import peft
+
+        if bnb:
+            model = _bnb_dequantized("nf4")(model, ctx)
+        torch.manual_seed(0)
+        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0)
+        return peft.get_peft_model(model, cfg)
+
+    methods = [Method("qlora_kit NF4 + LoRA", "weight-only", ours)]
+    if _version("peft"):
+        base = "bitsandbytes NF4 weights (dequantized)" if bnb else "the float base (bitsandbytes not installed)"
+        methods.append(Method("PEFT LoRA (peer)", "peer", with_peft, sized=False, note=f"PEFT LoRA on {base}"))
+    else:
+        missing.append("peft")
+    section = Section(
+        key="adapters",
+        title="QLoRA adapters: fine-tuning the Llama LM (qlora_kit vs PEFT)",
+        protocol=[],
+        columns=[
+            ("method", "method", "s"),
+            ("ppl_before", "perplexity before", ".4f"),
+            ("ppl_after", f"perplexity after {steps} steps", ".4f"),
+            ("trainable", "trainable params", "d"),
+            ("train_seconds", "train s", ".2f"),
+            ("step_ms", "ms / step", ".1f"),
+            ("bits", "base bits/param", ".2f"),
+            ("peak_mem_bytes", "peak mem", "bytes"),
+        ],
+    )
+    _run_rows(section, methods, ref.model, {}, device, evaluate, log, lambda p: f"perplexity: {p}")
+    section.protocol += [
+        f"both: LoRA r={r}, alpha={2 * r}, no dropout, every Linear but the output head, A Kaiming-uniform and "
+        f"B = 0; then {steps} AdamW steps (lr {lr}, warmup + cosine, batch {spec.batch} x {spec.context} tokens "
+        "from the training files, the reference LM's own training loop); train s includes the forward, backward "
+        "and optimiser of every step",
+        "qlora_kit: NF4 base (blocks of 64, double quant) from qlora_kit.quantize, adapters from qlora_kit.add_lora; "
+        "PEFT: get_peft_model on a model whose Linear weights are "
+        + ("bitsandbytes' NF4 quantize-dequantize (the same base numbers, held in float)" if bnb else "float"),
+    ]
+    section.notes += [f"{m.name}: {m.note}" for m in methods if m.note]
+    return section
+
+
 # ------------------------------------------------------------------------------------------------ MiniLM
 
 
@@ -779,12 +975,18 @@ def bench_minilm(rm, quick: bool, device: str, cache_dir, log, missing: list[str
         ],
     )
     ctx = {"calib": calib, "device_arg": None}
-    for method in methods_for(device, []):
-        row, _ = _run_method(method, model, ctx, device, evaluate, log)
-        proto = row.pop("_protocol")
-        if not section.protocol:
-            section.protocol.append(f"quality: {proto} (fixed list in qlora_kit/eval/embeddings.py)")
-        section.rows.append(row)
+    methods = methods_for(device, [])
+    _run_rows(
+        section,
+        methods,
+        model,
+        ctx,
+        device,
+        evaluate,
+        log,
+        lambda p: f"quality: {p} (fixed list in qlora_kit/eval/embeddings.py)",
+    )
+    section.notes += [f"{m.name}: {m.note}" for m in methods if m.note and m.family == "peer" and m.apply]
     section.protocol.append(
         f"calibration: {len(sentences)} docstring sentences from the stdlib training files, batches of 16"
     )
@@ -807,7 +1009,18 @@ def bench_minilm(rm, quick: bool, device: str, cache_dir, log, missing: list[str
 
 
 def _image_section(
-    key, title, float_model, sample: Callable, calib, classifier, real, device, log, quick, extra_protocol: list[str]
+    key,
+    title,
+    float_model,
+    sample: Callable,
+    calib,
+    classifier,
+    real,
+    device,
+    log,
+    quick,
+    extra_protocol: list[str],
+    extra_methods: tuple[Method, ...] = (),
 ) -> Section:
     from .eval.images import frechet_classifier_distance, psnr
 
@@ -847,22 +1060,36 @@ def _image_section(
             ("images_s", "images/s", ".1f"),
         ],
     )
-    ctx = {"calib": calib, "device_arg": None}
+    ctx = {"calib": calib, "device_arg": None, "float": float_model}
     has_linear = any(type(m) is nn.Linear for m in float_model.modules())
-    for method in methods_for(device, [], peers=False):
-        if method.family == "activation" and not has_linear:
-            continue  # W8A8 covers Linear layers; this model has none
-        row, _ = _run_method(method, float_model, ctx, device, evaluate, log)
-        section.rows.append(row)
+    methods = [m for m in methods_for(device, [], peers=False) if has_linear or m.family != "activation"]
+    methods += list(extra_methods)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for method in methods:
+            row, _ = _run_method(method, float_model, ctx, device, evaluate, log)
+            section.rows.append(row)
     section.notes.append(
-        "the default filter keeps the first and last convolution in high precision; GPTQ handles "
-        "Linear / Conv1D / Conv2d layers, AWQ and SmoothQuant Linear layers; other layers get RTN"
+        "the default filter keeps the first and last convolution in high precision; GPTQ and AWQ calibrate "
+        "Linear layers and ungrouped Conv2d / ConvTranspose2d layers (a convolution as a matmul over unfolded input "
+        "patches; AWQ folds its scales into a preceding BatchNorm / GroupNorm / convolution, through a ReLU, "
+        "where there is one, else it only searches the clipping)"
     )
-    if not has_linear and not any(type(m) is nn.Conv2d for m in float_model.modules()):
-        section.notes.append("this model has only transposed convolutions: the calibrated rows equal RTN")
-    section.notes.append("bitsandbytes quantizes Linear layers only; it is compared on the transformers above")
+    fallback = sorted({str(w.message) for w in caught if "round-to-nearest instead" in str(w.message)})
+    section.notes += [f"warning while quantizing: {m}" for m in fallback]
     if has_linear:
+        section.notes.append(
+            "W8A8 rows: W8A8 (and SmoothQuant's smoothing) covers the Linear layers only; the convolutions of "
+            "these rows get int8 weight-only quantization (quantize() warns so)"
+        )
         section.notes += _w8a8_note()
+    else:
+        section.notes.append(
+            "no W8A8 / SmoothQuant rows: W8A8 covers Linear layers only and this model has none (SmoothQuant "
+            "would give int8 weight-only convolutions, with a warning)"
+        )
+    section.notes.append("the peers (bitsandbytes, torchao, quanto) are compared on the transformers above")
+    section.notes += [f"{m.name}: {m.note}" for m in extra_methods if m.note]
     section.plots = [
         {
             "kind": "quality_vs_bits",
@@ -874,6 +1101,44 @@ def _image_section(
         }
     ]
     return section
+
+
+def _dcgan_qat(nz: int, quick: bool, device: str) -> Method:
+    """QAT for the generator by distillation (no discriminator): int4 g128 fake-quant layers trained to
+    reproduce the float generator's images on fresh latents, then converted."""
+    from .qat import QATConfig, convert_qat, prepare_qat
+
+    steps, lr, batch = (200, 3e-5, 64) if quick else (2000, 3e-5, 128)
+
+    def apply(model, ctx):
+        import qlora_kit
+
+        teacher = ctx["float"]
+        prepare_qat(model, QATConfig(qlora_kit.Int4WeightConfig(group_size=128, compute_dtype=F32)))
+        model.eval()  # BatchNorm keeps its statistics; the weights train
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)  # to 0: a settled end point
+        g = torch.Generator().manual_seed(7)
+        for _ in range(steps):
+            z = torch.randn((batch, nz), generator=g).to(device)
+            with torch.no_grad():
+                target = teacher(z)
+            loss = torch.nn.functional.mse_loss(model(z), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        return convert_qat(model)
+
+    return Method(
+        QAT_NAME,
+        "qat",
+        apply,
+        note=f"prepare_qat(int4 g128, straight-through) trained by distillation: {steps} Adam steps (lr {lr}, "
+        f"linear decay to 0) of the MSE to the float generator's images on fresh batches of {batch} latents (not "
+        "the evaluation noise), BatchNorm statistics fixed, then convert_qat; quant time includes the training",
+    )
 
 
 class _Sampler:
@@ -932,6 +1197,7 @@ def bench_images(rm, quick: bool, device: str, cache_dir, log, missing: list[str
             log,
             quick,
             ["calibration: 4 batches of 64 latent vectors"],
+            (_dcgan_qat(gen.nz, quick, device),),
         )
     )
     sections[-1].info = ginfo
@@ -1283,6 +1549,8 @@ def run_bench(*, quick: bool, device: str, suites=_SUITES, cache_dir=None, log=p
     if "lm" in suites:
         log("== Llama LM")
         sections.append(bench_lm(rm, quick, device, cache_dir, log, missing).as_dict())
+        log("== QLoRA adapters")
+        sections.append(bench_adapters(rm, quick, device, cache_dir, log, missing).as_dict())
     if "minilm" in suites:
         log("== all-MiniLM-L6-v2")
         sections.append(bench_minilm(rm, quick, device, cache_dir, log, missing).as_dict())

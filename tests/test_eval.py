@@ -354,3 +354,29 @@ def test_main_report_rewrites_from_json_and_rejects_bad_files(tmp_path, capsys):
     assert "not valid JSON" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main_report([str(tmp_path / "missing.json")])
+
+
+def test_peer_rows_follow_what_is_installed_and_a_failing_peer_is_a_note():
+    from qlora_kit import report
+
+    missing = []
+    names = [m.name for m in report.methods_for("cpu", missing)]
+    for lib, row in (("torchao", "torchao int8 (peer)"), ("optimum-quanto", "quanto int8 (peer)")):
+        installed = report._version(lib) is not None
+        assert (row in names) == installed and (lib in missing) == (not installed)
+    if report._version("torchao"):  # torchao's int8 weight-only really runs and stays close to float
+        model = qlora_kit.models.tiny_llama()
+        ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = model(ids).logits
+            out = report._torchao("int8", "cpu")(copy.deepcopy(model), {})(ids).logits
+        assert not torch.equal(out, ref) and float((out - ref).norm() / ref.norm()) < 0.02
+
+    def broken(model, ctx):
+        raise RuntimeError("no kernel for this device\nmore detail")
+
+    section = Section("s", "t", [], [("method", "method", "s")])
+    methods = [report.Method("float", "float", None), report.Method("x (peer)", "peer", broken)]
+    report._run_rows(section, methods, nn.Linear(4, 4), {}, "cpu", lambda m: {}, lambda *a: None)
+    assert [r["method"] for r in section.rows] == ["float"]
+    assert section.notes == ["x (peer): not run here: RuntimeError: no kernel for this device"]

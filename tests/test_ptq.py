@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -436,6 +437,104 @@ def test_algorithms_run_on_every_backbone(backbone, method):
         out = run(model)
     cos = torch.nn.functional.cosine_similarity(out.flatten().double(), ref.flatten().double(), dim=0)
     assert cos > 0.95  # RTN int4 g32 on these backbones measures 0.985-1.0 (tests/test_quantize_models.py)
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (nn.Conv2d(3, 5, (3, 2), (2, 1), (1, 0), dilation=(1, 2)), (2, 3, 9, 8)),
+        (nn.Conv2d(3, 5, 4, padding="same", padding_mode="reflect"), (2, 3, 7, 6)),
+        (nn.Conv1d(3, 5, 4, 2, 1, padding_mode="circular"), (2, 3, 11)),
+        (nn.ConvTranspose2d(4, 5, 4, 2, 1), (2, 4, 3, 3)),
+        (nn.ConvTranspose2d(4, 5, (3, 4), (2, 3), (1, 2), output_padding=(1, 2), dilation=(2, 1)), (2, 4, 4, 5)),
+        (nn.ConvTranspose2d(4, 5, 3, 2, 3), (2, 4, 5, 5)),  # padding beyond the kernel: the rows are cropped
+    ],
+)
+def test_layer_rows_times_the_2d_weight_view_is_the_layer(layer, shape):
+    layer = layer.double()
+    x = torch.randn(shape, dtype=torch.float64)
+    y = layer(x)
+    rows = ptq.layer_rows(layer, x)
+    w2d = ptq.weight_2d(layer)
+    assert w2d.shape == qlora_kit.nn.quantized.quantized_class_for(layer)._to_2d(layer, layer.weight).shape
+    ref = y.movedim(1, -1).reshape(-1, y.shape[1])
+    torch.testing.assert_close(rows @ w2d.t() + layer.bias, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["convtranspose2d", "conv2d", "conv1d"])
+def test_gptq_on_convolutions_beats_rtn_layer_error(kind):
+    """GPTQ's Hessian for a convolution (unfolded patch rows): with calibration data, the layer's output error
+    is far below round-to-nearest's, so a silent RTN fallback fails here (measured ratio 0.36-0.45)."""
+    torch.manual_seed(0)
+    layer, x_shape = {
+        "convtranspose2d": (nn.ConvTranspose2d(16, 24, 4, 2, 1, bias=False), (4, 3, 3)),
+        "conv2d": (nn.Conv2d(16, 24, 3, 1, "same"), (4, 6, 6)),
+        "conv1d": (nn.Conv1d(16, 24, 4, 2, 1), (4, 12)),
+    }[kind]
+    # correlated input channels, as after a BatchNorm + ReLU: where a Hessian-aware method has room to help
+    mix = torch.randn(16, 16) / 4 + torch.eye(16)
+
+    def batch(seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(x_shape[0], *x_shape[1:], 16, generator=g) @ mix
+        return torch.relu(x.movedim(-1, 1))
+
+    calib = [batch(i) for i in range(4)]
+    x = torch.cat(calib)
+    with torch.no_grad():
+        ref = layer(x)
+
+    def err(cfg):
+        model = nn.Sequential(copy.deepcopy(layer))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no layer may fall back to round-to-nearest
+            qlora_kit.quantize(model, cfg, calib_data=calib, filter_fn=lambda m, f: True)
+        assert isinstance(model[0], QuantizedLayer)
+        with torch.no_grad():
+            return float(((model(x) - ref) ** 2).sum() / (ref**2).sum())
+
+    rtn = err(Int4WeightConfig(group_size=32, compute_dtype=F32))
+    gptq = err(ptq.GPTQConfig(group_size=32, compute_dtype=F32))
+    assert gptq < 0.7 * rtn
+
+
+def test_awq_folds_conv_scales_into_batchnorm_through_relu_and_changes_the_weights():
+    gen = qlora_kit.models.dcgan_generator()
+    with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters
+        for m in gen.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.uniform_(-0.3, 0.3)
+    gen.net[5] = nn.ReLU()  # one ReLU not in place: the producer is found through it
+    calib = [torch.randn(16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    found = {}
+
+    def process(scope):
+        gs = ptq._collect_groups(scope, 64, keep_samples=True)
+        ptq._valid_producers(scope, gs)
+        found.update({g.linears[0][0]: g.producer and g.producer[0] for g in gs})
+        before = scope.run()[0]
+        for g in gs:
+            ptq._fold_scale(g, torch.rand(g.channels) + 0.5)
+        torch.testing.assert_close(scope.run()[0], before, rtol=1e-4, atol=1e-5)
+
+    probe = copy.deepcopy(gen)
+    ptq.calibrate(probe, ptq._select_targets(probe, None), calib, None, process, "t")
+    assert found == {"net.3": "net.1", "net.6": "net.4"}  # the BatchNorms, across the ReLUs
+    cfg = ptq.AWQConfig(group_size=32, grid=4, clip_grid=4, compute_dtype=F32)
+    awq = qlora_kit.quantize(copy.deepcopy(gen), cfg, calib_data=calib)
+    rtn = qlora_kit.quantize(copy.deepcopy(gen), Int4WeightConfig(group_size=32, compute_dtype=F32))
+    for name in ("net.3", "net.6"):  # a silent RTN fallback would leave these equal
+        assert not torch.equal(awq.get_submodule(name).dequantize_weight(), rtn.get_submodule(name).dequantize_weight())
+
+
+def test_smoothquant_says_when_layers_are_not_linear():
+    gen = qlora_kit.models.dcgan_generator()
+    with pytest.warns(UserWarning, match="SmoothQuant: 2 layer.*W8A8 covers Linear layers only"):
+        qlora_kit.quantize(gen, ptq.SmoothQuantConfig(compute_dtype=F32), calib_data=[torch.randn(4, 16)])
+    assert all(m.format_name == "int8" for m in gen.modules() if isinstance(m, QuantizedLayer))
 
 
 @pytest.mark.parametrize(
