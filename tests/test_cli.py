@@ -198,14 +198,22 @@ def test_output_dir_holding_a_run_needs_resume_or_overwrite(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["finetune", "quickstart", *SMALL, "max_steps=2", f"output_dir={out}"]) == 0
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    # the resolved config is printed at the start of the run (compact YAML, before the banner) and saved
+    # the resolved config is printed at the start of the run (key: value pairs, before the banner) and saved
     text = capsys.readouterr().out
     head, _, rest = text.partition("\nqlora-kit finetune · ")
-    assert head.startswith(f"resolved config (saved as {out / 'config.yaml'}):\n{{") and rest
+    assert head.startswith(f"resolved config (saved as {out / 'config.yaml'}):\n  ") and rest
     assert len(head.splitlines()) < 20
-    printed = yaml.safe_load(head.split("\n", 1)[1])
-    assert printed == yaml.safe_load((out / "config.yaml").read_text())
-    assert printed["max_steps"] == 2 and printed["output_dir"] == str(out) and printed["lora"]["r"] == 16
+    pairs = [p.split(": ", 1) for line in head.splitlines()[1:] for p in line.strip().split(" · ")]
+    printed = {k: yaml.safe_load(v) for k, v in pairs}
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    flat_saved = {
+        f"lora.{k}" if sec else k: v
+        for sec, d in (("", saved), ("lora", saved["lora"]))
+        for k, v in d.items()
+        if not isinstance(v, dict) and k != "description"
+    }
+    assert printed == flat_saved
+    assert printed["max_steps"] == 2 and printed["output_dir"] == str(out) and printed["lora.r"] == 16
     resolved = load_recipe("quickstart", [*SMALL, "max_steps=2", f"output_dir={out}"])
     assert load_recipe(str(out / "config.yaml")) == resolved
     assert main(["finetune", "quickstart", *SMALL, "max_steps=2", f"output_dir={out}"]) == 2

@@ -470,14 +470,28 @@ def _changed_keys(saved_yaml: str | None, recipe: Recipe) -> list[str]:
     return sorted(k for k in now if k not in _RUN_ONLY_KEYS and k in saved and saved[k] != now[k])
 
 
-def compact_yaml(recipe: Recipe, width: int = 100) -> str:
-    """The resolved recipe as one YAML flow mapping wrapped near ``width`` columns (about a dozen lines; valid YAML)."""
+def compact_yaml(recipe: Recipe, width: int = 110) -> str:
+    """The resolved recipe as ``key: value`` pairs (dotted for ``lora.*``), a few per line, wrapped near ``width``
+    columns; the description is left out (the banner shows it). config.yaml holds the same values as YAML."""
     import yaml
 
     from ..recipe import to_dict
 
-    text = yaml.safe_dump(to_dict(recipe), default_flow_style=True, sort_keys=False, allow_unicode=True, width=width)
-    return text.rstrip("\n")
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            elif k != "description":
+                text = yaml.safe_dump(v, default_flow_style=True, width=10**6).strip()
+                yield f"{prefix}{k}: {text.removesuffix(chr(10) + '...').strip()}"
+
+    lines, line = [], ""
+    for item in flat(to_dict(recipe)):  # whole pairs per line, never split inside one
+        if line and len(line) + 3 + len(item) > width:
+            lines.append(line)
+            line = ""
+        line = f"{line} · {item}" if line else f"  {item}"
+    return "\n".join([*lines, line] if line else lines)
 
 
 def _units(objective, recipe: Recipe, run: _Run) -> int:
