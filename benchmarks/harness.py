@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,15 +54,9 @@ def _version(module: str) -> str | None:
 
 def git_commit() -> str:
     """Short commit of the working tree ("+dirty" when it has uncommitted changes), or "unknown"."""
-    cwd = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=cwd)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=cwd)
-    except OSError:
-        return "unknown"
-    if commit.returncode != 0:
-        return "unknown"
-    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    from qlora_kit.report import git_commit as commit
+
+    return commit()
 
 
 def environment(device: str) -> dict:

@@ -29,6 +29,18 @@ def _module_by_identity(model: nn.Module) -> dict[int, str]:
     return {id(m): name for name, m in model.named_modules()}
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """``model.get_output_embeddings()`` when the model has one (transformers' output head), else None."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    if not callable(get_out):
+        return None
+    try:
+        head = get_out()
+    except (NotImplementedError, AttributeError):
+        return None
+    return head if isinstance(head, nn.Module) else None
+
+
 def default_filter(model: nn.Module) -> FilterFn:
     """The filter ``quantize`` uses when none is given.
 
@@ -38,14 +50,9 @@ def default_filter(model: nn.Module) -> FilterFn:
     ConvTranspose2d), and embeddings (usually tied to the head; pass a filter_fn to quantize them).
     """
     keep: set[int] = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        try:
-            head = get_out()
-        except (NotImplementedError, AttributeError):
-            head = None
-        if isinstance(head, nn.Module):
-            keep.add(id(head))
+    head = output_head(model)
+    if head is not None:
+        keep.add(id(head))
     convs = [m for m in model.modules() if isinstance(m, _CONV_TYPES)]
     if any(isinstance(m, _IMAGE_CONV_TYPES) for m in convs):
         keep.add(id(convs[0]))

@@ -127,17 +127,14 @@ def _name_matches(spec, name: str) -> bool:
 
 
 def _output_head_ids(model: nn.Module) -> set[int]:
+    from .api import output_head
+
     ids = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        try:
-            head = get_out()
-        except (NotImplementedError, AttributeError):
-            head = None
-        if isinstance(head, nn.Module):
-            ids.add(id(head))
-            if isinstance(head, LoraLayer):
-                ids.add(id(head.base_layer))
+    head = output_head(model)
+    if head is not None:
+        ids.add(id(head))
+        if isinstance(head, LoraLayer):
+            ids.add(id(head.base_layer))
     return ids
 
 

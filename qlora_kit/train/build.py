@@ -155,17 +155,11 @@ def vocab_for_builtin(recipe: Recipe, tokenizer) -> int | None:
 
 def _lora_capable(model: nn.Module, include_convs: bool) -> list[str]:
     """Paths of every Linear / Conv1D (and, when asked, conv / transposed conv) layer except output heads."""
+    from ..api import output_head
     from ..nn.lora_layers import lora_kind
 
-    heads = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        try:
-            head = get_out()
-        except (NotImplementedError, AttributeError):
-            head = None
-        if isinstance(head, nn.Module):
-            heads.add(id(head))
+    head = output_head(model)
+    heads = set() if head is None else {id(head)}
     kinds = ("linear", "conv", "conv_transpose") if include_convs else ("linear",)
     out = []
     for name, module in model.named_modules():
