@@ -1568,6 +1568,16 @@ def run_bench(*, quick: bool, device: str, suites=_SUITES, cache_dir=None, log=p
     }
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; pass e.g. --threads 2") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1; pass e.g. --threads 2")
+    return value
+
+
 def main_bench(argv: list[str] | None = None) -> int:
     """``qlora-kit bench``: run the method comparison and write JSON, Markdown and HTML results."""
     parser = argparse.ArgumentParser(
@@ -1582,7 +1592,9 @@ def main_bench(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cache-dir", default=None, help="reference model cache (default: $QLORA_KIT_CACHE or ~/.cache/qlora_kit)"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     args = parser.parse_args(argv)
     suites = tuple(s.strip() for s in args.suites.split(",") if s.strip())
     bad = [s for s in suites if s not in _SUITES]

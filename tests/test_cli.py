@@ -343,3 +343,9 @@ def test_merge_a_quantized_run(tmp_path, capsys):
     qmap = json.loads((out / "quantization.json").read_text())
     assert len(qmap["layers"]) == 14 - 4  # q_proj and v_proj of 2 layers merged into float
     assert os.path.isfile(out / "config.json")
+
+
+def test_bench_rejects_non_positive_threads(capsys):
+    assert main(["bench", "--threads", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--threads" in err and "Traceback" not in err
