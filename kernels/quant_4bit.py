@@ -7,8 +7,8 @@ the high nibble of byte i.
 Kernels:
     _quantize_4bit_kernel    one program per block: absmax, scale, nearest code via 15 midpoints, pack
     _dequantize_4bit_kernel  one program per chunk of packed bytes: unpack, code lookup, * absmax, cast
-    _quantize_8bit_kernel    one program per 256-block: absmax, normalise, binary search in the 256-entry
-                             dynamic map, nearest neighbour (ties to the lower index)
+    _quantize_8bit_kernel    one program per 256-block: absmax, scale as bitsandbytes, binary search over
+                             the 255 midpoints of the dynamic map (ties to the lower index)
     _dequantize_8bit_kernel  code[q] * absmax[block]
 """
 
@@ -108,26 +108,29 @@ def _quantize_8bit_kernel(
     x_ptr,  # fp32 [n]
     q_ptr,  # uint8 [n]
     absmax_ptr,  # fp32 [nblocks]
-    code_ptr,  # fp32 [256], sorted ascending
+    mid_ptr,  # fp32 [255] midpoints of the sorted dynamic map
     n,
     BLOCKSIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCKSIZE + tl.arange(0, BLOCKSIZE)
+    start = pid * BLOCKSIZE
+    offs = start + tl.arange(0, BLOCKSIZE)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     absmax = tl.max(tl.abs(x), axis=0)
-    tl.store(absmax_ptr + pid, absmax)
-    normed = tl.math.div_rn(x, absmax)  # an all-zero block gives NaN -> code 0 below
-    # largest index whose code is <= normed (0 when none): binary search over the sorted map
+    safe = tl.maximum(absmax, 1e-38)
+    # the 4-bit kernel's block scaling (bitsandbytes' arithmetic): full blocks x * (1 / absmax), the tail
+    # x / absmax with its absmax stored clamped
+    is_full = start + BLOCKSIZE <= n
+    tl.store(absmax_ptr + pid, tl.where(is_full, absmax, safe))
+    s = tl.where(is_full, x * tl.math.div_rn(1.0, safe), tl.math.div_rn(x, safe))
+    s = tl.minimum(tl.maximum(s, -1.0), 1.0)
+    # number of midpoints strictly below s (torch.bucketize, right=False): binary search over 255 midpoints
     idx = tl.zeros([BLOCKSIZE], dtype=tl.int32)
     for step_log in tl.static_range(8):
         cand = idx + (128 >> step_log)
-        idx = tl.where(tl.load(code_ptr + cand) <= normed, cand, idx)
-    right = tl.minimum(idx + 1, 255)
-    d_left = tl.abs(normed - tl.load(code_ptr + idx))
-    d_right = tl.abs(normed - tl.load(code_ptr + right))
-    idx = tl.where(d_right < d_left, right, idx)
+        below = tl.load(mid_ptr + tl.minimum(cand, 255) - 1) < s
+        idx = tl.where((cand <= 255) & below, cand, idx)
     tl.store(q_ptr + offs, idx.to(tl.uint8), mask=mask)
 
 
@@ -195,8 +198,8 @@ def quantize_blockwise_8bit(
     q = torch.empty(n, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(nb, dtype=torch.float32, device=x.device)
     if n:
-        code = ref.DYNAMIC_MAP.to(x.device)
-        _quantize_8bit_kernel[(nb,)](flat, q, absmax, code, n, BLOCKSIZE=blocksize)
+        mids = ref.DYNAMIC_MIDPOINTS.to(x.device)
+        _quantize_8bit_kernel[(nb,)](flat, q, absmax, mids, n, BLOCKSIZE=blocksize)
     return q, absmax
 
 

@@ -84,31 +84,47 @@ def test_reference_matches_bitsandbytes(quant_type, blocksize):
                     assert same.all(), (label, dtype, out_dtype)
 
 
-@pytest.mark.parametrize("blocksize", (32, 64, 4096))
+def _bnb_generic_quantize_blockwise(x, blocksize=256):
+    """bitsandbytes' own pure-PyTorch 8-bit quantize_blockwise (its "default" kernel, which its CUDA kernel
+    implements too), called past its native CPU kernel."""
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    code = bnbF.create_dynamic_map().float()
+    return torch.ops.bitsandbytes.quantize_blockwise.default.redispatch(keys, x, code, blocksize)
+
+
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
 def test_double_quant_matches_bitsandbytes(blocksize):
-    """Same offset and nested absmax; qabsmax equal except where bitsandbytes' native CPU search is not
-    the nearest code (its table lookup picks the second-nearest code near midpoints and near zero)."""
+    """Bit for bit: the same offset, nested absmax and qabsmax as bitsandbytes' compress_statistics=True with
+    its generic 8-bit path. Its native CPU kernel searches a lookup table that picks the second-nearest code
+    near midpoints and near zero: against it, offset and nested absmax are equal and every differing qabsmax
+    is one where ours is the nearest code and its is not."""
     g = torch.Generator().manual_seed(1)
-    total_mismatch = total = 0
-    for w in (torch.randn(64, 1000, generator=g), torch.randn(3, 700, generator=g), torch.full((3, 64), 0.37)):
+    weights = [torch.randn(64, 1000, generator=g), torch.randn(3, 700, generator=g), torch.full((3, 64), 0.37)]
+    weights += [w for _, w in WEIGHTS]
+    for w in weights:
         q, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
         packed, absmax = F.quantize_nf4(w, blocksize)
         qabsmax, nested, offset = F.double_quantize(absmax)
         assert torch.equal(packed, q.reshape(-1))
         assert torch.equal(offset, state.offset)
-        assert torch.equal(nested, state.state2.absmax)
+        generic_q, generic_nested = _bnb_generic_quantize_blockwise(absmax - offset)
+        assert torch.equal(qabsmax, generic_q)
+        assert torch.equal(nested, generic_nested)
+        # an all-zero tail block: bitsandbytes' generic path (and ours) store its absmax clamped to 1e-38, its
+        # native CPU kernel stores 0; both decode to 0
+        native = state.state2.absmax
+        zero_tail = (native == 0) & (nested == torch.tensor(1e-38))
+        assert torch.equal(nested[~zero_tail], native[~zero_tail])
         target = (absmax - offset) / nested.repeat_interleave(256)[: absmax.numel()]
         code = ref.DYNAMIC_MAP
         ours_err = (code[qabsmax.long()] - target).abs()
         bnb_err = (code[state.absmax.long()] - target).abs()
         finite = torch.isfinite(target)
-        # ours is the nearest code everywhere
         assert (ours_err[finite] <= (code.unsqueeze(0) - target[finite].unsqueeze(1)).abs().amin(1)).all()
         mismatch = qabsmax != state.absmax
         assert (ours_err[mismatch & finite] <= bnb_err[mismatch & finite]).all()
-        total_mismatch += int(mismatch.sum())
-        total += absmax.numel()
-    assert total_mismatch <= 0.1 * total
+        if w is weights[0]:  # a plain random weight: the native kernel's misses are rare
+            assert int(mismatch.sum()) <= 0.1 * absmax.numel()
 
 
 def test_nested_state_roundtrip_close():

@@ -15,9 +15,9 @@ bit for bit, and they match bitsandbytes' ``quantize_4bit`` / ``dequantize_4bit`
   pads one scaled value 0.0 (NF4 pattern 7, FP4 pattern 0), as bitsandbytes does.
 
 Double quantization (bitsandbytes' ``compress_statistics=True``): offset = mean(absmax);
-(absmax - offset) is quantized in blocks of 256 with the signed 8-bit dynamic map, nearest code with
-ties to the lower index (the semantics of bitsandbytes' pure-PyTorch ``quantize_blockwise``); the
-nested absmax is fp32. Note: bitsandbytes' native CPU library quantizes this 8-bit step through a
+(absmax - offset) is quantized in blocks of 256 with the signed 8-bit dynamic map with the arithmetic of
+bitsandbytes' pure-PyTorch ``quantize_blockwise`` (block scaling as above, nearest code by midpoints, ties
+to the lower index), bit for bit; the nested absmax is fp32. Note: bitsandbytes' native CPU library quantizes this 8-bit step through a
 table lookup that picks the second-nearest code for values close to a midpoint or to zero; we keep the
 exact nearest code (tests check that every difference is such a case).
 """
@@ -77,6 +77,7 @@ def _dynamic_map() -> torch.Tensor:
 
 
 DYNAMIC_MAP = _dynamic_map()
+DYNAMIC_MIDPOINTS = (DYNAMIC_MAP[:-1] + DYNAMIC_MAP[1:]) / 2  # 255 fp32 midpoints of the sorted map
 
 
 def code_table(quant_type: str) -> torch.Tensor:
@@ -174,26 +175,20 @@ def dequantize_4bit(
 
 
 def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest-code 8-bit quantization of a flat fp32 tensor with the dynamic map, per block of ``blocksize``.
+    """8-bit quantization of a flat fp32 tensor with the dynamic map, per block of ``blocksize``.
+
+    bitsandbytes' generic ``quantize_blockwise`` arithmetic, to the bit: the same block scaling as the 4-bit
+    formats (full blocks ``x * (1 / absmax)``, the partial tail ``x / absmax`` with its absmax stored clamped
+    to 1e-38), clamp to [-1, 1], then the nearest code by the 255 midpoints of the sorted map (a value on a
+    midpoint takes the lower code). An all-zero block gets code 127 (the map's 0.0); it dequantizes to 0.
 
     Returns:
-        (codes uint8 [numel], absmax fp32 [ceil(numel / blocksize)]). A block whose values are all zero
-        gets absmax 0 and code 0 (its dequantized value is 0 either way).
+        (codes uint8 [numel], absmax fp32 [ceil(numel / blocksize)]).
     """
     flat = x.reshape(-1).float()
-    n = flat.numel()
-    nb = num_blocks(n, blocksize)
-    pad = nb * blocksize - n
-    padded = torch.cat([flat, flat.new_zeros(pad)]).reshape(nb, blocksize)
-    absmax = padded.abs().amax(dim=1)
-    normed = (padded / absmax.unsqueeze(1)).reshape(-1)[:n]  # 0/0 -> NaN for all-zero blocks
-    code = DYNAMIC_MAP.to(flat.device)
-    left = (torch.searchsorted(code, normed, right=True) - 1).clamp(0, 255)
-    right = (left + 1).clamp(max=255)
-    take_right = (normed - code[right]).abs() < (normed - code[left]).abs()
-    idx = torch.where(take_right, right, left)
-    idx = torch.where(torch.isnan(normed), torch.zeros_like(idx), idx)
-    return idx.to(torch.uint8), absmax
+    absmax, scaled = _scale_blocks(flat, blocksize)
+    q = torch.bucketize(scaled, DYNAMIC_MIDPOINTS.to(flat.device), out_int32=True)
+    return q.to(torch.uint8), absmax
 
 
 def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
