@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .configs import FORMAT_OF_CONFIG
+from .formats.base import check_finite
 from .nn.quantized import QuantizedLayer, quantized_class_for
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -114,27 +115,45 @@ def quantize(
         return algorithm(model, config, filter_fn=filter_fn, device=device, calib_data=calib_data)
     fmt = _format_name(config)
     keep = filter_fn or default_filter(model)
-    targets = []
+    if quantized_class_for(model) is not None and not isinstance(model, QuantizedLayer):
+        raise ValueError(
+            f"quantize() swaps the layers inside a model, and got a bare {type(model).__name__}; "
+            "wrap it, e.g. quantize(nn.Sequential(layer), config, filter_fn=lambda m, n: True)[0]"
+        )
+    targets: list[tuple[str, type]] = []  # names only: a float module must not outlive its swap
     for fqn, module in model.named_modules():
         if isinstance(module, QuantizedLayer) or not fqn:
             continue
         cls = quantized_class_for(module)
         if cls is None or not keep(module, fqn):
             continue
-        if any(fqn.startswith(t + ".") for t, _, _ in targets):
+        if any(fqn.startswith(t + ".") for t, _ in targets):
             continue
-        targets.append((fqn, module, cls))
-    for fqn, module, cls in targets:
+        targets.append((fqn, cls))
+    # every weight is checked before any layer is swapped, so a NaN / Inf leaves the model untouched
+    for fqn, _ in targets:
+        check_finite(model.get_submodule(fqn).weight.detach(), f"{fqn}.weight")
+    for fqn, cls in targets:
+        module = model.get_submodule(fqn)
         if device is not None:
             module.to(device)
         layer = cls.from_float(module, config, fmt, tensor_name=f"{fqn}.weight")
         layer.train(module.training)
         _set_submodule(model, fqn, layer)
-        # free the float weight right away (matters when the model is large)
-        del module
+        del module  # the float layer (on ``device`` when given) is freed here, one layer at a time
     if device is not None:
         model.to(device)
     return model
+
+
+def weight_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The model's parameters and persistent floating-point buffers (what ``memory_footprint`` counts as weights;
+    index buffers such as BERT's position_ids and non-persistent ones such as rotary inv_freq are left out)."""
+    weights = list(model.parameters())
+    for module in model.modules():
+        skip = getattr(module, "_non_persistent_buffers_set", set())
+        weights += [b for n, b in module._buffers.items() if b is not None and n not in skip and b.is_floating_point()]
+    return list({id(t): t for t in weights}.values())
 
 
 def memory_footprint(model: nn.Module) -> dict[str, int]:
@@ -142,7 +161,9 @@ def memory_footprint(model: nn.Module) -> dict[str, int]:
 
     Returns:
         {"nf4", "fp4", "int8", "int4", "fp8": bytes of packed codes plus their scales;
-         "float": bytes of every other parameter and buffer (biases, norms, float layers)}.
+         "float": bytes of every other parameter (biases, norms, float layers) and persistent floating-point
+         buffer (e.g. BatchNorm statistics); index buffers (BERT's position_ids) and non-persistent ones
+         (rotary inv_freq) are not weights and are not counted}.
         Tensors shared between modules are counted once.
     """
     out = {"nf4": 0, "fp4": 0, "int8": 0, "int4": 0, "fp8": 0, "float": 0}
@@ -156,7 +177,7 @@ def memory_footprint(model: nn.Module) -> dict[str, int]:
                     seen.add(t.data_ptr())
                     out[kind] = out.get(kind, 0) + t.numel() * t.element_size()
                 quantized_tensors.add(t.data_ptr())
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in weight_tensors(model):
         if t.data_ptr() in seen or t.data_ptr() in quantized_tensors:
             continue
         seen.add(t.data_ptr())

@@ -21,7 +21,7 @@ def _check_compute_dtype(cls_name: str, dtype) -> None:
 
 
 def _check_choice(cls_name: str, field: str, value, allowed) -> None:
-    if isinstance(value, bool) or value not in allowed:
+    if type(value) is not type(allowed[0]) or value not in allowed:  # 64.0 and True are not sizes
         raise ValueError(f"{cls_name}.{field} must be one of {list(allowed)}, got {value!r}")
 
 

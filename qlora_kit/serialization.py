@@ -22,7 +22,7 @@ from torch import nn
 
 from .api import _format_name, _set_submodule
 from .configs import CONFIG_CLASSES, FORMAT_OF_CONFIG
-from .nn.quantized import LAYER_CLASSES, QuantizedLayer
+from .nn.quantized import LAYER_CLASSES, QuantizedLayer, quantized_class_for
 
 WEIGHTS_NAME = "model.safetensors"
 QMAP_NAME = "quantization.json"
@@ -69,7 +69,12 @@ def _atomic_write_dir(directory: Path, write) -> None:
         if directory.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
             os.replace(directory, old / "d")
-            os.replace(tmp, directory)
+            try:
+                os.replace(tmp, directory)
+            except BaseException:
+                os.replace(old / "d", directory)  # put the previous save back: nothing is lost
+                shutil.rmtree(old, ignore_errors=True)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, directory)
@@ -148,21 +153,38 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
     # build the quantized layers off-model first
     new_layers: dict[str, nn.Module] = {}
-    for fqn, info in qmap.get("layers", {}).items():
+    layers = qmap.get("layers", {}) if isinstance(qmap, dict) else None
+    if not isinstance(layers, dict):
+        raise ValueError(f"{qmap_path} has no 'layers' mapping; re-save the model with save_quantized")
+    for fqn, info in layers.items():
         try:
             float_module = model.get_submodule(fqn)
         except AttributeError:
             raise ValueError(
                 f"the model has no module {fqn!r} that {qmap_path} quantizes; wrong architecture?"
             ) from None
+        if not isinstance(info, dict):
+            raise ValueError(f"{qmap_path}: the entry for {fqn!r} is not a mapping; re-save the model")
         cls = LAYER_CLASSES.get(info.get("layer"))
         if cls is None:
             raise ValueError(f"{qmap_path}: unknown layer class {info.get('layer')!r} for {fqn!r}")
-        fmt = info["format"]["format"]
-        config = _config_from_meta(fmt, info["config"])
-        _format_name(config)
-        layer = cls.empty_like_float(float_module, config, info["format"])
-        layer.out_dtype = _dtype_from_name(info["out_dtype"])
+        expected_cls = quantized_class_for(float_module)
+        if expected_cls is not cls:
+            raise ValueError(
+                f"{qmap_path} says {fqn!r} is a {info.get('layer')}, but the model's {type(float_module).__name__} "
+                "there does not quantize to one; load into the architecture that was saved"
+            )
+        try:
+            fmt = info["format"]["format"]
+            config = _config_from_meta(fmt, info["config"])
+            _format_name(config)
+            layer = cls.empty_like_float(float_module, config, info["format"])
+            layer.out_dtype = _dtype_from_name(info["out_dtype"])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(
+                f"{qmap_path}: the entry for {fqn!r} is malformed ({type(e).__name__}: {e}); re-save the model"
+            ) from None
+        layer.train(float_module.training)
         new_layers[fqn] = layer
 
     # the state dict the finished model will have, to check against

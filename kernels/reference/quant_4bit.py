@@ -17,9 +17,9 @@ bit for bit, and they match bitsandbytes' ``quantize_4bit`` / ``dequantize_4bit`
 Double quantization (bitsandbytes' ``compress_statistics=True``): offset = mean(absmax);
 (absmax - offset) is quantized in blocks of 256 with the signed 8-bit dynamic map with the arithmetic of
 bitsandbytes' pure-PyTorch ``quantize_blockwise`` (block scaling as above, nearest code by midpoints, ties
-to the lower index), bit for bit; the nested absmax is fp32. Note: bitsandbytes' native CPU library quantizes this 8-bit step through a
-table lookup that picks the second-nearest code for values close to a midpoint or to zero; we keep the
-exact nearest code (tests check that every difference is such a case).
+to the lower index), bit for bit; the nested absmax is fp32. Note: bitsandbytes' native CPU library
+quantizes this 8-bit step through a table lookup that picks the second-nearest code for values close to a
+midpoint or to zero; we keep the exact nearest code (tests check that every difference is such a case).
 """
 
 from __future__ import annotations

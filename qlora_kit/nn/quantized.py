@@ -230,8 +230,8 @@ class QuantEmbedding(QuantizedLayer):
         }
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize_weight()
-        out = F.embedding(ids, w, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq, self.sparse)
+        w = self.dequantize_weight()  # a fresh copy: max_norm renormalises its looked-up rows, never the codes
+        out = F.embedding(ids, w, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
         return out.to(self.out_dtype)
 
 

@@ -242,12 +242,10 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 def estimate_quantized_bytes(model: nn.Module, recipe: Recipe) -> tuple[int, int, int]:
     """(bytes of the quantized weights, bytes of everything kept in float, number of quantized layers),
     computed from shapes only (works on a weightless ``meta`` model), with ``quantize``'s default filter."""
-    from ..api import default_filter
+    from ..api import default_filter, weight_tensors
     from ..nn.quantized import quantized_class_for
 
-    all_bytes = sum(
-        t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
-    )
+    all_bytes = sum(t.numel() * t.element_size() for t in weight_tensors(model))
     if recipe.quantization == "none":
         return 0, all_bytes, 0
     keep = default_filter(model)
