@@ -48,6 +48,8 @@ import triton.language as tl
 
 from . import matmul_4bit as mm4
 from . import matmul_int as mi
+from .matmul_4bit import _load_tile
+from .matmul_int import _int4_tile
 from .reference.lora import IntQuantMeta, PackedInt
 from .reference.matmul import Packed4bit, Quant4bitMeta
 from .reference.quant_4bit import DYNAMIC_MAP, code_table
@@ -238,17 +240,6 @@ def _float_kernel(
 
 
 @triton.jit
-def _block_absmax(blk, mask, absmax_ptr, dmap_ptr, nested_ptr, offset_ptr, DOUBLE_QUANT: tl.constexpr):
-    # fp32 absmax of blocks ``blk``; with double quantization DYNAMIC_MAP[q] * nested[blk // 256] + offset
-    if DOUBLE_QUANT:
-        qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        nested = tl.load(nested_ptr + blk // 256, mask=mask, other=0.0)
-        return tl.load(dmap_ptr + qa) * nested + tl.load(offset_ptr)
-    else:
-        return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
-
-
-@triton.jit
 def _nf4_tile(
     packed_ptr,
     absmax_ptr,
@@ -266,35 +257,11 @@ def _nf4_tile(
     EVEN_K: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # W[offs_n, k0 + 2j] and W[offs_n, k0 + 2j + 1] (j < BLOCK_K / 2) in fp32. Element (n, k) is flat index
-    # n K + k: byte (n K + k) // 2, high nibble when even. BLOCK_K <= BLOCKSIZE, so a tile row touches at
-    # most two absmax blocks (blocks straddle rows when K % BLOCKSIZE != 0).
-    j = tl.arange(0, BLOCK_K // 2)
-    k_even = k0 + 2 * j
-    n_ok = offs_n < N
-    m0 = n_ok[:, None] & (k_even < K)[None, :]
-    m1 = n_ok[:, None] & (k_even + 1 < K)[None, :]
-    row = offs_n.to(tl.int64) * K  # flat index of (n, 0)
-    if EVEN_K:  # rows start on a byte: one byte holds the (even, odd) pair
-        byte = tl.load(packed_ptr + (row // 2)[:, None] + (k_even // 2)[None, :], mask=m0, other=0).to(tl.int32)
-        q0 = byte >> 4
-        q1 = byte & 15
-    else:  # odd rows start mid-byte: the pair's nibbles come from two bytes
-        i0 = row[:, None] + k_even[None, :]
-        odd = (i0 & 1).to(tl.int32)
-        b0 = tl.load(packed_ptr + (i0 >> 1), mask=m0, other=0).to(tl.int32)
-        b1 = tl.load(packed_ptr + ((i0 + 1) >> 1), mask=m1, other=0).to(tl.int32)
-        q0 = (b0 >> (4 - 4 * odd)) & 15
-        q1 = (b1 >> (4 * odd)) & 15
-    # a tile past K (the last step of a K-slice) would name a block past the end for the last row: clamp
-    first = tl.minimum((row + k0) // BLOCKSIZE, nblocks - 1)
-    a_first = _block_absmax(first, n_ok, absmax_ptr, dmap_ptr, nested_ptr, offset_ptr, DOUBLE_QUANT)
-    a_next = _block_absmax(first + 1, n_ok & (first + 1 < nblocks), absmax_ptr, dmap_ptr, nested_ptr, offset_ptr,
-                           DOUBLE_QUANT)  # fmt: skip
-    split = ((first + 1) * BLOCKSIZE - row)[:, None]  # first column of the next block, per row
-    s0 = tl.where(k_even[None, :] < split, a_first[:, None], a_next[:, None])
-    s1 = tl.where(k_even[None, :] + 1 < split, a_first[:, None], a_next[:, None])
-    return tl.load(code_ptr + q0) * s0, tl.load(code_ptr + q1) * s1
+    # W[offs_n, k0 + 2j] and W[offs_n, k0 + 2j + 1] (j < BLOCK_K / 2) in fp32, decoded by the fused matmul's
+    # tile loader (any K, tiles may straddle two absmax blocks; code table read from memory)
+    c0, c1, s0, s1 = _load_tile(packed_ptr, absmax_ptr, dmap_ptr, nested_ptr, offset_ptr, code_ptr, offs_n, k0, N, K,
+                                K // 2, nblocks, BLOCKSIZE, DOUBLE_QUANT, EVEN_K, False, False, BLOCK_K)  # fmt: skip
+    return c0 * s0, c1 * s1
 
 
 @triton.jit
@@ -357,28 +324,6 @@ def _nf4_dx_kernel(
 
 
 # ------------------------------------------------------------------------------------------ int4 base
-
-
-@triton.jit
-def _nibble_to_f32(q):
-    # exact int 0..15 -> fp32 without an int->float convert: 2**23 + q has q in its mantissa
-    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-
-@triton.jit
-def _int4_tile(packed_ptr, scale_ptr, zero_ptr, offs_n, k0, N, K, k_bytes, ngroups, GROUP_SIZE: tl.constexpr,
-               BLOCK_K: tl.constexpr):  # fmt: skip
-    # columns k0 + 2j (d0) and k0 + 2j + 1 (d1) of rows offs_n as q - zero in fp32, and the row scale
-    # s [BN, 1]: W = d * s. BLOCK_K divides GROUP_SIZE, so the tile lies in one group per row.
-    j = tl.arange(0, BLOCK_K // 2)
-    n_ok = offs_n < N
-    rows = offs_n.to(tl.int64)
-    mask = n_ok[:, None] & (k0 + 2 * j < K)[None, :]
-    byte = tl.load(packed_ptr + rows[:, None] * k_bytes + (k0 // 2 + j)[None, :], mask=mask, other=0).to(tl.int32)
-    g = tl.minimum(k0 // GROUP_SIZE, ngroups - 1)  # a tile past K (last step of a K-slice): stay in bounds
-    s = tl.load(scale_ptr + rows * ngroups + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    z = tl.load(zero_ptr + rows * ngroups + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    return _nibble_to_f32(byte >> 4) - z, _nibble_to_f32(byte & 15) - z, s
 
 
 @triton.jit
