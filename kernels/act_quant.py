@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .matmul_4bit import flatten_rows, interpreting
+from .matmul_4bit import device_arch, flatten_rows, interpreting, triton_has_fp8
 
 __all__ = [
     "fp8_dynamic_linear",
@@ -157,11 +157,10 @@ def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _check_fp8_device(device: torch.device) -> None:
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(device)
+    if not triton_has_fp8(device):
         raise RuntimeError(
             f"fp8 matmuls need an NVIDIA GPU with compute capability 8.9 or newer (Ada, Hopper); this one is "
-            f"sm_{major}{minor}: use Int8DynamicActivationConfig (W8A8 int8) instead"
+            f"sm_{device_arch(device)}: use Int8DynamicActivationConfig (W8A8 int8) instead"
         )
 
 

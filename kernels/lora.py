@@ -420,7 +420,7 @@ def _cw_forward_kernel(
         x = tl.load(x_row + offs_k[None, :], mask=m_ok & k_ok, other=0.0)
         q = tl.load(q_row + offs_k[None, :], mask=n_ok[:, None] & k_ok, other=0.0)
         if USE_DOT:
-            acc = tl.dot(x, tl.trans(q.to(x.dtype)), acc, input_precision=PRECISION)
+            acc = tl.dot(x, tl.trans(q.to(tl.float32).to(x.dtype)), acc, input_precision=PRECISION)
         else:
             acc += tl.sum(x.to(tl.float32)[:, None, :] * q.to(tl.float32)[None, :, :], axis=2)
     acc = acc * tl.load(qscale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
@@ -509,15 +509,14 @@ def _weight_args(w) -> tuple[tuple, dict]:
 
 def _triton_decodes(w, device: torch.device) -> bool:
     # Triton converts e4m3 codes only on sm89+ GPUs (and in the interpreter)
-    if isinstance(w, PackedInt) and w.meta.fmt == "fp8" and device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 9)
-    return True
+    return not (isinstance(w, PackedInt) and w.meta.fmt == "fp8") or mm4.triton_has_fp8(device)
 
 
-def _plan(w, device: torch.device, m: int, n: int, k: int) -> mm4.MatmulPlan:
-    if not _triton_decodes(w, device):
+def _plan(w, x: torch.Tensor, n: int, k: int, grad: bool) -> mm4.MatmulPlan:
+    if not _triton_decodes(w, x.device):
         return mm4.MatmulPlan("dequant")
-    return mm4.plan_matmul(_fmt(w), device, m, n, k)
+    plan = mm4.plan_matmul(_fmt(w), x.device, x.shape[0], n, k)
+    return mm4.dot_plan(plan, x.dtype, x.device, grad or plan.path == "gemm")
 
 
 def _dequantize(w, dtype: torch.dtype) -> torch.Tensor:
@@ -584,12 +583,13 @@ def _dense_gemm(x, w, grad_input, low=None, bias=None, scale=0.0):
     ``$QLORA_KIT_LORA_DENSE_GEMM``: "triton" (default) runs ``_float_kernel`` with the update in its
     epilogue; "cublas" runs torch.matmul and adds the update with one addmm (an extra pass over the
     output, but cuBLAS's GEMM). Which is faster depends on the GPU: ``benchmarks/bench_lora.py`` times both.
+    fp32 without TF32 always takes cuBLAS on a GPU (``mm4.fma_dot``: the Triton kernel would spill).
     """
     choice = os.environ.get(DENSE_GEMM_ENV, "triton")
-    if choice == "triton":
-        return _float_gemm(x, w, grad_input, low, bias, scale)
-    if choice != "cublas":
+    if choice not in ("triton", "cublas"):
         raise ValueError(f"{DENSE_GEMM_ENV}={choice!r} is not valid; use 'triton' or 'cublas'")
+    if choice == "triton" and not mm4.fma_dot(x.dtype, x.device):
+        return _float_gemm(x, w, grad_input, low, bias, scale)
     wt = w.to(x.dtype)
     out = x @ wt if grad_input else torch.nn.functional.linear(x, wt, None if bias is None else bias.to(x.dtype))
     if low is not None:
@@ -610,12 +610,15 @@ def _quant_forward(x, w, bias, xa, lora_b, scale):
     N = w.meta.shape[0]
     if M == 0:
         return x.new_empty((0, N))
-    plan = _plan(w, x.device, M, N, K)
+    plan = _plan(w, x, N, K, grad=False)
     if plan.path == "dequant":  # many rows: decode W once into the scratch buffer, then the dense product
         return _dense_gemm(x, _dequantize(w, x.dtype), False, (xa, lora_b), bias, scale)
     fmt, R = _fmt(w), xa.shape[1]
-    tiles = mm4.launch_tiles(plan.path, M, _max_sub_k(w))
-    if fmt in ("int8", "fp8"):
+    decodes = fmt not in ("int8", "fp8")
+    tiles = mm4.launch_tiles(plan.path, M, _max_sub_k(w), mm4.device_arch(x.device), decodes, K % 2 == 0)
+    if not decodes and plan.path == "gemm" and tiles["BLOCK_M"] == 32:
+        tiles["num_stages"] = 2  # 3 stages + the LoRA epilogue spill 16 B at 32 x 64 (ptxas, sm_90a)
+    if not decodes:
         tiles.pop("SUB_K")  # no quantization blocks along K: one tile per step
     split_k = max(1, min(plan.split_k, triton.cdiv(K, tiles["BLOCK_K"])))
     out = mm4.split_k_output(x, N, split_k)
@@ -640,11 +643,11 @@ def _quant_grad_input(g, w, low, scale):
     K = w.meta.shape[1]
     if M == 0:
         return g.new_empty((0, K))
-    plan = _plan(w, g.device, M, N, K)
+    plan = _plan(w, g, N, K, grad=True)
     if plan.path == "dequant":
         return _dense_gemm(g, _dequantize(w, g.dtype), True, low, None, scale)
     fmt = _fmt(w)
-    tiles = mm4.launch_tiles("grad", M, _max_sub_k(w))
+    tiles = mm4.launch_tiles("grad", M, _max_sub_k(w), mm4.device_arch(g.device), _fmt(w) not in ("int8", "fp8"))
     tiles.pop("SUB_K")
     gb, lora_a = low if low is not None else (g, g)
     R = gb.shape[1] if low is not None else 1

@@ -42,7 +42,10 @@ __all__ = [
     "MatmulPlan",
     "Packed4bit",
     "Quant4bitMeta",
+    "assume_arch",
     "dequantize_packed_4bit",
+    "device_arch",
+    "dot_plan",
     "force_path",
     "matmul_4bit",
     "matmul_4bit_grad_input",
@@ -433,6 +436,41 @@ def force_path(path: str | MatmulPlan):
         _FORCED.pop()
 
 
+_ASSUMED_ARCH: list[int] = []
+
+
+@contextmanager
+def assume_arch(arch: int):
+    """Plan and pick tiles as on an sm_<arch> GPU (80, 89, 90), whatever device the tensors are on.
+
+    The ahead-of-time compile check (``benchmarks/gpu_compile_check.py``) records the launches the
+    launchers make for each target with CPU tensors inside this block.
+    """
+    _ASSUMED_ARCH.append(int(arch))
+    try:
+        yield
+    finally:
+        _ASSUMED_ARCH.pop()
+
+
+def device_arch(device: torch.device) -> int | None:
+    """10 * major + minor compute capability of a CUDA device (80 A100, 89 Ada, 90 Hopper); None otherwise."""
+    if _ASSUMED_ARCH:
+        return _ASSUMED_ARCH[-1]
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def triton_has_fp8(device: torch.device) -> bool:
+    """Triton converts e4m3 codes on sm89+ GPUs (and on the CPU, in the interpreter); older GPUs dequantize
+    fp8 weights with PyTorch instead."""
+    arch = device_arch(device)
+    return arch is None or arch >= 89
+
+
 @lru_cache(maxsize=16)
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -513,12 +551,37 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def launch_tiles(kind: str, m: int, max_sub_k: int) -> dict:
+def fma_dot(dtype: torch.dtype, device: torch.device) -> bool:
+    """Would a ``tl.dot`` here run on FMA units (fp32 operands without TF32, on a GPU)?
+
+    Triton lowers such a dot to FMA loops that spill at our tile sizes (ptxas on sm_90a: up to 52 KB of
+    spill per thread at 128 x 128), while cuBLAS' SGEMM is the better fp32 product anyway; so those
+    products take the "dequant" path (:func:`dot_plan`). The interpreter (no GPU arch) keeps the tile
+    kernels: the tests check their arithmetic in fp32.
+    """
+    return device_arch(device) is not None and dtype == torch.float32 and dot_precision(dtype) == "ieee"
+
+
+def dot_plan(plan: MatmulPlan, dtype: torch.dtype, device: torch.device, uses_dot: bool) -> MatmulPlan:
+    """``plan``, or the "dequant" plan when it would run a ``tl.dot`` on FMA units (:func:`fma_dot`)."""
+    return MatmulPlan("dequant") if uses_dot and fma_dot(dtype, device) else plan
+
+
+def launch_tiles(
+    kind: str, m: int, max_sub_k: int, arch: int | None = None, decodes: bool = True, even_k: bool = True
+) -> dict:
     """Tile sizes and launch options for a "gemv" / "gemm" forward or a "grad" (transposed) product.
 
     SUB_K (columns per decoded tile) is capped by ``max_sub_k`` (blocksize / group size: a tile must
     not span more than two quantization blocks); BLOCK_K = SUB_K * unroll. Interpreter runs use small
     tiles (and still unroll twice in gemv, so that code path is tested).
+
+    ``arch`` (:func:`device_arch`), ``decodes`` (the weight tile is decoded from 4-bit codes) and
+    ``even_k`` (4-bit rows start on a byte): before Hopper, the 128 x 128 tile of a decoding kernel keeps
+    the mma accumulators (64 fp32 registers per thread at 8 warps) and the decoded operand live together
+    and spills past 255 registers (ptxas on sm_80 / sm_89, ``benchmarks/gpu_compile_check.py``); on sm_90a
+    wgmma holds the accumulators in its own layout and fits, except with odd K, whose two-byte nibble
+    pairs spill there too (72-128 B). Those cases take 128 x 64 tiles.
     """
     if interpreting():
         bm = 16 if kind != "gemv" else min(triton.next_power_of_2(m), 16)
@@ -538,7 +601,8 @@ def launch_tiles(kind: str, m: int, max_sub_k: int) -> dict:
     bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     if kind == "grad":
         bm = min(bm, 64)
-    bn = 64 if m <= 64 or kind == "grad" else 128
+    narrow = decodes and (not even_k or (arch is not None and arch < 90))
+    bn = 64 if m <= 64 or kind == "grad" or narrow else 128
     sub_k = min(64, max_sub_k)
     return dict(
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=sub_k, SUB_K=sub_k, num_warps=4 if bm * bn <= 64 * 64 else 8, num_stages=3
@@ -590,7 +654,7 @@ def split_k_output(x2: torch.Tensor, n: int, split_k: int) -> torch.Tensor:
 def _forward(x2, w: Packed4bit, bias, plan: MatmulPlan) -> torch.Tensor:
     M, K = x2.shape
     N = w.meta.shape[0]
-    tiles = launch_tiles(plan.path, M, w.meta.blocksize)
+    tiles = launch_tiles(plan.path, M, w.meta.blocksize, device_arch(x2.device), even_k=K % 2 == 0)
     split_k = max(1, min(plan.split_k, triton.cdiv(K, tiles["BLOCK_K"])))
     out = split_k_output(x2, N, split_k)
     grid = (triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"]), split_k)
@@ -676,6 +740,7 @@ def matmul_4bit(
     N, K = w.meta.shape
     x2 = flatten_rows(x, K, "x")
     plan = plan or plan_matmul(w.meta.quant_type, x2.device, x2.shape[0], N, K)
+    plan = dot_plan(plan, x2.dtype, x2.device, plan.path == "gemm")
     if x2.shape[0] == 0:
         out = x2.new_zeros((0, N))
     elif plan.path in ("gemv", "gemm"):
@@ -696,10 +761,11 @@ def matmul_4bit_grad_input(grad_out: torch.Tensor, w: Packed4bit, *, plan: Matmu
     g2 = flatten_rows(grad_out, N, "grad_out")
     M = g2.shape[0]
     plan = plan or plan_matmul(w.meta.quant_type, g2.device, M, N, K)
+    plan = dot_plan(plan, g2.dtype, g2.device, uses_dot=True)
     if plan.path == "dequant" or M == 0:
         out = torch.matmul(g2, dequantize_packed_4bit(w, g2.dtype, reuse=True))
     else:
-        tiles = launch_tiles("grad", M, w.meta.blocksize)
+        tiles = launch_tiles("grad", M, w.meta.blocksize, device_arch(g2.device))
         tiles.pop("SUB_K")
         out = g2.new_empty((M, K))
         grid = (triton.cdiv(M, tiles["BLOCK_M"]), triton.cdiv(K, tiles["BLOCK_K"]))

@@ -21,6 +21,8 @@ import triton.language as tl
 
 from .matmul_4bit import (
     MatmulPlan,
+    device_arch,
+    dot_plan,
     dot_precision,
     flatten_rows,
     interpreting,
@@ -28,6 +30,7 @@ from .matmul_4bit import (
     plan_matmul,
     scratch_buffer,
     split_k_output,
+    triton_has_fp8,
 )
 
 __all__ = [
@@ -253,7 +256,7 @@ def _cw_forward_kernel(
         x = tl.load(x_row + offs_k[None, :], mask=m_ok & k_ok, other=0.0)
         q = tl.load(q_row + offs_k[None, :], mask=n_ok[:, None] & k_ok, other=0.0)
         if USE_DOT:
-            acc = tl.dot(x, tl.trans(q.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(x, tl.trans(q.to(tl.float32).to(x.dtype)), acc, input_precision=DOT_PRECISION)
         else:
             acc += tl.sum(x.to(tl.float32)[:, None, :] * q.to(tl.float32)[None, :, :], axis=2)
     acc = acc * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
@@ -347,11 +350,12 @@ def matmul_int4(x, packed, scale, zero, group_size: int, bias=None, *, plan: Mat
     x2 = flatten_rows(x, k, "x")
     m = x2.shape[0]
     plan = plan or plan_matmul("int4", x2.device, m, n, k)
+    plan = dot_plan(plan, x2.dtype, x2.device, plan.path == "gemm")
     if m == 0 or plan.path == "dequant":
         w = dequantize_int4(packed, scale, zero, k, group_size, x2.dtype, reuse=True)
         out = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
     else:
-        tiles = launch_tiles(plan.path, m, group_size)
+        tiles = launch_tiles(plan.path, m, group_size, device_arch(x2.device))
         split_k = max(1, min(plan.split_k, triton.cdiv(k, tiles["BLOCK_K"])))
         out = split_k_output(x2, n, split_k)
         grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(n, tiles["BLOCK_N"]), split_k)
@@ -390,10 +394,11 @@ def matmul_int4_grad_input(
     g2 = flatten_rows(grad_out, n, "grad_out")
     m = g2.shape[0]
     plan = plan or plan_matmul("int4", g2.device, m, n, k)
+    plan = dot_plan(plan, g2.dtype, g2.device, uses_dot=True)
     if m == 0 or plan.path == "dequant":
         out = torch.matmul(g2, dequantize_int4(packed, scale, zero, k, group_size, g2.dtype, reuse=True))
     else:
-        tiles = launch_tiles("grad", m, group_size)
+        tiles = launch_tiles("grad", m, group_size, device_arch(g2.device))
         tiles.pop("SUB_K")
         out = g2.new_empty((m, k))
         grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"]))
@@ -447,12 +452,15 @@ def matmul_channelwise(x, qdata, scale, bias=None, *, plan: MatmulPlan | None = 
     m = x2.shape[0]
     fmt = "int8" if qdata.dtype == torch.int8 else "fp8"
     plan = plan or plan_matmul(fmt, x2.device, m, n, k)
+    plan = dot_plan(plan, x2.dtype, x2.device, plan.path == "gemm")
+    if fmt == "fp8" and not triton_has_fp8(x2.device):
+        plan = MatmulPlan("dequant")
     scale = scale.float().contiguous()
     if m == 0 or plan.path == "dequant":
         w = _dequant_into_scratch(qdata, scale, x2.dtype)
         out = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
     else:
-        tiles = launch_tiles(plan.path, m, 128)
+        tiles = launch_tiles(plan.path, m, 128, device_arch(x2.device), decodes=False)
         tiles.pop("SUB_K")  # no quantization blocks along K: one tile per step
         split_k = max(1, min(plan.split_k, triton.cdiv(k, tiles["BLOCK_K"])))
         out = split_k_output(x2, n, split_k)
@@ -487,11 +495,14 @@ def matmul_channelwise_grad_input(grad_out, qdata, scale, *, plan: MatmulPlan | 
     m = g2.shape[0]
     fmt = "int8" if qdata.dtype == torch.int8 else "fp8"
     plan = plan or plan_matmul(fmt, g2.device, m, n, k)
+    plan = dot_plan(plan, g2.dtype, g2.device, uses_dot=True)
+    if fmt == "fp8" and not triton_has_fp8(g2.device):
+        plan = MatmulPlan("dequant")
     scale = scale.float().contiguous()
     if m == 0 or plan.path == "dequant":
         out = torch.matmul(g2, _dequant_into_scratch(qdata, scale, g2.dtype))
     else:
-        tiles = launch_tiles("grad", m, 128)
+        tiles = launch_tiles("grad", m, 128, device_arch(g2.device), decodes=False)
         tiles.pop("SUB_K")
         out = g2.new_empty((m, k))
         grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"]))

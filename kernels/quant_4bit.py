@@ -47,7 +47,7 @@ def _quantize_4bit_kernel(
     # (bitsandbytes' arithmetic, kept to the bit)
     is_full = start + BLOCKSIZE <= n
     tl.store(absmax_ptr + pid, tl.where(is_full, absmax, safe))
-    inv = tl.math.div_rn(1.0, safe)
+    inv = tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)  # an fp32 one: Triton 3.6 types a bare 1.0 as fp64
     s_even = tl.where(is_full, x_even * inv, tl.math.div_rn(x_even, safe))
     s_odd = tl.where(is_full, x_odd * inv, tl.math.div_rn(x_odd, safe))
     s_even = tl.minimum(tl.maximum(s_even, -1.0), 1.0)
@@ -123,7 +123,7 @@ def _quantize_8bit_kernel(
     # x / absmax with its absmax stored clamped
     is_full = start + BLOCKSIZE <= n
     tl.store(absmax_ptr + pid, tl.where(is_full, absmax, safe))
-    s = tl.where(is_full, x * tl.math.div_rn(1.0, safe), tl.math.div_rn(x, safe))
+    s = tl.where(is_full, x * tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe), tl.math.div_rn(x, safe))
     s = tl.minimum(tl.maximum(s, -1.0), 1.0)
     # number of midpoints strictly below s (torch.bucketize, right=False): binary search over 255 midpoints
     idx = tl.zeros([BLOCKSIZE], dtype=tl.int32)
