@@ -509,31 +509,53 @@ def verdict(la: Launch, r: dict) -> str:
     return "ok"
 
 
-def summarize(launches, results, unreached, errors) -> tuple[list[str], int]:
-    """Markdown lines (per-kernel table, failures) and the exit status."""
-    bad = [(la, r) for la, r in zip(launches, results, strict=True) if verdict(la, r) != "ok"]
-    lines = [f"triton {triton.__version__}, torch {torch.__version__}; {len(launches)} compiles", "",
-             "| kernel | target | launches | max registers | max shared KiB | dot lowering | failures |",
-             "|---|---|---:|---:|---:|---|---:|"]  # fmt: skip
-    groups: dict = {}
-    for la, r in zip(launches, results, strict=True):
-        groups.setdefault((la.kernel, la.arch), []).append((la, r))
-    for (kernel, arch), rows in sorted(groups.items()):
-        ok = [r for _, r in rows if r["ok"]]
-        regs = max((r["regs"] or 0 for r in ok), default=0)
-        smem = max((r["shared"] for r in ok), default=0) / 1024
-        dots = "/".join(sorted({r["dot"] for r in ok})) or "-"
-        nbad = sum(verdict(la, r) != "ok" for la, r in rows)
-        lines.append(f"| {kernel} | {TARGETS[arch][0]} | {len(rows)} | {regs} | {smem:.1f} | {dots} | {nbad} |")
-    for la, r in bad:
-        lines.append(f"- {verdict(la, r)}: {la.kernel} {TARGETS[la.arch][0]} [{la.call}] {la.config()} {r['error']}")
+def summarize(rows: list[dict], unreached, errors, versions: str) -> tuple[list[str], int]:
+    """Markdown lines (one row per kernel: registers / shared memory per target, dot lowering on sm_90a;
+    then every problem) and the exit status. ``rows``: one dict per compile (:func:`result_rows`)."""
+    archs = sorted({r["arch"] for r in rows})
+    heads = " | ".join(f"{TARGETS[a][0]} regs / smem KiB" for a in archs)
+    rule = "|---|---:|" + "---:|" * len(archs) + "---|"
+    lines = [f"{versions}; {len(rows)} compiles", "", f"| kernel | launches | {heads} | tl.dot on sm_90a |", rule]
+    for kernel in sorted({r["kernel"] for r in rows}):
+        mine = [r for r in rows if r["kernel"] == kernel]
+        cells = []
+        for a in archs:
+            ok = [r for r in mine if r["arch"] == a and r["ok"]]
+            regs = max((r["regs"] or 0 for r in ok), default=0)
+            cells.append(f"{regs} / {max((r['shared'] for r in ok), default=0) / 1024:.1f}" if ok else "-")
+        lines.append(f"| {kernel} | {len(mine)} | {' | '.join(cells)} | {_dot_cell(mine)} |")
+    bad = [r for r in rows if r["verdict"] != "ok"]
+    lines.append("")
+    for r in bad:
+        lines.append(
+            f"- {r['verdict']}: {r['kernel']} {TARGETS[r['arch']][0]} [{r['call']}] {r['config']} {r['error']}"
+        )
     for name in unreached:
         lines.append(f"- UNREACHED: {name}: no call of the grid launches it there (it would go unchecked)")
     for e in errors:
         lines.append(f"- LAUNCHER ERROR: {e}")
     n_bad = len(bad) + len(unreached) + len(errors)
-    lines += ["", f"result: {'PASS' if n_bad == 0 else f'FAIL ({n_bad} problems)'}"]
+    lines += [f"result: {'PASS' if n_bad == 0 else f'FAIL ({n_bad} problems)'}"]
     return lines, int(n_bad > 0)
+
+
+def _dot_cell(rows: list[dict]) -> str:
+    """How tl.dot lowered on sm_90a, with the row-tile sizes (BLOCK_M) of each lowering."""
+    by_kind: dict = {}
+    for r in rows:
+        if r["arch"] == 90 and r["ok"] and r["dot"] != "-":
+            by_kind.setdefault(r["dot"], set()).add(r["constexprs"].get("BLOCK_M", "?"))
+    parts = [
+        f"{kind} (BLOCK_M {','.join(str(m) for m in sorted(ms, key=lambda v: int(v) if str(v).isdigit() else 0))})"
+        for kind, ms in sorted(by_kind.items())
+    ]
+    return "; ".join(parts) or "no dot"
+
+
+def result_rows(launches: list[Launch], results: list[dict]) -> list[dict]:
+    """One JSON-ready dict per compile: the launch, its result and the verdict."""
+    return [{**dataclasses.asdict(la), **r, "config": la.config(), "target": TARGETS[la.arch][0],
+             "verdict": verdict(la, r)} for la, r in zip(launches, results, strict=True)]  # fmt: skip
 
 
 def select(recorder: Recorder, full_archs, tile_archs, pattern: str) -> list[Launch]:
@@ -550,6 +572,16 @@ def select(recorder: Recorder, full_archs, tile_archs, pattern: str) -> list[Lau
     return chosen
 
 
+def write_report(out: str, rows, lines, versions, unreached, errors) -> None:
+    """OUT.md (the report, with the command) and OUT.json (every compile; ``--report`` renders it again)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    command = "python benchmarks/gpu_compile_check.py " + " ".join(a for a in sys.argv[1:])
+    with open(out + ".md", "w", encoding="utf-8") as f:
+        f.write(f"# GPU compile check ({versions})\n\nCommand: `{command}`\n\n" + "\n".join(lines) + "\n")
+    with open(out + ".json", "w", encoding="utf-8") as f:
+        json.dump({"versions": versions, "unreached": unreached, "errors": errors, "compiles": rows}, f, default=str)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--repo", help="load kernels/ from this checkout instead of the installed qlora_kit")
@@ -562,7 +594,18 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--list", action="store_true", help="print the selected launches and exit")
     p.add_argument("--out", help="write OUT.md (report) and OUT.json (every compile) here")
+    p.add_argument("--report", metavar="JSON", help="print the report of an earlier --out run's JSON and exit")
     args = p.parse_args(argv)
+    if args.report:
+        with open(args.report, encoding="utf-8") as f:
+            data = json.load(f)
+        versions = data.get("versions") or f"triton {data['triton']}, torch {data['torch']}"
+        fields = {f.name for f in dataclasses.fields(Launch)}
+        for r in data["compiles"]:
+            r.setdefault("config", Launch(**{k: v for k, v in r.items() if k in fields}).config())
+        lines, status = summarize(data["compiles"], data.get("unreached", []), data.get("errors", []), versions)
+        print("\n".join(lines))
+        return status
     archs = [int(a) for a in args.arch.split(",")]
     if any(a not in TARGETS for a in archs):
         p.error(f"--arch takes {sorted(TARGETS)}")
@@ -593,20 +636,12 @@ def main(argv=None) -> int:
         print("\n".join(problems), file=sys.stderr)
         return int(bool(problems))
     results = compile_all(launches, kernels, max(1, args.jobs))
-    lines, status = summarize(launches, results, unreached, recorder.errors)
+    rows = result_rows(launches, results)
+    versions = f"triton {triton.__version__}, torch {torch.__version__}"
+    lines, status = summarize(rows, unreached, recorder.errors, versions)
     print("\n".join(lines))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out + ".md", "w", encoding="utf-8") as f:
-            f.write(
-                f"# GPU compile check\n\nCommand: `python benchmarks/gpu_compile_check.py {' '.join(sys.argv[1:])}`\n\n"
-            )
-            f.write("\n".join(lines) + "\n")
-        rows = [{**dataclasses.asdict(la), **r, "target": TARGETS[la.arch][0], "verdict": verdict(la, r)}
-                for la, r in zip(launches, results, strict=True)]  # fmt: skip
-        with open(args.out + ".json", "w", encoding="utf-8") as f:
-            json.dump({"triton": triton.__version__, "torch": torch.__version__, "compiles": rows}, f, default=str,
-                      indent=1)  # fmt: skip
+        write_report(args.out, rows, lines, versions, unreached, recorder.errors)
     return status
 
 

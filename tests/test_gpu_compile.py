@@ -60,12 +60,11 @@ def _typo_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fma_dot_kernel(a_ptr, b_ptr, c_ptr, BLOCK: tl.constexpr):
-    # fp32 IEEE dot of 256 x 256 tiles on 4 warps: FMA loops whose accumulators cannot fit in registers
-    r = tl.arange(0, BLOCK)
-    a = tl.load(a_ptr + r[:, None] * BLOCK + r[None, :])
-    b = tl.load(b_ptr + r[:, None] * BLOCK + r[None, :])
-    tl.store(c_ptr + r[:, None] * BLOCK + r[None, :], tl.dot(a, b, input_precision="ieee"))
+def _wide_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
+    # 8192 fp32 values on one warp: 256 per thread, all live across the sum, past the 255-register limit
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs)
+    tl.store(out_ptr + offs, x * tl.sum(x, axis=0))
 """
 
 
@@ -78,12 +77,11 @@ def test_checker_reports_compile_errors_and_spills(tmp_path):
         sys.path[:0] = [{str(REPO / "benchmarks")!r}, {str(tmp_path)!r}]
         import gpu_compile_check as gcc
         import broken_kernels as bk
-        kernels = {{"bk._typo_kernel": bk._typo_kernel, "bk._fma_dot_kernel": bk._fma_dot_kernel}}
+        kernels = {{"bk._typo_kernel": bk._typo_kernel, "bk._wide_kernel": bk._wide_kernel}}
         sig = {{"x_ptr": "*fp32", "out_ptr": "*fp32", "BLOCK": "constexpr"}}
-        dot_sig = {{"a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32", "BLOCK": "constexpr"}}
         launches = [
             gcc.Launch("bk._typo_kernel", 90, sig, {{"BLOCK": 128}}, [], {{"num_warps": 4}}, "typo"),
-            gcc.Launch("bk._fma_dot_kernel", 80, dot_sig, {{"BLOCK": 256}}, [], {{"num_warps": 4}}, "fma"),
+            gcc.Launch("bk._wide_kernel", 80, sig, {{"BLOCK": 8192}}, [], {{"num_warps": 1}}, "wide"),
         ]
         results = gcc.compile_all(launches, kernels, jobs=2)
         print(json.dumps([gcc.verdict(la, r) for la, r in zip(launches, results)]))
