@@ -52,6 +52,7 @@ def check_upper_bounds(recipe, lora) -> None:
                 f"cpu_threads={recipe.cpu_threads} is more than {THREADS_PER_CORE} per CPU core "
                 f"({cores} cores here); set cpu_threads={cores} or null"
             )
+    check_path_names("output_dir", recipe.output_dir)
     for prefix, section in (("", recipe), ("lora.", lora)):
         for key, value in vars(section).items():
             name = prefix + key
@@ -60,3 +61,23 @@ def check_upper_bounds(recipe, lora) -> None:
             top = UPPER.get(name, INT_MAX)
             if value > top:
                 raise RecipeError(f"{name}={value} is larger than {top:,}, the most qlora-kit accepts; lower it")
+
+
+NAME_MAX = 255  # bytes per path component on every common filesystem (ext4, xfs, btrfs, APFS, NTFS)
+PATH_MAX = 4096
+
+
+def check_path_names(key: str, path: str) -> None:
+    """RecipeError when a path component or the whole path is longer than filesystems allow."""
+    from .recipe import RecipeError
+
+    raw = os.fsencode(path)
+    longest = max(raw.split(b"/"), key=len)
+    if len(longest) > NAME_MAX:
+        shown = os.fsdecode(longest[:24]) + "..."
+        raise RecipeError(
+            f"{key} has a name of {len(longest)} bytes ({shown!r}), longer than the {NAME_MAX} filesystems allow; "
+            "choose a shorter name"
+        )
+    if len(raw) > PATH_MAX:
+        raise RecipeError(f"{key} is {len(raw)} bytes long, more than the {PATH_MAX} filesystems allow; shorten it")
