@@ -318,6 +318,7 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
     """
     from ..data import build_tokenizer, load_data
     from .build import build, vocab_for_builtin
+    from .fit import check_fits
     from .objectives import make_objective
 
     out_dir = Path(recipe.output_dir).expanduser()
@@ -332,6 +333,7 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
     set_seed(recipe.seed)
     tokenizer = build_tokenizer(recipe)
     data = load_data(recipe, tokenizer)
+    check_fits(recipe, accelerator.device, vocab_for_builtin(recipe, tokenizer))  # rank and memory, before allocating
     built = build(recipe, device=accelerator.device, vocab_size=vocab_for_builtin(recipe, tokenizer))
     objective = make_objective(recipe)
     run = _Run(recipe, accelerator, built, data, objective)
