@@ -678,13 +678,19 @@ class Scope:
     batches: int = 1
 
 
-def calibration_batches(calib_data: Iterable | None, algorithm: str) -> list:
-    """``calib_data`` as a list (it is run more than once), or a clear error when there is none."""
+def calibration_batches(calib_data: Iterable | None, algorithm: str, model: nn.Module | None = None) -> list:
+    """``calib_data`` as a list (it is run more than once), or a clear error when there is none or it is of
+    the wrong type, dtype, shape or token range for ``model`` (see ``qlora_kit/calib_checks.py``)."""
+    from .calib_checks import check_batches, check_container
+
     if calib_data is None:
         raise ValueError(f"{algorithm} needs calibration data; pass calib_data=an iterable of model inputs")
+    check_container(calib_data, algorithm)
     batches = calib_data if isinstance(calib_data, list) else list(calib_data)
     if not batches:
         raise ValueError(f"{algorithm} got an empty calib_data; pass at least one batch of model inputs")
+    if model is not None:
+        check_batches(model, batches, algorithm)
     return batches
 
 
@@ -697,7 +703,7 @@ def calibrate(
     algorithm: str,
 ) -> None:
     """Run the calibration protocol (see the module docstring), calling ``process`` once per block."""
-    batches = calibration_batches(calib_data, algorithm)
+    batches = calibration_batches(calib_data, algorithm, model)
 
     def replace(fqn: str, new: nn.Module) -> None:
         _set_submodule(model, fqn, new)

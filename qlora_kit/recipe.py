@@ -345,7 +345,9 @@ def _coerce(key: str, value: Any, tp) -> Any:
                 return _coerce(key, value, arg)
             except RecipeError as e:
                 errors.append(e)
-        raise RecipeError(f"{key} must be {_type_name(tp)}, got {_short(value)} ({type(value).__name__}); fix its value")
+        raise RecipeError(
+            f"{key} must be {_type_name(tp)}, got {_short(value)} ({type(value).__name__}); fix its value"
+        )
     if origin is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise RecipeError(f"{key} must be a list of strings, got {_short(value)}")

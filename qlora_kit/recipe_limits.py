@@ -42,8 +42,7 @@ def check_upper_bounds(recipe, lora) -> None:
 
     if not 0 <= recipe.seed <= SEED_MAX:
         raise RecipeError(
-            f"seed must be between 0 and {SEED_MAX} (what numpy and torch accept), got {recipe.seed}; "
-            "set e.g. seed=0"
+            f"seed must be between 0 and {SEED_MAX} (what numpy and torch accept), got {recipe.seed}; set e.g. seed=0"
         )
     if recipe.cpu_threads is not None:
         cores = cpu_cores()

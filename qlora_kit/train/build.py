@@ -140,7 +140,9 @@ def load_base(recipe: Recipe, *, vocab_size: int | None = None, dtype: torch.dty
 
             with init_empty_weights():
                 return {"model": UNet2DModel.from_config(UNet2DModel.load_config(source, subfolder=sub))}
-        return {"model": UNet2DModel.from_pretrained(source, subfolder=sub, torch_dtype=dtype, use_safetensors=True).train()}
+        return {
+            "model": UNet2DModel.from_pretrained(source, subfolder=sub, torch_dtype=dtype, use_safetensors=True).train()
+        }
     except (OSError, ValueError, KeyError) as e:
         raise RecipeError(
             f"could not load model {name!r} ({_first_line(e)}); check the name or path, the network, or use a built-in"
