@@ -43,6 +43,7 @@ setup(
         "tests": [
             "pytest>=8",
             "pytest-xdist>=3",
+            "hypothesis>=6",
             "bitsandbytes>=0.46",
             "diffusers>=0.30",
             "scikit-learn>=1.3",

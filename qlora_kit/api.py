@@ -81,6 +81,28 @@ def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _check_device(device) -> None:
+    """ValueError in one sentence for a device string torch does not know or a CUDA device this machine lacks."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device={device!r} is not a device torch knows; pass e.g. 'cuda', 'cuda:0' or 'cpu'"
+        ) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"device={device!r} but this machine has no CUDA GPU usable by torch; pass device=None or 'cpu'"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(
+                f"device={device!r} but this machine has {count} CUDA GPU(s); pass cuda:0 .. cuda:{count - 1}"
+            )
+
+
 def quantize(
     model: nn.Module,
     config,
@@ -106,10 +128,11 @@ def quantize(
 
     Raises:
         TypeError: ``config`` is not a quantization config.
-        ValueError: a selected weight holds NaN/Inf (the message names it).
+        ValueError: a selected weight holds NaN/Inf (the message names it), or ``device`` is unknown or absent.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize() needs an nn.Module, got {type(model).__name__}")
+    _check_device(device)
     algorithm = getattr(config, "_qlora_kit_algorithm", None)
     if algorithm is not None:  # PTQ algorithm configs carry their own transform
         return algorithm(model, config, filter_fn=filter_fn, device=device, calib_data=calib_data)

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from .os_errors import user_os_error
 from .recipe import BLOCKSIZES, GROUP_SIZES, RecipeError
 
 EXIT_USER_ERROR = 2
@@ -111,7 +112,12 @@ def _cmd_cp(args) -> int:
     lines = text.splitlines(keepends=True)
     if lines and lines[0].startswith("# qlora-kit finetune"):
         lines[0] = f"# qlora-kit finetune {dest}\n"
-    dest.write_text("".join(lines), encoding="utf-8")
+    try:
+        dest.write_text("".join(lines), encoding="utf-8")
+    except OSError as e:
+        raise RecipeError(
+            f"cannot write {str(dest)!r} ({e.strerror or e}); choose a DEST in a directory you can write to"
+        ) from None
     print(f"wrote {dest}; edit it, then run: qlora-kit finetune {dest}")
     return 0
 
@@ -157,12 +163,16 @@ def _load_for_quantize(name: str):
         raise RecipeError(f"model directory {name!r} does not exist; fix the path or use one of {list(QUANT_MODELS)}")
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    from .model_files import check_no_pickle_only
+
+    if local:
+        check_no_pickle_only(name, name)
     source = os.path.expanduser(name)
     try:
         config = AutoConfig.from_pretrained(source)
         causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (config.architectures or []))
         cls = AutoModelForCausalLM if causal else AutoModel
-        return cls.from_pretrained(source).eval(), ("causal_lm" if causal else "encoder")
+        return cls.from_pretrained(source, use_safetensors=True).eval(), ("causal_lm" if causal else "encoder")
     except (OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise RecipeError(f"could not load model {name!r} ({first}); check the name or path, or the network") from None
@@ -446,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("qlora-kit: interrupted\n")
         return 130
+    except OSError as e:  # the machine refused a path the user chose (too long, no permission, disk full, ...)
+        message = user_os_error(e)
+        if message is None:
+            raise  # anything else is a bug: keep its traceback (exit 1)
+        sys.stderr.write(f"qlora-kit: error: {message}\n")
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

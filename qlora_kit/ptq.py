@@ -678,13 +678,19 @@ class Scope:
     batches: int = 1
 
 
-def calibration_batches(calib_data: Iterable | None, algorithm: str) -> list:
-    """``calib_data`` as a list (it is run more than once), or a clear error when there is none."""
+def calibration_batches(calib_data: Iterable | None, algorithm: str, model: nn.Module | None = None) -> list:
+    """``calib_data`` as a list (it is run more than once), or a clear error when there is none or it is of
+    the wrong type, dtype, shape or token range for ``model`` (see ``qlora_kit/calib_checks.py``)."""
+    from .calib_checks import check_batches, check_container
+
     if calib_data is None:
         raise ValueError(f"{algorithm} needs calibration data; pass calib_data=an iterable of model inputs")
+    check_container(calib_data, algorithm)
     batches = calib_data if isinstance(calib_data, list) else list(calib_data)
     if not batches:
         raise ValueError(f"{algorithm} got an empty calib_data; pass at least one batch of model inputs")
+    if model is not None:
+        check_batches(model, batches, algorithm)
     return batches
 
 
@@ -697,7 +703,7 @@ def calibrate(
     algorithm: str,
 ) -> None:
     """Run the calibration protocol (see the module docstring), calling ``process`` once per block."""
-    batches = calibration_batches(calib_data, algorithm)
+    batches = calibration_batches(calib_data, algorithm, model)
 
     def replace(fqn: str, new: nn.Module) -> None:
         _set_submodule(model, fqn, new)
@@ -1303,13 +1309,18 @@ def _smoothquant(model, config: SmoothQuantConfig, *, filter_fn, device, calib_d
     def process(scope: Scope) -> None:
         groups = _collect_groups(scope, 0, keep_samples=False, convs=False)
         _valid_producers(scope, groups)
+        at_run_time: dict[str, torch.Tensor] = {}  # layers without a foldable producer: x / s in their forward
         for group in groups:
-            if group.producer is None:
-                continue
             w_max = torch.stack([weight_2d(m).detach().float().abs().amax(0) for _, m in group.linears]).amax(0)
             s = group.abs_max.clamp(min=1e-5).pow(config.alpha) / w_max.clamp(min=1e-5).pow(1 - config.alpha)
             s = torch.where(group.abs_max > 0, s, torch.ones_like(s)).clamp(min=1e-5)
-            _fold_scale(group, s)
+            if group.producer is not None:
+                _fold_scale(group, s)
+            elif convert:
+                at_run_time.update(_scale_weights_for_run_time(group, s))
+            else:
+                names = ", ".join(f for f, _ in group.linears)
+                warnings.warn(f"SmoothQuant: no op folds the scale of {names}; left unsmoothed", stacklevel=3)
         if not convert:
             return
         # the core's quantize() builds the W8A8 layers (dynamic per-token activations), whatever their form
@@ -1318,6 +1329,7 @@ def _smoothquant(model, config: SmoothQuantConfig, *, filter_fn, device, calib_d
         linear_ids = {id(m) for _, m in scope.targets if _is_linear(m)}
         other_ids = {id(m) for _, m in scope.targets} - linear_ids
         quantize(scope.module, w8a8, filter_fn=lambda m, fqn: id(m) in linear_ids)
+        _apply_run_time_scales(scope, at_run_time)
         if other_ids:
             quantize(scope.module, weight_only, filter_fn=lambda m, fqn: id(m) in other_ids)
             warnings.warn(
@@ -1330,3 +1342,22 @@ def _smoothquant(model, config: SmoothQuantConfig, *, filter_fn, device, calib_d
     if device is not None:
         model.to(device)
     return model
+
+
+def _scale_weights_for_run_time(group: _InputGroup, s: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Multiply the group's weights by ``s`` per input channel; their quantized layers divide the input by
+    ``s`` at run time (:func:`_apply_run_time_scales`), so the function is unchanged."""
+    out = {}
+    for fqn, lin in group.linears:
+        _set_weight_2d(lin, weight_2d(lin).float() * s[None, :])
+        out[fqn] = s
+    return out
+
+
+def _apply_run_time_scales(scope: Scope, scales: dict[str, torch.Tensor]) -> None:
+    """Swap each W8A8 layer named in ``scales`` for one that divides its input by the scale."""
+    from .nn.smooth import with_input_scale
+
+    for fqn, s in scales.items():
+        rel = fqn[len(scope.prefix) :]
+        _set_submodule(scope.module, rel, with_input_scale(scope.module.get_submodule(rel), s))

@@ -19,6 +19,7 @@ import difflib
 import importlib.resources
 import math
 import os
+import reprlib
 import string
 import types
 import typing
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .yaml_limits import YamlLimitError, bounded_load, check_size
 
 OBJECTIVES = ("causal_lm", "diffusion", "gan")
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8", "int4", "fp8")
@@ -101,7 +104,7 @@ class LoraSection:
             value = getattr(self, key)
             if isinstance(value, list):
                 if not value or not all(isinstance(v, str) and v for v in value):
-                    raise RecipeError(f"lora.{key} must be a non-empty list of module names, got {value!r}")
+                    raise RecipeError(f"lora.{key} must be a non-empty list of module names, got {_short(value)}")
                 object.__setattr__(self, key, tuple(value))
             elif value == "":
                 raise RecipeError(f"lora.{key} must not be empty; use 'all-linear', 'all', names or a regex")
@@ -212,6 +215,9 @@ class Recipe:
         for key in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, key) < 1:
                 raise RecipeError(f"{key} must be in [0, 1), got {getattr(self, key)!r}; e.g. {key}=0.9")
+        from .recipe_limits import check_upper_bounds
+
+        check_upper_bounds(self, self.lora)
         if not 0 < self.eval_fraction < 1:
             raise RecipeError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction!r}; e.g. 0.05")
         if not self.output_dir:
@@ -291,16 +297,25 @@ def template_fields(template: str) -> list[str]:
     return names
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxlevel = 60, 60, 6, 3
+
+
+def _short(value) -> str:
+    """``repr(value)`` cut short (a value may be a long list or string; messages stay one readable line)."""
+    return _REPR.repr(value)
+
+
 def _check_positive(key: str, value) -> None:
     if not value > 0:
-        raise RecipeError(f"{key} must be > 0, got {value!r}; pass a positive value such as {key}=8")
+        raise RecipeError(f"{key} must be > 0, got {_short(value)}; pass a positive value such as {key}=8")
 
 
 def _check_choice(key: str, value, allowed) -> None:
     if value not in allowed:
         close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise RecipeError(f"{key}={value!r} is not valid{hint}; choose one of {list(allowed)}")
+        raise RecipeError(f"{key}={_short(value)} is not valid{hint}; choose one of {list(allowed)}")
 
 
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
@@ -330,10 +345,12 @@ def _coerce(key: str, value: Any, tp) -> Any:
                 return _coerce(key, value, arg)
             except RecipeError as e:
                 errors.append(e)
-        raise RecipeError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__}); fix its value")
+        raise RecipeError(
+            f"{key} must be {_type_name(tp)}, got {_short(value)} ({type(value).__name__}); fix its value"
+        )
     if origin is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise RecipeError(f"{key} must be a list of strings, got {value!r}")
+            raise RecipeError(f"{key} must be a list of strings, got {_short(value)}")
         return list(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -356,7 +373,7 @@ def _coerce(key: str, value: Any, tp) -> Any:
             return value
     else:  # pragma: no cover - schema bug
         raise TypeError(f"unsupported recipe field type {tp!r} for {key}")
-    raise RecipeError(f"{key} must be {_TYPE_WORDS[tp]}, got {value!r} ({type(value).__name__}); fix its value")
+    raise RecipeError(f"{key} must be {_TYPE_WORDS[tp]}, got {_short(value)} ({type(value).__name__}); fix its value")
 
 
 def _hints(cls) -> dict[str, Any]:
@@ -449,7 +466,10 @@ def recipe_text(name_or_path: str) -> tuple[str, str]:
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist; check the path or run `qlora-kit ls`")
         try:
+            check_size(path.stat().st_size, f"recipe file {str(path)!r}")
             return path.read_text(encoding="utf-8"), str(path)
+        except YamlLimitError as e:
+            raise RecipeError(str(e)) from None
         except UnicodeDecodeError as e:
             raise RecipeError(
                 f"recipe file {str(path)!r} is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML"
@@ -470,7 +490,9 @@ def recipe_text(name_or_path: str) -> tuple[str, str]:
 def parse_yaml(text: str, where: str) -> dict:
     """Strict YAML mapping: safe_load only (no tags, no code), duplicate keys rejected."""
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        data = bounded_load(text, where, _StrictLoader)
+    except YamlLimitError as e:
+        raise RecipeError(str(e)) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -512,7 +534,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         head, dot, tail = key.partition(".")
         owner = sections.get(head) if dot else Recipe
         tp = _hints(owner).get(tail if dot else key) if owner is not None else None
-        value = _parse_override_value(text, tp)
+        value = _parse_override_value(text, tp, f"the value of override {key}")
         if dot:
             if head not in sections or not tail or tail not in {f.name for f in dataclasses.fields(sections[head])}:
                 raise _unknown_key(key, "the overrides")
@@ -529,7 +551,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def _parse_override_value(text: str, tp) -> Any:
+def _parse_override_value(text: str, tp, where: str = "the override value") -> Any:
     """Strings stay verbatim for string-typed keys (templates, paths); everything else is a YAML scalar."""
     args = set(typing.get_args(tp)) or {tp}
     takes_str = str in args
@@ -540,7 +562,9 @@ def _parse_override_value(text: str, tp) -> Any:
         if not any(typing.get_origin(a) is list for a in args) or not stripped.startswith("["):
             return text
     try:
-        return yaml.safe_load(text) if stripped else ""
+        return bounded_load(text, where, yaml.SafeLoader) if stripped else ""
+    except YamlLimitError as e:
+        raise RecipeError(str(e)) from None
     except yaml.YAMLError:
         return text  # the type check reports it
 

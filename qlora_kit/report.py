@@ -1628,10 +1628,16 @@ def main_report(argv: list[str] | None = None) -> int:
         results = json.loads(path.read_text())
     except FileNotFoundError:
         parser.error(f"{path} does not exist; pass a JSON written by qlora-kit bench")
-    except json.JSONDecodeError as e:
-        parser.error(f"{path} is not valid JSON ({e}); pass a JSON written by qlora-kit bench")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        why = {UnicodeDecodeError: "not UTF-8 text", RecursionError: "nested too deeply"}.get(type(e), str(e))
+        parser.error(f"{path} is not valid JSON ({why}); pass a JSON written by qlora-kit bench")
+    except OSError as e:
+        parser.error(f"cannot read {path} ({e.strerror or e}); pass a JSON written by qlora-kit bench")
     if not isinstance(results, dict) or "sections" not in results or "env" not in results:
         parser.error(f"{path} is not a qlora-kit bench results file (no 'sections' / 'env')")
-    paths = write_report(results, args.out or path.parent, path.stem)
+    try:
+        paths = write_report(results, args.out or path.parent, path.stem)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # a results file of another shape
+        parser.error(f"{path} is not a results file this qlora-kit can render ({type(e).__name__}: {e})")
     print(f"wrote {paths['markdown']} and {paths['html']}")
     return 0

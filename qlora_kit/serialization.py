@@ -169,7 +169,7 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         if cls is None:
             raise ValueError(f"{qmap_path}: unknown layer class {info.get('layer')!r} for {fqn!r}")
         expected_cls = quantized_class_for(float_module)
-        if expected_cls is not cls:
+        if expected_cls is None or not issubclass(cls, expected_cls):  # subclasses: e.g. SmoothQuantLinear
             raise ValueError(
                 f"{qmap_path} says {fqn!r} is a {info.get('layer')}, but the model's {type(float_module).__name__} "
                 "there does not quantize to one; load into the architecture that was saved"

@@ -250,3 +250,6 @@ def quantized_class_for(module: nn.Module) -> type[QuantizedLayer] | None:
     if is_transformers_conv1d(module):
         return QuantConv1D
     return QUANTIZED_CLASS.get(type(module))
+
+
+from . import smooth as _smooth  # noqa: E402, F401  (registers the SmoothQuant layers in LAYER_CLASSES)

@@ -56,6 +56,9 @@ def check_model_path(recipe: Recipe) -> None:
             f"model directory {recipe.model!r} does not exist; fix the path, use a hub id or a built-in "
             f"({', '.join(BUILTIN_MODELS)})"
         )
+    from ..model_files import check_no_pickle_only
+
+    check_no_pickle_only(path, recipe.model)
 
 
 def quant_config(recipe: Recipe, dtype: torch.dtype):
@@ -127,7 +130,7 @@ def load_base(recipe: Recipe, *, vocab_size: int | None = None, dtype: torch.dty
                 config = AutoConfig.from_pretrained(source)
                 with init_empty_weights():
                     return {"model": AutoModelForCausalLM.from_config(config)}
-            kwargs = {_from_pretrained_dtype_kw(): dtype, "low_cpu_mem_usage": True}
+            kwargs = {_from_pretrained_dtype_kw(): dtype, "low_cpu_mem_usage": True, "use_safetensors": True}
             return {"model": AutoModelForCausalLM.from_pretrained(source, **kwargs).train()}
         from diffusers import UNet2DModel
 
@@ -137,7 +140,9 @@ def load_base(recipe: Recipe, *, vocab_size: int | None = None, dtype: torch.dty
 
             with init_empty_weights():
                 return {"model": UNet2DModel.from_config(UNet2DModel.load_config(source, subfolder=sub))}
-        return {"model": UNet2DModel.from_pretrained(source, subfolder=sub, torch_dtype=dtype).train()}
+        return {
+            "model": UNet2DModel.from_pretrained(source, subfolder=sub, torch_dtype=dtype, use_safetensors=True).train()
+        }
     except (OSError, ValueError, KeyError) as e:
         raise RecipeError(
             f"could not load model {name!r} ({_first_line(e)}); check the name or path, the network, or use a built-in"

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..recipe import Recipe, RecipeError, save_resolved, to_yaml
 from . import checkpoint
+from . import lock as run_lock
 from .report import Metrics, Progress, banner, fmt_bytes, fmt_count, fmt_rate, peak_memory
 
 _RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "adapter")
@@ -307,6 +308,7 @@ def _say(accelerator, text: str = "") -> None:
         print(text, flush=True)
 
 
+@run_lock.releases_locks
 def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
     """Run a recipe: setup, train, save. Returns a summary (losses per step, last evaluation, paths).
 
@@ -316,6 +318,7 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
     """
     from ..data import build_tokenizer, load_data
     from .build import build, vocab_for_builtin
+    from .fit import check_fits
     from .objectives import make_objective
 
     out_dir = Path(recipe.output_dir).expanduser()
@@ -330,6 +333,7 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
     set_seed(recipe.seed)
     tokenizer = build_tokenizer(recipe)
     data = load_data(recipe, tokenizer)
+    check_fits(recipe, accelerator.device, vocab_for_builtin(recipe, tokenizer))  # rank and memory, before allocating
     built = build(recipe, device=accelerator.device, vocab_size=vocab_for_builtin(recipe, tokenizer))
     objective = make_objective(recipe)
     run = _Run(recipe, accelerator, built, data, objective)
@@ -345,7 +349,10 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
 
     # ----- from here on the run writes to output_dir ----------------------------------------------------
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        run_lock.acquire(out_dir, say=print)  # held until finetune returns; a second run is refused
+        if resume_from is None and not recipe.overwrite and _holds_run(out_dir):  # written since the preflight
+            raise RecipeError(f"output_dir {str(out_dir)!r} now holds another run; pass overwrite=true or another")
+        run_lock.remove_stale_tmp(out_dir, say=print)
         if recipe.overwrite and resume_from is None:
             for marker in ("checkpoints", "adapter", "discriminator_adapter", "merged"):
                 shutil.rmtree(out_dir / marker, ignore_errors=True)

@@ -15,7 +15,8 @@ from torch import nn
 
 def step_generator(seed: int, step: int, micro: int, salt: int = 0) -> torch.Generator:
     """A CPU generator for (seed, step, micro-step); independent of the global RNG."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 31 + salt)
+    # modulo 2**64 (what manual_seed accepts): unchanged for every seed that fitted before, defined for all seeds
+    return torch.Generator().manual_seed((((seed * 1_000_003 + step) * 1_009 + micro) * 31 + salt) % (1 << 64))
 
 
 def global_randn(shape, g: torch.Generator, offset: int, n: int) -> torch.Tensor:
