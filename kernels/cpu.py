@@ -47,17 +47,18 @@ CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-
 DEQUANT_BYTES = 1 << 21  # fp32 weight block of the "dequant" path (fits in L2 next to the GEMM's tiles)
 MIN_WEIGHT_NUMEL = 1 << 18  # smaller weights take the reference (per-call overhead; keeps tiny test layers plain)
 
-# Measured on a 2-core AVX-512 EPYC (benchmarks/bench_cpu.py, 4096x4096 .. 11008x4096): per (format
-# family, activation dtype) the largest row count each path wins at, tried in order; above all: "dequant".
+# Measured on a 2-core AVX-512 EPYC (benchmarks/bench_cpu.py and per-path timings at 4096x4096, M = 1, 4,
+# 16, 64): per (format family, activation dtype) the largest row count each path wins at, tried in order;
+# above all: "dequant". GEMV is fastest up to a few rows; from 16 rows on, the blocked dequant + GEMM wins.
 _PLAN: dict[tuple[str, str], tuple[tuple[int, str], ...]] = {
-    ("4bit", "fp32"): ((16, "gemv"),),
-    ("4bit", "half"): ((16, "gemv"),),
-    ("int4", "fp32"): ((16, "gemv"),),
-    ("int4", "half"): ((4, "int4pack"), (16, "gemv")),
-    ("int8", "fp32"): ((16, "gemv"),),
-    ("int8", "half"): ((4, "int8pack"), (16, "gemv")),
-    ("fp8", "fp32"): ((16, "gemv"),),
-    ("fp8", "half"): ((16, "gemv"),),
+    ("4bit", "fp32"): ((4, "gemv"),),
+    ("4bit", "half"): ((4, "gemv"),),
+    ("int4", "fp32"): ((4, "gemv"),),
+    ("int4", "half"): ((4, "int4pack"),),
+    ("int8", "fp32"): ((4, "gemv"),),
+    ("int8", "half"): ((4, "int8pack"),),
+    ("fp8", "fp32"): ((4, "gemv"),),
+    ("fp8", "half"): ((4, "gemv"),),
 }
 
 
@@ -175,7 +176,7 @@ def matmul_4bit(x: torch.Tensor, w: ref.Packed4bit, bias: torch.Tensor | None = 
     n, k = w.meta.shape
     path = plan("4bit", _rows(x), x.dtype, n * k)
     lib = library() if path != "reference" else None
-    if lib is None:
+    if lib is None or not w.packed.is_contiguous():
         return None
     stats = (w.packed, w.qabsmax, w.nested_absmax, w.offset) if w.meta.double_quant else (w.packed, w.absmax)
     absmax = _cached(stats, "absmax", lambda: w.block_absmax().float().contiguous())
@@ -208,7 +209,7 @@ def matmul_int4(x, packed, scale, zero, group_size: int, bias=None) -> torch.Ten
         y = y if bias is None else y + bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], n)
     lib = library() if path != "reference" else None
-    if lib is None:
+    if lib is None or not packed.is_contiguous():
         return None
     s, z = _cached((packed, scale, zero), "int4-fp32", lambda: (scale.float().contiguous(), zero.float().contiguous()))
     args = (_ptr(packed), _ptr(s), _ptr(z), n, k, group_size)

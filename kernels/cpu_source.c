@@ -139,35 +139,44 @@ static inline void chunk32(const Weight *w, __m512 table, int64_t n, int64_t c, 
     *hi = _mm512_permutex2var_ps(vh, odd, vl);
 }
 
-#define MAXM 16
-/* rows of x in groups of up to MAXM: decode each chunk once, one FMA pair per row of x */
+static inline float dot512(const float *a, const float *b, int64_t k) { /* k % 32 == 0 */
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+/* up to 4 rows of x: decode each chunk once into registers, one FMA pair per row; more rows: decode the
+ * row into the L1 buffer once, then one dot product per row of x */
 static void row_avx512(const Weight *w, __m512 table, const float *x, int64_t m, int64_t n, float *y,
-                       float *wout) {
+                       float *wout, float *buf) {
     int64_t k = w->k;
-    if (wout) {
+    if (wout || m > 4) {
+        float *dst = wout ? wout + n * k : buf;
         for (int64_t c = 0; c < k; c += 32) {
             __m512 lo, hi;
             chunk32(w, table, n, c, &lo, &hi);
-            _mm512_storeu_ps(wout + n * k + c, lo);
-            _mm512_storeu_ps(wout + n * k + c + 16, hi);
+            _mm512_storeu_ps(dst + c, lo);
+            _mm512_storeu_ps(dst + c + 16, hi);
         }
+        if (!wout)
+            for (int64_t i = 0; i < m; i++) y[i * w->n + n] = dot512(x + i * k, buf, k);
         return;
     }
-    for (int64_t i0 = 0; i0 < m; i0 += MAXM) {
-        int64_t mm = m - i0 < MAXM ? m - i0 : MAXM;
-        __m512 acc[MAXM];
-        for (int64_t i = 0; i < mm; i++) acc[i] = _mm512_setzero_ps();
-        for (int64_t c = 0; c < k; c += 32) {
-            __m512 lo, hi;
-            chunk32(w, table, n, c, &lo, &hi);
-            for (int64_t i = 0; i < mm; i++) {
-                const float *xr = x + (i0 + i) * k + c;
-                acc[i] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), acc[i]);
-                acc[i] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), acc[i]);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t c = 0; c < k; c += 32) {
+        __m512 lo, hi;
+        chunk32(w, table, n, c, &lo, &hi);
+        for (int64_t i = 0; i < 4; i++) {
+            if (i < m) {
+                acc[i] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + i * k + c), acc[i]);
+                acc[i] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + i * k + c + 16), acc[i]);
             }
         }
-        for (int64_t i = 0; i < mm; i++) y[(i0 + i) * w->n + n] = _mm512_reduce_add_ps(acc[i]);
     }
+    for (int64_t i = 0; i < m; i++) y[i * w->n + n] = _mm512_reduce_add_ps(acc[i]);
 }
 #endif
 
@@ -183,8 +192,13 @@ static void run(const Weight *w, const float *x, int64_t m, float *y, float *wou
 #ifdef __AVX512F__
     if (w->k % 32 == 0) {
         __m512 table = w->kind == 0 ? _mm512_loadu_ps(w->lut) : _mm512_setzero_ps();
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t n = n0; n < n1; n++) row_avx512(w, table, x, m, n, y, wout ? wout - n0 * w->k : NULL);
+#pragma omp parallel num_threads(nt)
+        {
+            float *buf = (float *)malloc((size_t)w->k * sizeof(float));
+#pragma omp for schedule(static)
+            for (int64_t n = n0; n < n1; n++) row_avx512(w, table, x, m, n, y, wout ? wout - n0 * w->k : NULL, buf);
+            free(buf);
+        }
         return;
     }
 #endif
