@@ -1,4 +1,4 @@
-"""Quantized layers and greedy decode on the CPU: ours per format vs float, bitsandbytes, torchao, torch's packed kernels.
+"""CPU quantized layers and greedy decode: ours per format vs float, bitsandbytes, torchao, torch packed kernels.
 
 Layers (N, K) = 4096x4096, 11008x4096, 4096x11008 (Llama-2-7B attention and MLP), M = 1, 16, 256, fp32 and
 bf16 activations; then end-to-end greedy decode at batch 1 of a Llama-shaped model (hidden 2048, 16 layers,
@@ -49,7 +49,9 @@ def _bnb_linear(w: torch.Tensor, dtype):
     import bitsandbytes as bnb
 
     layer = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=dtype, quant_type="nf4")
-    layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)._quantize("cpu")
+    layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)._quantize(
+        "cpu"
+    )
     return layer
 
 
@@ -58,7 +60,9 @@ def _torchao_linear(w: torch.Tensor, dtype, kind: str):
 
     layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False).to(dtype)
     layer.weight.data.copy_(w)
-    config = Int8WeightOnlyConfig() if kind == "int8" else Int4WeightOnlyConfig(group_size=128, int4_packing_format="opaque")
+    config = (
+        Int8WeightOnlyConfig() if kind == "int8" else Int4WeightOnlyConfig(group_size=128, int4_packing_format="opaque")
+    )
     quantize_(layer, config)
     return layer
 
@@ -126,7 +130,9 @@ def bench_layers(shapes, ms, rounds: int, log) -> list[dict]:
                         row = {"layer": layer, "n": n, "k": k, "m": m, "dtype": dname, "provider": p}
                         t = times.get(p, f)
                         if isinstance(t, float):
-                            row.update(status="ok", ms=t * 1e3, ratio_fp32=t / base if isinstance(base, float) else None)
+                            row.update(
+                                status="ok", ms=t * 1e3, ratio_fp32=t / base if isinstance(base, float) else None
+                            )
                         else:
                             row.update(status="unavailable", reason=t)
                         rows.append(row)
@@ -138,8 +144,13 @@ def _llama(layers: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=16,
-        num_key_value_heads=16, vocab_size=32000, max_position_embeddings=512,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=32000,
+        max_position_embeddings=512,
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()

@@ -206,7 +206,9 @@ def matmul_int4(x, packed, scale, zero, group_size: int, bias=None) -> torch.Ten
     if path == "int4pack" and n % 16:  # torch's packing needs N % 16 == 0
         path = "gemv"
     if path == "int4pack":
-        wq, sz = _cached((packed, scale, zero), f"int4pack-{x.dtype}", lambda: _int4pack(packed, scale, zero, k, group_size, x.dtype))
+        wq, sz = _cached(
+            (packed, scale, zero), f"int4pack-{x.dtype}", lambda: _int4pack(packed, scale, zero, k, group_size, x.dtype)
+        )
         x2 = F.pad(x.reshape(-1, k), (0, wq.shape[1] * 2 - k)).contiguous()
         y = torch._weight_int4pack_mm_for_cpu(x2, wq, group_size, sz)
         y = y if bias is None else y + bias.to(y.dtype)

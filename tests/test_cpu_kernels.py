@@ -9,13 +9,14 @@ import ctypes
 import pytest
 import torch
 import torch.nn.functional as F
-from qlora_kit import ops
-from qlora_kit.configs import FP4Config, Int4WeightConfig, NF4Config
-from qlora_kit.formats.base import get_format
 from qlora_kit.kernels import cpu
 from qlora_kit.kernels.reference import matmul as ref
 from qlora_kit.kernels.reference import quant_4bit as q4
 from qlora_kit.kernels.reference import quant_int as qi
+
+from qlora_kit import ops
+from qlora_kit.configs import FP4Config, Int4WeightConfig, NF4Config
+from qlora_kit.formats.base import get_format
 
 if cpu.library() is None:
     pytest.skip("no C compiler for the CPU kernels", allow_module_level=True)
