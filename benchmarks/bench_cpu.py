@@ -32,6 +32,7 @@ except ImportError:  # run as a script
     from shapes import LINEAR_SHAPES
 
 import qlora_kit
+from qlora_kit import ops
 from qlora_kit.configs import FP4Config, FP8WeightConfig, Int4WeightConfig, Int8WeightConfig, NF4Config
 from qlora_kit.formats.base import get_format
 
@@ -60,9 +61,7 @@ def _torchao_linear(w: torch.Tensor, dtype, kind: str):
 
     layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False).to(dtype)
     layer.weight.data.copy_(w)
-    config = (
-        Int8WeightOnlyConfig() if kind == "int8" else Int4WeightOnlyConfig(group_size=128, int4_packing_format="opaque")
-    )
+    config = Int8WeightOnlyConfig() if kind == "int8" else Int4WeightOnlyConfig(group_size=128)
     quantize_(layer, config)
     return layer
 
@@ -75,7 +74,7 @@ def layer_providers(w: torch.Tensor, dtype) -> dict:
         out["float-bf16"] = lambda x: F.linear(x, wd)
     for name, (fmt, config) in OURS.items():
         qw = get_format(fmt).from_float(w, config)
-        out[name] = lambda x, qw=qw: qlora_kit.ops.quantized_linear(x, qw)
+        out[name] = lambda x, qw=qw: ops.quantized_linear(x, qw)
     q8 = torch.round(w / (w.abs().amax(1, keepdim=True) / 127)).to(torch.int8)
     s8 = (w.abs().amax(1) / 127).to(dtype)
     out["torch-int8pack"] = lambda x: torch._weight_int8pack_mm(x, q8, s8)
