@@ -26,7 +26,7 @@ setup(
         "qlora_kit.kernels.reference": "kernels/reference",
         "qlora_kit.recipes": "recipes",
     },
-    package_data={"qlora_kit.recipes": ["*.yaml"], "qlora_kit.kernels": ["*.json"]},
+    package_data={"qlora_kit.recipes": ["*.yaml"], "qlora_kit.kernels": ["*.json", "*.c"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.1; platform_system == 'Linux'",

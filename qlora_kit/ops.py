@@ -4,7 +4,9 @@ Each op has a fake (meta) implementation and a registered backward, so ``torch.c
 that use them without graph breaks, and autograd flows to the activations (weights are frozen; a bias
 that requires grad gets one too). Implementation per call (``qlora_kit/_dispatch.py``): CUDA tensors
 run the Triton kernels (``qlora_kit.kernels.matmul_4bit`` / ``matmul_int`` / ``act_quant``, imported
-only then), CPU tensors the pure-PyTorch references; ``QLORA_KIT_BACKEND=triton`` forces the kernels.
+only then), CPU tensors the CPU kernels of ``kernels/cpu.py`` where they apply (weights of 2**18 values or
+more), else the pure-PyTorch references; ``QLORA_KIT_BACKEND=triton`` forces the Triton kernels and
+``QLORA_KIT_BACKEND=reference`` the references.
 
 Ops (all return a new tensor in x's dtype, shape (..., N)):
     qlora_kit::matmul_4bit(x, packed, absmax, nested_absmax?, offset?, bias?, n, k, blocksize, quant_type)
@@ -24,7 +26,8 @@ Example:
 import torch
 from torch import Tensor
 
-from ._dispatch import use_triton
+from ._dispatch import backend, use_triton
+from .kernels import cpu
 from .kernels.reference import matmul as ref
 
 __all__ = ["fp8_dynamic_linear", "int8_dynamic_linear", "quantized_linear"]
@@ -39,6 +42,11 @@ def _packed_4bit(packed, absmax, nested_absmax, offset, n, k, blocksize, quant_t
 
 def _bias_grad(ctx, grad: Tensor, index: int, n: int):
     return grad.reshape(-1, n).sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[index] else None
+
+
+def _cpu_fast(x: Tensor) -> bool:
+    # kernels/cpu.py (it returns None where the reference should run); QLORA_KIT_BACKEND=reference opts out
+    return x.device.type == "cpu" and backend() == "auto"
 
 
 def _out_like(x: Tensor, n: int) -> Tensor:
@@ -66,7 +74,8 @@ def _matmul_4bit(
         from .kernels.matmul_4bit import matmul_4bit
 
         return matmul_4bit(x, w, bias)
-    return ref.matmul_4bit_ref(x, w, bias)
+    y = cpu.matmul_4bit(x, w, bias) if _cpu_fast(x) else None
+    return ref.matmul_4bit_ref(x, w, bias) if y is None else y
 
 
 @torch.library.custom_op("qlora_kit::matmul_4bit_grad_input", mutates_args=())
@@ -125,7 +134,8 @@ def _matmul_int4(
         from .kernels.matmul_int import matmul_int4
 
         return matmul_int4(x, packed, scale, zero, group_size, bias)
-    return ref.matmul_int4_ref(x, packed, scale, zero, group_size, bias)
+    y = cpu.matmul_int4(x, packed, scale, zero, group_size, bias) if _cpu_fast(x) else None
+    return ref.matmul_int4_ref(x, packed, scale, zero, group_size, bias) if y is None else y
 
 
 @torch.library.custom_op("qlora_kit::matmul_int4_grad_input", mutates_args=())
@@ -180,7 +190,8 @@ def _matmul_channelwise(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | 
         from .kernels.matmul_int import matmul_channelwise
 
         return matmul_channelwise(x, qdata, scale, bias)
-    return ref.matmul_channelwise_ref(x, qdata, scale, bias)
+    y = cpu.matmul_channelwise(x, qdata, scale, bias) if _cpu_fast(x) else None
+    return ref.matmul_channelwise_ref(x, qdata, scale, bias) if y is None else y
 
 
 @torch.library.custom_op("qlora_kit::matmul_channelwise_grad_input", mutates_args=())

@@ -1,0 +1,246 @@
+"""CPU matmuls y = x W^T + b for the quantized formats that read the packed weight once per call.
+
+The references (``kernels/reference/matmul.py``) dequantize the whole weight to float and then call
+``F.linear``: at one row of x that moves 4-8x the bytes of the packed weight and is ~30-60x slower than a
+float layer. The paths here, picked per call by :func:`plan` (format, activation dtype, rows of x):
+
+* ``gemv``: C kernels (``cpu_source.c``, compiled on first use with the system C compiler, cached under
+  ``~/.cache/qlora_kit``) that decode one output row of W at a time into an L1-sized buffer and take the
+  dot products with every row of x, in fp32. The decoded values are bit-identical to the reference's
+  (NF4/FP4: ``code[nibble] * absmax[block]``; int4: ``(q - zero) * scale``; int8/fp8: ``q * scale``), so
+  in fp32 only the summation order differs; for bf16/fp16 x the product runs in fp32 on the exact
+  weight (the reference rounds W to x's dtype first), then rounds once to x's dtype.
+* ``dequant``: the same decoders write the fp32 weight once, then ``F.linear`` exactly as the reference
+  does (bit-identical to it): for many rows, where the GEMM dominates.
+* ``int8pack`` / ``int4pack``: torch's packed CPU kernels ``torch._weight_int8pack_mm`` and
+  ``torch._weight_int4pack_mm_for_cpu`` for bf16/fp16 x. Their scales live in x's dtype, so they round:
+  int8 ``scale`` -> bf16, int4 ``zero`` -> ``(8 - zero) * scale`` in bf16 (W = (q - 8) * s + zp). The
+  conversion is lossy, so the format keeps its own layout and the converted copy is cached here (keyed on
+  the packed tensor, rebuilt when any of its tensors change in place), never stored in the state_dict.
+  Measured: their bf16 error exceeds the documented bound (twice the reference's own bf16 error; seen
+  2.07x for int4, more for int8 at 48x96), so :func:`plan` does not pick them by default although they
+  are ~3x faster than ``gemv`` at one row; put them in ``_PLAN`` to trade that accuracy for speed.
+* ``reference``: everything else (weights under ``MIN_WEIGHT_NUMEL``, no C compiler,
+  ``QLORA_KIT_CPU_KERNELS=0``).
+
+Each launcher returns None when the reference should run; ``qlora_kit/ops.py`` then calls it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+import weakref
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .reference import matmul as ref
+from .reference.quant_4bit import code_table
+
+SOURCE = Path(__file__).with_name("cpu_source.c")
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
+DEQUANT_BYTES = 1 << 21  # fp32 weight block of the "dequant" path (fits in L2 next to the GEMM's tiles)
+MIN_WEIGHT_NUMEL = 1 << 18  # smaller weights take the reference (per-call overhead; keeps tiny test layers plain)
+
+# Measured on a 2-core AVX-512 EPYC (benchmarks/bench_cpu.py and per-path timings at 4096x4096, M = 1, 4,
+# 16, 64): per (format family, activation dtype) the largest row count each path wins at, tried in order;
+# above all: "dequant". GEMV is fastest up to a few rows; from 16 rows on, the blocked dequant + GEMM wins.
+_PLAN: dict[tuple[str, str], tuple[tuple[int, str], ...]] = {
+    ("4bit", "fp32"): ((4, "gemv"),),
+    ("4bit", "half"): ((4, "gemv"),),
+    ("int4", "fp32"): ((4, "gemv"),),
+    ("int4", "half"): ((4, "gemv"),),  # "int4pack" is ~3x faster here but outside the tolerance (see above)
+    ("int8", "fp32"): ((4, "gemv"),),
+    ("int8", "half"): ((4, "gemv"),),  # likewise "int8pack"
+    ("fp8", "fp32"): ((4, "gemv"),),
+    ("fp8", "half"): ((4, "gemv"),),
+}
+
+
+def plan(family: str, m: int, dtype: torch.dtype, numel: int) -> str:
+    """The CPU path for ``m`` rows of ``dtype`` activations times a ``numel``-element weight of ``family``."""
+    if numel < MIN_WEIGHT_NUMEL or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return "reference"
+    if os.environ.get("QLORA_KIT_CPU_KERNELS", "1").strip() == "0":
+        return "reference"
+    for max_m, path in _PLAN[(family, "fp32" if dtype == torch.float32 else "half")]:
+        if m <= max_m:
+            return path
+    return "dequant"
+
+
+# ------------------------------------------------------------------------------------------ the library
+
+
+def _cpu_tag() -> bytes:
+    """Identifies the CPU the library is built for (-march=native): machine plus /proc/cpuinfo flags."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return f"{platform.machine()} {flags}".encode()
+
+
+def _build(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler = os.environ.get("CC", "cc")
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        out = Path(tmp) / path.name
+        subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", str(out)], check=True, capture_output=True)
+        os.replace(out, path)  # atomic: concurrent processes never load a half-written file
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels (built once per source and CPU), or None with one warning when that fails."""
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join(CFLAGS).encode() + _cpu_tag()).hexdigest()[:16]
+    cache = Path(os.environ.get("QLORA_KIT_CACHE", Path.home() / ".cache" / "qlora_kit"))
+    path = cache / "cpu_kernels" / f"qlora_kit_cpu_{tag}.so"
+    try:
+        if not path.exists():
+            _build(path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = e.stderr.decode(errors="replace")[-300:] if isinstance(e, subprocess.CalledProcessError) else e
+        warnings.warn(f"qlora_kit CPU kernels unavailable ({detail}); using the slower reference path", stacklevel=2)
+        return None
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.qk_4bit.argtypes = [p, i64, p, p, p, i64, i64, i64, p, p, i64, i64, i32]
+    lib.qk_int4.argtypes = [p, i64, p, p, p, i64, i64, i64, p, p, i64, i64, i32]
+    lib.qk_chan.argtypes = [p, i64, p, p, p, i32, i64, i64, p, p, i64, i64, i32]
+    return lib
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+# ---------------------------------------------------------------------------- converted-layout cache
+
+_CACHE: dict[int, tuple[tuple, object]] = {}
+
+
+def _cached(tensors: tuple[torch.Tensor, ...], what: str, build):
+    """``build()``, cached on the first tensor's identity; rebuilt when any tensor is replaced or edited."""
+    key = (id(tensors[0]), what)
+    stamp = tuple((id(t), t._version, t.data_ptr()) for t in tensors)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    if hit is None:
+        weakref.finalize(tensors[0], _CACHE.pop, key, None)
+    value = build()
+    _CACHE[key] = (stamp, value)
+    return value
+
+
+# ------------------------------------------------------------------------------------------ launchers
+
+
+def _launch(kernel, x: torch.Tensor, n: int, path: str, bias, weight_args: tuple) -> torch.Tensor:
+    """Run ``kernel`` as a GEMV over x's rows ("gemv") or as blocked dequantize + GEMM ("dequant")."""
+    k = x.shape[-1]
+    threads = torch.get_num_threads()
+    x2 = x.reshape(-1, k)
+    if path == "dequant":
+        # DEQUANT_BYTES of fp32 rows at a time into one reused buffer (stays in cache), GEMM per block
+        y = torch.empty(x2.shape[0], n, dtype=x.dtype)
+        rows = max(16, DEQUANT_BYTES // (4 * k))
+        buf = torch.empty(min(rows, n), k, dtype=torch.float32)
+        for n0 in range(0, n, rows):
+            n1 = min(n, n0 + rows)
+            kernel(None, 0, *weight_args, None, _ptr(buf), n0, n1, threads)
+            w = buf[: n1 - n0]
+            y[:, n0:n1] = ref.linear_ref(x2, w, None if bias is None else bias[n0:n1])
+        return y.reshape(*x.shape[:-1], n)
+    x2 = x2.to(torch.float32).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    kernel(_ptr(x2), x2.shape[0], *weight_args, _ptr(y), None, 0, n, threads)
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // max(x.shape[-1], 1)
+
+
+def matmul_4bit(x: torch.Tensor, w: ref.Packed4bit, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """NF4/FP4 ``x @ dequant(W)^T + bias`` on the CPU, or None when the reference should run."""
+    n, k = w.meta.shape
+    path = plan("4bit", _rows(x), x.dtype, n * k)
+    lib = library() if path != "reference" else None
+    if lib is None or not w.packed.is_contiguous():
+        return None
+    stats = (w.packed, w.qabsmax, w.nested_absmax, w.offset) if w.meta.double_quant else (w.packed, w.absmax)
+    absmax = _cached(stats, "absmax", lambda: w.block_absmax().float().contiguous())
+    table = code_table(w.meta.quant_type)
+    args = (_ptr(w.packed), _ptr(absmax), _ptr(table), n, k, w.meta.blocksize)
+    return _launch(lib.qk_4bit, x, n, path, bias, args)
+
+
+def _int4pack(packed, scale, zero, k: int, group_size: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our int4 layout as torch's CPU int4pack: codes [N, K'] and [K' / g, N, 2] (scale, (8 - zero) * scale)."""
+    n = packed.shape[0]
+    kp = -(-k // group_size) * group_size
+    q = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(n, -1)[:, :k].to(torch.int32)
+    q = F.pad(q, (0, kp - k), value=8)  # padded columns meet zero activations
+    s, z = scale.float(), zero.float()
+    sz = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    return torch._convert_weight_to_int4pack_for_cpu(q, 1), sz
+
+
+def matmul_int4(x, packed, scale, zero, group_size: int, bias=None) -> torch.Tensor | None:
+    """int4 per-group ``x @ dequant(W)^T + bias`` on the CPU, or None when the reference should run."""
+    n, k = packed.shape[0], x.shape[-1]
+    path = plan("int4", _rows(x), x.dtype, n * k)
+    if path == "int4pack" and n % 16:  # torch's packing needs N % 16 == 0
+        path = "gemv"
+    if path == "int4pack":
+        wq, sz = _cached(
+            (packed, scale, zero), f"int4pack-{x.dtype}", lambda: _int4pack(packed, scale, zero, k, group_size, x.dtype)
+        )
+        x2 = F.pad(x.reshape(-1, k), (0, wq.shape[1] * 2 - k)).contiguous()
+        y = torch._weight_int4pack_mm_for_cpu(x2, wq, group_size, sz)
+        y = y if bias is None else y + bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], n)
+    lib = library() if path != "reference" else None
+    if lib is None or not packed.is_contiguous():
+        return None
+    s, z = _cached((packed, scale, zero), "int4-fp32", lambda: (scale.float().contiguous(), zero.float().contiguous()))
+    args = (_ptr(packed), _ptr(s), _ptr(z), n, k, group_size)
+    return _launch(lib.qk_int4, x, n, path, bias, args)
+
+
+@functools.cache
+def _fp8_lut() -> torch.Tensor:
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+def matmul_channelwise(x, qdata, scale, bias=None) -> torch.Tensor | None:
+    """int8 / fp8 per-channel ``x @ (qdata * scale)^T + bias`` on the CPU, or None for the reference."""
+    n, k = qdata.shape
+    is_int8 = qdata.dtype == torch.int8
+    path = plan("int8" if is_int8 else "fp8", _rows(x), x.dtype, n * k)
+    if path == "int8pack" and k % 32:  # torch's kernel reads out of bounds on other K (seen: K = 33, 40, 100)
+        path = "gemv"
+    if path == "int8pack":
+        s = _cached((qdata, scale), f"int8pack-{x.dtype}", lambda: scale.to(x.dtype))
+        y = torch._weight_int8pack_mm(x.reshape(-1, k).contiguous(), qdata, s)
+        y = y if bias is None else y + bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], n)
+    lib = library() if path != "reference" else None
+    if lib is None or not qdata.is_contiguous():
+        return None
+    s = scale.float().contiguous()
+    args = (_ptr(qdata), _ptr(_fp8_lut()), _ptr(s), int(is_int8), n, k)
+    return _launch(lib.qk_chan, x, n, path, bias, args)

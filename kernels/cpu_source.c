@@ -1,0 +1,238 @@
+/* CPU kernels for the quantized matmuls of qlora_kit (loaded by kernels/cpu.py through ctypes).
+ *
+ * Every kernel works one output row n of the weight at a time: it decodes that row into a K-float buffer
+ * that stays in L1/L2 (the float weight is never materialized), then forms y[m, n] = dot(x[m, :], w) for
+ * the M rows of x. Decoding is bit-identical to the PyTorch references (kernels/reference), so only the
+ * summation order differs:
+ *   4-bit blockwise (NF4 / FP4): w[k] = table[nibble(e)] * absmax[e / bs], e = n * K + k, element e in the
+ *       high nibble of byte e / 2 when e is even (the low nibble when odd); blocks run over the flat index.
+ *   int4 per group:  w[k] = (q[n, k] - zero[n, k / gs]) * scale[n, k / gs], column 2j in the high nibble.
+ *   per channel:     w[k] = lut[q[n, k]] * scale[n] (lut: int8 -> float, or fp8 e4m3 -> float).
+ * The *_dequant variants write the whole [N, K] fp32 weight (used when M is large and a GEMM wins).
+ * Compiled with -ffp-contract=off so a * b + c never becomes an FMA in the decoders (same rounding as
+ * PyTorch's separate operations). Threads: OpenMP over output rows (the caller passes torch's count).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ACC 32 /* independent partial sums: hides the FMA latency, vectorizes to 2 AVX-512 registers */
+
+static float dot(const float *restrict a, const float *restrict b, int64_t k) {
+    float acc[ACC] = {0};
+    int64_t i = 0;
+    for (; i + ACC <= k; i += ACC)
+        for (int j = 0; j < ACC; j++) acc[j] += a[i + j] * b[i + j];
+    float s = 0.0f;
+    for (int j = 0; j < ACC; j++) s += acc[j];
+    for (; i < k; i++) s += a[i] * b[i];
+    return s;
+}
+
+static void pair_table(const float *table16, float pairs[512]) {
+    for (int b = 0; b < 256; b++) {
+        pairs[2 * b] = table16[b >> 4];
+        pairs[2 * b + 1] = table16[b & 15];
+    }
+}
+
+/* decode 2 * nbytes codes: buf[2i], buf[2i + 1] = pairs of byte i (one 8-byte copy per byte) */
+static void decode_pairs(const uint8_t *restrict bytes, int64_t nbytes, const float *restrict pairs,
+                         float *restrict buf) {
+    for (int64_t i = 0; i < nbytes; i++) memcpy(buf + 2 * i, pairs + 2 * bytes[i], 8);
+}
+
+static float *row_4bit(const uint8_t *packed, const float *absmax, const float *pairs, int64_t n, int64_t k,
+                       int64_t bs, float *buf) {
+    int64_t e0 = n * k, off = e0 & 1;
+    decode_pairs(packed + e0 / 2, (off + k + 1) / 2, pairs, buf);
+    float *w = buf + off;
+    for (int64_t c = 0; c < k;) {
+        int64_t blk = (e0 + c) / bs, end = (blk + 1) * bs - e0;
+        if (end > k) end = k;
+        float a = absmax[blk];
+        for (int64_t j = c; j < end; j++) w[j] = w[j] * a;
+        c = end;
+    }
+    return w;
+}
+
+static float *row_int4(const uint8_t *packed, const float *scale, const float *zero, const float *pairs,
+                       int64_t n, int64_t k, int64_t gs, float *buf) {
+    int64_t groups = (k + gs - 1) / gs;
+    decode_pairs(packed + n * ((k + 1) / 2), (k + 1) / 2, pairs, buf);
+    for (int64_t g = 0; g < groups; g++) {
+        float s = scale[n * groups + g], z = zero[n * groups + g];
+        int64_t end = (g + 1) * gs < k ? (g + 1) * gs : k;
+        for (int64_t j = g * gs; j < end; j++) buf[j] = (buf[j] - z) * s;
+    }
+    return buf;
+}
+
+static float *row_chan(const uint8_t *q, const float *lut, const float *scale, int is_int8, int64_t n, int64_t k,
+                       float *buf) {
+    const uint8_t *row = q + n * k;
+    float s = scale[n];
+    if (is_int8) {
+        const int8_t *r = (const int8_t *)row;
+        for (int64_t j = 0; j < k; j++) buf[j] = (float)r[j] * s;
+    } else {
+        for (int64_t j = 0; j < k; j++) buf[j] = lut[row[j]] * s;
+    }
+    return buf;
+}
+
+/* KIND: 0 = 4-bit blockwise, 1 = int4 per group, 2 = per channel; p0..p2 are the format's stat arrays */
+typedef struct {
+    int kind;
+    const uint8_t *q;
+    const float *p0, *p1, *lut;
+    int64_t n, k, size; /* size: blocksize, group size, or is_int8 */
+} Weight;
+
+static float *decode_row(const Weight *w, const float *pairs, int64_t n, float *buf) {
+    if (w->kind == 0) return row_4bit(w->q, w->p0, pairs, n, w->k, w->size, buf);
+    if (w->kind == 1) return row_int4(w->q, w->p0, w->p1, pairs, n, w->k, w->size, buf);
+    return row_chan(w->q, w->lut, w->p0, (int)w->size, n, w->k, buf);
+}
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+/* 32 decoded weights w[n, c .. c + 32) into lo (first 16) and hi (next 16); needs K % 32 == 0, so a chunk
+ * never straddles a block or group (block sizes and group sizes are multiples of 32) */
+static inline void chunk32(const Weight *w, __m512 table, int64_t n, int64_t c, __m512 *lo, __m512 *hi) {
+    const __m512i even = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i odd = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    int64_t e = n * w->k + c;
+    if (w->kind == 2) {
+        const uint8_t *q = w->q + e;
+        __m512 s = _mm512_set1_ps(w->p0[n]);
+        __m512 a, b;
+        if (w->size) {
+            a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
+            b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))));
+        } else {
+            a = _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q)), w->lut, 4);
+            b = _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))), w->lut, 4);
+        }
+        *lo = _mm512_mul_ps(a, s);
+        *hi = _mm512_mul_ps(b, s);
+        return;
+    }
+    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w->q + e / 2)));
+    __m512i qh = _mm512_srli_epi32(bytes, 4), ql = _mm512_and_si512(bytes, _mm512_set1_epi32(15));
+    __m512 vh, vl;
+    if (w->kind == 0) {
+        vh = _mm512_permutexvar_ps(qh, table);
+        vl = _mm512_permutexvar_ps(ql, table);
+        __m512 a = _mm512_set1_ps(w->p0[e / w->size]);
+        vh = _mm512_mul_ps(vh, a);
+        vl = _mm512_mul_ps(vl, a);
+    } else {
+        int64_t g = n * ((w->k + w->size - 1) / w->size) + c / w->size;
+        __m512 s = _mm512_set1_ps(w->p0[g]), z = _mm512_set1_ps(w->p1[g]);
+        vh = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(qh), z), s);
+        vl = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(ql), z), s);
+    }
+    *lo = _mm512_permutex2var_ps(vh, even, vl);
+    *hi = _mm512_permutex2var_ps(vh, odd, vl);
+}
+
+static inline float dot512(const float *a, const float *b, int64_t k) { /* k % 32 == 0 */
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+/* up to 4 rows of x: decode each chunk once into registers, one FMA pair per row; more rows: decode the
+ * row into the L1 buffer once, then one dot product per row of x */
+static void row_avx512(const Weight *w, __m512 table, const float *x, int64_t m, int64_t n, float *y,
+                       float *wout, float *buf) {
+    int64_t k = w->k;
+    if (wout || m > 4) {
+        float *dst = wout ? wout + n * k : buf;
+        for (int64_t c = 0; c < k; c += 32) {
+            __m512 lo, hi;
+            chunk32(w, table, n, c, &lo, &hi);
+            _mm512_storeu_ps(dst + c, lo);
+            _mm512_storeu_ps(dst + c + 16, hi);
+        }
+        if (!wout)
+            for (int64_t i = 0; i < m; i++) y[i * w->n + n] = dot512(x + i * k, buf, k);
+        return;
+    }
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t c = 0; c < k; c += 32) {
+        __m512 lo, hi;
+        chunk32(w, table, n, c, &lo, &hi);
+        for (int64_t i = 0; i < 4; i++) {
+            if (i < m) {
+                acc[i] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + i * k + c), acc[i]);
+                acc[i] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + i * k + c + 16), acc[i]);
+            }
+        }
+    }
+    for (int64_t i = 0; i < m; i++) y[i * w->n + n] = _mm512_reduce_add_ps(acc[i]);
+}
+#endif
+
+static void run(const Weight *w, const float *x, int64_t m, float *y, float *wout, int64_t n0, int64_t n1, int nt) {
+    float pairs[512];
+    if (w->kind == 1) {
+        float ints[16];
+        for (int i = 0; i < 16; i++) ints[i] = (float)i;
+        pair_table(ints, pairs);
+    } else if (w->kind == 0) {
+        pair_table(w->lut, pairs);
+    }
+#ifdef __AVX512F__
+    if (w->k % 32 == 0) {
+        __m512 table = w->kind == 0 ? _mm512_loadu_ps(w->lut) : _mm512_setzero_ps();
+#pragma omp parallel num_threads(nt)
+        {
+            float *buf = (float *)malloc((size_t)w->k * sizeof(float));
+#pragma omp for schedule(static)
+            for (int64_t n = n0; n < n1; n++) row_avx512(w, table, x, m, n, y, wout ? wout - n0 * w->k : NULL, buf);
+            free(buf);
+        }
+        return;
+    }
+#endif
+#pragma omp parallel num_threads(nt)
+    {
+        float *buf = (float *)malloc((size_t)(w->k + 16) * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t n = n0; n < n1; n++) {
+            float *row = decode_row(w, pairs, n, buf);
+            if (wout) {
+                memcpy(wout + (n - n0) * w->k, row, (size_t)w->k * sizeof(float));
+            } else {
+                for (int64_t i = 0; i < m; i++) y[i * w->n + n] = dot(x + i * w->k, row, w->k);
+            }
+        }
+        free(buf);
+    }
+}
+
+/* y[m, n] (fp32, [M, N]) = x (fp32 [M, K]) @ W^T, or rows n0 .. n1 of W into wout ([n1 - n0, K]) */
+void qk_4bit(const float *x, int64_t m, const uint8_t *packed, const float *absmax, const float *table16,
+             int64_t n, int64_t k, int64_t bs, float *y, float *wout, int64_t n0, int64_t n1, int nt) {
+    Weight w = {0, packed, absmax, NULL, table16, n, k, bs};
+    run(&w, x, m, y, wout, n0, n1, nt);
+}
+
+void qk_int4(const float *x, int64_t m, const uint8_t *packed, const float *scale, const float *zero, int64_t n,
+             int64_t k, int64_t gs, float *y, float *wout, int64_t n0, int64_t n1, int nt) {
+    Weight w = {1, packed, scale, zero, NULL, n, k, gs};
+    run(&w, x, m, y, wout, n0, n1, nt);
+}
+
+void qk_chan(const float *x, int64_t m, const uint8_t *q, const float *lut256, const float *scale, int is_int8,
+             int64_t n, int64_t k, float *y, float *wout, int64_t n0, int64_t n1, int nt) {
+    Weight w = {2, q, scale, NULL, lut256, n, k, is_int8};
+    run(&w, x, m, y, wout, n0, n1, nt);
+}

@@ -1,0 +1,167 @@
+"""CPU kernels (kernels/cpu.py) against the references: every path, odd shapes, fp32 / bf16 / fp16.
+
+Criteria as for the Triton kernels: fp32 within K * 2**-23 * (|x| |W|^T) of the fp64 product of the
+dequantized weight; half precision within twice the reference's own error; the decoders bit-exact.
+"""
+
+import ctypes
+
+import pytest
+import torch
+import torch.nn.functional as F
+from qlora_kit.kernels import cpu
+from qlora_kit.kernels.reference import matmul as ref
+from qlora_kit.kernels.reference import quant_4bit as q4
+from qlora_kit.kernels.reference import quant_int as qi
+
+from qlora_kit import ops
+from qlora_kit.configs import FP4Config, Int4WeightConfig, NF4Config
+from qlora_kit.formats.base import get_format
+
+if cpu.library() is None:
+    pytest.skip("no C compiler for the CPU kernels", allow_module_level=True)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (N, K): K % 32 == 0 takes the AVX-512 decoder, others the portable one; odd N * K straddles bytes/blocks
+SHAPES = [(48, 96), (17, 33), (5, 100), (32, 64)]
+
+
+@pytest.fixture(autouse=True)
+def _all_sizes(monkeypatch):
+    monkeypatch.setattr(cpu, "MIN_WEIGHT_NUMEL", 0)
+    monkeypatch.setattr(cpu, "DEQUANT_BYTES", 64 * 4 * 8)  # several blocks even for small weights
+
+
+def force(monkeypatch, path):
+    monkeypatch.setattr(cpu, "plan", lambda *args: path)
+
+
+def assert_close(out, x, w32, bias=None, factor=2):
+    ref64 = x.double() @ w32.double().T + (0 if bias is None else bias.double())
+    err = (out.double() - ref64).abs()
+    k = x.shape[-1]
+    bound = k * 2.0**-23 * (x.double().abs() @ w32.double().abs().T) + 2.0**-23 * ref64.abs()
+    if out.dtype == torch.float32:
+        assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3e}"
+    else:
+        own = (F.linear(x, w32.to(x.dtype), None if bias is None else bias).double() - ref64).abs().max().item()
+        assert err.max().item() <= factor * own + bound.max().item(), (err.max().item(), own)
+
+
+def weights(kind, n, k):
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    w = torch.randn(n, k, generator=g)
+    if kind in ("nf4", "fp4", "nf4-dq"):
+        packed, absmax = q4.quantize_4bit(w, 32, kind[:3])
+        meta = ref.Quant4bitMeta((n, k), 32, kind[:3], kind == "nf4-dq")
+        if kind == "nf4-dq":
+            qa, nested, offset = q4.double_quantize(absmax)
+            pw = ref.Packed4bit(packed, meta, qabsmax=qa, nested_absmax=nested, offset=offset)
+        else:
+            pw = ref.Packed4bit(packed, meta, absmax=absmax)
+        return (lambda x, b: cpu.matmul_4bit(x, pw, b)), ref.dequantize_packed_4bit(pw, torch.float32)
+    if kind == "int4":
+        p, s, z = qi.quantize_int4(w, 32)
+        return (lambda x, b: cpu.matmul_int4(x, p, s, z, 32, b)), ref.dequantize_int4(p, s, z, k, 32, torch.float32)
+    q, s = qi.quantize_int8(w) if kind == "int8" else qi.quantize_fp8(w)
+    return (lambda x, b: cpu.matmul_channelwise(x, q, s, b)), ref.dequantize_channelwise(q, s, torch.float32)
+
+
+PATHS = {  # format -> paths to force
+    "nf4": ["gemv", "dequant"],
+    "fp4": ["gemv", "dequant"],
+    "nf4-dq": ["gemv"],
+    "int4": ["gemv", "dequant", "int4pack"],
+    "int8": ["gemv", "dequant", "int8pack"],
+    "fp8": ["gemv", "dequant"],
+}
+CASES = [(kind, path) for kind, paths in PATHS.items() for path in paths]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c))
+def test_paths_match_reference(monkeypatch, case, shape, dtype):
+    kind, path = case
+    if path.endswith("pack") and dtype == torch.float32:
+        pytest.skip("torch's packed kernels serve half precision only")
+    force(monkeypatch, path)
+    matmul, w32 = weights(kind, *shape)
+    for m, with_bias in ((1, False), (3, True), (17, False)):
+        x = torch.randn(2, m, shape[1]).to(dtype)  # leading dims
+        bias = torch.randn(shape[0]).to(dtype) if with_bias else None
+        out = matmul(x, bias)
+        assert out.shape == (2, m, shape[0]) and out.dtype == dtype
+        # torch's packed kernels round their scales to x's dtype: opt-in only, checked at a looser bound
+        factor = 4 if path.endswith("pack") else 2
+        assert_close(out.reshape(-1, shape[0]), x.reshape(-1, shape[1]), w32, bias, factor)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int4", "int8", "fp8"])
+@pytest.mark.parametrize("shape", [(17, 33), (48, 96)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_decoders_bit_exact(kind, shape):
+    """The C decoders write exactly the reference's fp32 weight (so fp32 differs only in summation order)."""
+    n, k = shape
+    lib, out, g = cpu.library(), torch.full(shape, float("nan")), torch.Generator().manual_seed(1)
+    w = torch.randn(n, k, generator=g)
+    if kind == "nf4":
+        packed, absmax = q4.quantize_4bit(w, 32, "nf4")
+        table = q4.code_table("nf4")
+        lib.qk_4bit(None, 0, *map(cpu._ptr, (packed, absmax, table)), n, k, 32, None, cpu._ptr(out), 0, n, 1)
+        expected = q4.dequantize_4bit(packed, absmax, shape, 32, "nf4", torch.float32)
+    elif kind == "int4":
+        p, s, z = qi.quantize_int4(w, 32)
+        sf, zf = s.float(), z.float()
+        lib.qk_int4(None, 0, *map(cpu._ptr, (p, sf, zf)), n, k, 32, None, cpu._ptr(out), 0, n, 1)
+        expected = ref.dequantize_int4(p, s, z, k, 32, torch.float32)
+    else:
+        q, s = qi.quantize_int8(w) if kind == "int8" else qi.quantize_fp8(w)
+        lut = cpu._fp8_lut()
+        lib.qk_chan(None, 0, *map(cpu._ptr, (q, lut, s)), int(kind == "int8"), n, k, None, cpu._ptr(out), 0, n, 1)
+        expected = ref.dequantize_channelwise(q, s, torch.float32)
+    assert torch.equal(out, expected)
+
+
+def test_plan_by_rows_and_size(monkeypatch):
+    assert cpu.plan("4bit", 1, torch.float32, 1 << 20) == "gemv"
+    assert cpu.plan("int8", 1, torch.bfloat16, 1 << 20) == "gemv"
+    assert cpu.plan("4bit", 256, torch.float32, 1 << 20) == "dequant"
+    monkeypatch.setattr(cpu, "MIN_WEIGHT_NUMEL", 1 << 18)
+    assert cpu.plan("4bit", 1, torch.float32, 100) == "reference"
+    monkeypatch.setenv("QLORA_KIT_CPU_KERNELS", "0")
+    assert cpu.plan("4bit", 1, torch.float32, 1 << 20) == "reference"
+
+
+@pytest.mark.parametrize("config", [NF4Config(blocksize=64), FP4Config(), Int4WeightConfig(group_size=64)], ids=str)
+def test_quantized_linear_uses_cpu_kernels(monkeypatch, config):
+    """Through the custom op, with autograd: the fast path agrees with the reference path."""
+    fmt = {"NF4Config": "nf4", "FP4Config": "fp4", "Int4WeightConfig": "int4"}[type(config).__name__]
+    qw = get_format(fmt).from_float(torch.randn(64, 96), config)
+    x = torch.randn(3, 96, requires_grad=True)
+    calls = []
+    real = cpu.plan
+    monkeypatch.setattr(cpu, "plan", lambda *a: calls.append(a) or real(*a))
+    out = ops.quantized_linear(x, qw)
+    assert calls and calls[0][1] == 3
+    monkeypatch.setenv("QLORA_KIT_BACKEND", "reference")
+    expected = ops.quantized_linear(x, qw)
+    assert len(calls) == 1  # the reference backend never asks the CPU planner
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_int4pack_cache_follows_in_place_edits(monkeypatch):
+    force(monkeypatch, "int4pack")
+    p, s, z = qi.quantize_int4(torch.randn(32, 64), 32)
+    x = torch.randn(1, 64).bfloat16()
+    first = cpu.matmul_int4(x, p, s, z, 32)
+    s.mul_(2)  # e.g. load_state_dict copying new values into the same buffer
+    second = cpu.matmul_int4(x, p, s, z, 32)
+    w = ref.dequantize_int4(p, s, z, 64, 32, torch.float32)
+    assert_close(second, x, w, factor=4)
+    assert not torch.equal(first, second)
+
+
+def test_library_pointer_types():
+    assert isinstance(cpu._ptr(torch.zeros(1)), ctypes.c_void_p) and cpu._ptr(None) is None
