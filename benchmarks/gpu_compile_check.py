@@ -86,7 +86,16 @@ def load_kernels(repo: str | None) -> dict[str, types.ModuleType]:
         pkg = importlib.util.module_from_spec(spec)
         sys.modules["qlora_kit.kernels"] = pkg
         spec.loader.exec_module(pkg)
-    return {name: importlib.import_module(f"qlora_kit.kernels.{name}") for name in KERNEL_MODULES}
+    pkg_dir = os.path.dirname(sys.modules["qlora_kit.kernels"].__file__) if repo else None
+    if pkg_dir is None:
+        pkg_dir = os.path.dirname(importlib.import_module("qlora_kit.kernels").__file__)
+    # every module of kernels/ that defines Triton kernels, so a new one cannot escape the unreached check
+    names = sorted(
+        f[:-3]
+        for f in os.listdir(pkg_dir)
+        if f.endswith(".py") and "@triton.jit" in open(os.path.join(pkg_dir, f), encoding="utf-8").read()
+    )
+    return {name: importlib.import_module(f"qlora_kit.kernels.{name}") for name in (*KERNEL_MODULES, *names)}
 
 
 def kernels_of(mods) -> dict[str, JITFunction]:
