@@ -9,7 +9,7 @@ from torch import nn
 
 from .._dispatch import use_triton
 from ..kernels.reference import quant_int as ref
-from .base import check_matrix, packed_nbytes, register_frozen, register_format
+from .base import check_matrix, packed_nbytes, register_format, register_frozen
 
 
 def _impl(t: torch.Tensor):
