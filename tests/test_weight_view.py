@@ -115,3 +115,58 @@ def test_t5_runs_quantized(fmt):
     ids = torch.randint(1, 64, (2, 7))
     out = model(input_ids=ids, labels=ids)
     assert torch.isfinite(out.loss)
+
+
+# ----- layers are matched with isinstance; a chosen layer that cannot be quantized is named in a warning
+
+
+class _MyLinear(nn.Linear):
+    """A user's subclass of nn.Linear."""
+
+
+def _falcon():
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    cfg = FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    return FalconForCausalLM(cfg).eval()
+
+
+def test_falcon_linear_subclasses_are_quantized_without_warnings(recwarn):
+    model = _falcon()
+    ids = torch.randint(0, 64, (2, 6))
+    n_linear = sum(isinstance(m, nn.Linear) for m in model.modules()) - 1  # the head stays float
+    assert n_linear > 0 and not any(type(m) is nn.Linear for m in model.transformer.modules())
+    qlora_kit.quantize(model, qlora_kit.NF4Config())
+    assert sum(isinstance(m, QuantizedLayer) for m in model.modules()) == n_linear
+    assert qlora_kit.memory_footprint(model)["nf4"] > 0
+    assert torch.isfinite(model(ids).logits).all()
+    assert not [w for w in recwarn if "cannot quantize" in str(w.message)]
+
+
+def test_user_subclass_quantized_and_unsupported_layer_named_in_warning():
+    model = nn.Sequential(_MyLinear(8, 8), nn.Conv3d(2, 2, 1), nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match=r"cannot quantize 1 chosen layer.*1 \(Conv3d"):
+        qlora_kit.quantize(model, qlora_kit.NF4Config(), filter_fn=lambda m, n: True)
+    assert isinstance(model[0], QuantizedLayer) and isinstance(model[2], QuantizedLayer)
+    assert isinstance(model[1], nn.Conv3d)
+
+
+def test_linear_with_an_integer_weight_is_named_not_skipped_in_silence():
+    odd = nn.Linear(8, 8)
+    odd.weight = nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)
+    model = nn.Sequential(odd, nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match=r"0 \(Linear with a Parameter weight of dtype torch.int8"):
+        qlora_kit.quantize(model, qlora_kit.Int8WeightConfig())
+    assert model[0] is odd and isinstance(model[1], QuantizedLayer)
+
+
+def test_qat_prepares_and_converts_subclasses():
+    model = nn.Sequential(_MyLinear(16, 8))
+    config = qlora_kit.Int8WeightConfig(compute_dtype=F32)
+    qlora_kit.prepare_qat(model, config, filter_fn=lambda m, n: True)
+    x = torch.randn(3, 16)
+    fake = model(x)
+    qlora_kit.convert_qat(model)
+    assert isinstance(model[0], QuantizedLayer)
+    torch.testing.assert_close(model(x), fake, rtol=0, atol=0)

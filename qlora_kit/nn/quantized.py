@@ -260,7 +260,16 @@ LAYER_CLASSES = {c.__name__: c for c in (*QUANTIZED_CLASS.values(), QuantConv1D)
 
 
 def quantized_class_for(module: nn.Module) -> type[QuantizedLayer] | None:
-    """The quantized class replacing ``module``, or None when its type is not supported."""
+    """The quantized class replacing ``module``, or None when its type is not supported.
+
+    Matched with ``isinstance``: subclasses (Falcon's ``FalconLinear``, a user's ``nn.Linear`` subclass) are
+    quantized like their base class. Quantized and fake-quant (QAT) layers are not matched again.
+    """
+    if isinstance(module, QuantizedLayer) or getattr(module, "_qlora_kit_fake_quant", False):
+        return None
     if is_transformers_conv1d(module):
         return QuantConv1D
-    return QUANTIZED_CLASS.get(type(module))
+    for float_cls, quantized_cls in QUANTIZED_CLASS.items():
+        if isinstance(module, float_cls):
+            return quantized_cls
+    return None
