@@ -213,7 +213,7 @@ def memory_footprint(model: nn.Module) -> dict[str, int]:
     for module in model.modules():
         if isinstance(module, QuantizedLayer):
             kind = module.format_name
-            for t in module.qweight.parameters():
+            for t in [*module.qweight.parameters(), *module.qweight.buffers()]:
                 if t.data_ptr() not in seen:
                     seen.add(t.data_ptr())
                     out[kind] = out.get(kind, 0) + t.numel() * t.element_size()

@@ -15,7 +15,7 @@ class Blockwise4bitWeight(nn.Module):
     """Packed 4-bit codes over the flattened matrix, one absmax per block, optionally double-quantized.
 
     Frozen parameters: ``packed`` uint8 [ceil(numel / 2)]; ``absmax`` fp32 [nblocks] or, with double quantization,
-    ``qabsmax`` uint8 [nblocks], ``nested_absmax`` fp32 [ceil(nblocks / 256)], ``offset`` fp32 0-dim.
+    ``qabsmax`` uint8 [nblocks], ``nested_absmax`` fp32 [ceil(nblocks / 256)]; buffer ``offset`` fp32 0-dim.
     """
 
     name = ""
@@ -32,7 +32,8 @@ class Blockwise4bitWeight(nn.Module):
         if self.double_quant:
             register_frozen(self, "qabsmax", torch.zeros(nblocks, dtype=torch.uint8))
             register_frozen(self, "nested_absmax", torch.zeros(math.ceil(nblocks / 256), dtype=torch.float32))
-            register_frozen(self, "offset", torch.zeros((), dtype=torch.float32))
+            # a buffer: FSDP2 cannot shard 0-dim parameters, and 4 bytes replicated per rank cost nothing
+            self.register_buffer("offset", torch.zeros((), dtype=torch.float32))
         else:
             register_frozen(self, "absmax", torch.zeros(nblocks, dtype=torch.float32))
 

@@ -75,8 +75,9 @@ def register_frozen(module: torch.nn.Module, name: str, tensor: torch.Tensor) ->
 
 
 def packed_nbytes(module: torch.nn.Module) -> int:
-    """Bytes of the packed codes and scales of a format module (its own frozen parameters)."""
-    return sum(t.numel() * t.element_size() for t in module.parameters(recurse=False))
+    """Bytes of the packed codes and scales of a format module (its own frozen parameters and buffers)."""
+    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def numel(shape) -> int:
