@@ -444,6 +444,7 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
         "elapsed_s": elapsed,
         "data_fingerprint": data.fingerprint,
         "world_size": run.world,
+        "local_bytes": fsdp.local_bytes(run.models[run.roles[0]]),  # this process's (shards of) parameters
     }
     if stop_at < run.max_steps:
         _say(
