@@ -6,6 +6,7 @@ holds its half of the packed base (local shards, matching benchmarks/bench_fsdp.
 killed after a checkpoint resumes to the same losses through `accelerate launch -m qlora_kit.cli`.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -146,6 +147,7 @@ def _adapter(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "adapter" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", [["quantization=nf4", "double_quant=true"], ["quantization=int4", "group_size=32"]],
                          ids=["nf4_dq", "int4"])  # fmt: skip
 def test_two_fsdp_processes_match_one_process(tmp_path, quant):
@@ -157,7 +159,9 @@ def test_two_fsdp_processes_match_one_process(tmp_path, quant):
     _spawn(_finetune_worker, (overrides, str(tmp_path)))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in ranks:
-        assert [r["losses"][str(k)] for k in (1, 2, 3)] == pytest.approx([one["losses"][k] for k in (1, 2, 3)], rel=1e-5)
+        assert [r["losses"][str(k)] for k in (1, 2, 3)] == pytest.approx(
+            [one["losses"][k] for k in (1, 2, 3)], rel=1e-5
+        )
         assert r["eval"]["eval_loss"] == pytest.approx(one["eval"]["eval_loss"], rel=1e-5)
     a, b = _adapter(tmp_path / "one"), _adapter(two_dir)
     assert a.keys() == b.keys() and len(a) == 32
@@ -199,7 +203,9 @@ def _losses(out: Path) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_accelerate_launch_fsdp_run_killed_after_a_checkpoint_resumes_to_the_same_losses(tmp_path):
-    full = finetune(load_recipe("quickstart", [*SMALL, "max_steps=12", "batch_size=4", f"output_dir={tmp_path / 'one'}"]))
+    full = finetune(
+        load_recipe("quickstart", [*SMALL, "max_steps=12", "batch_size=4", f"output_dir={tmp_path / 'one'}"])
+    )
     out = tmp_path / "killed"
     proc = _launch(out)
     deadline = time.monotonic() + TIMEOUT
@@ -207,7 +213,12 @@ def test_accelerate_launch_fsdp_run_killed_after_a_checkpoint_resumes_to_the_sam
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "no checkpoint within the time limit"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
+    import psutil
+
+    # the launcher and both ranks (torch's launcher starts them in sessions of their own), mid-run
+    for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGKILL)
     proc.communicate()
     assert not (out / "adapter").exists()  # killed before the end
     resumed = _launch(out, ["resume=true"])

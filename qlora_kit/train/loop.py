@@ -601,8 +601,10 @@ def _banner(recipe: Recipe, run: _Run, built, data, resume_from, start_step: int
             f" · clip {recipe.max_grad_norm} · wd {recipe.weight_decay:g}"
             + (" · gradient checkpointing" if recipe.gradient_checkpointing else ""),
         ),
-        ("devices", f"{devices} · precision {acc.mixed_precision} · compute {_compute(recipe)}"
-                    + fsdp.banner_note(run.models)),
+        (
+            "devices",
+            f"{devices} · precision {acc.mixed_precision} · compute {_compute(recipe)}" + fsdp.banner_note(run.models),
+        ),
         ("output", f"{run.recipe.output_dir} (config.yaml, metrics.jsonl, checkpoints/, adapter/)"),
     ]
     if resume_from is not None:
