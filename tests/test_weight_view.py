@@ -72,10 +72,12 @@ def test_weight_in_torch_ops_is_the_dequantized_matrix():
 def test_packed_codes_are_frozen_parameters_with_unchanged_state_dict_keys(fmt):
     _, q = _quantized("linear", fmt)
     names = dict(q.qweight.named_parameters())
-    assert names and not list(q.qweight.buffers())
+    buffers = dict(q.qweight.named_buffers())  # only NF4 / FP4's 0-dim double-quant offset (FSDP2 shards no 0-dim)
+    assert names and all(b.dim() == 0 and n == "offset" for n, b in buffers.items())
     assert all(not p.requires_grad for p in names.values())
-    assert set(q.state_dict()) == {f"qweight.{n}" for n in names} | {"bias"}
-    assert q.qweight.nbytes() == sum(p.numel() * p.element_size() for p in names.values())
+    assert set(q.state_dict()) == {f"qweight.{n}" for n in [*names, *buffers]} | {"bias"}
+    tensors = [*names.values(), *buffers.values()]
+    assert q.qweight.nbytes() == sum(t.numel() * t.element_size() for t in tensors)
     assert q.qweight.device == q.weight.device
 
 
