@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -103,6 +104,54 @@ def _check_device(device) -> None:
             )
 
 
+def _cannot_quantize(module: nn.Module) -> str | None:
+    """Why a layer the filter picked cannot be quantized, or None when it can (or holds no weight matrix)."""
+    w = module._parameters.get("weight")  # the module's own weight, not one forwarded by a wrapper
+    if quantized_class_for(module) is not None:
+        if w is None or not w.is_floating_point():
+            kind = "no weight" if w is None else f"a {type(w).__name__} weight of dtype {w.dtype}"
+            return f"{type(module).__name__} with {kind} (already quantized by another library?)"
+        return None
+    if w is None or w.dim() < 2 or not w.is_floating_point() or type(module).__name__ == "LoraFactor":
+        return None
+    if isinstance(module, QuantizedLayer) or getattr(module, "_qlora_kit_fake_quant", False):
+        return None
+    return f"{type(module).__name__} (no quantized version of this layer type)"
+
+
+def _select_targets(model: nn.Module, keep: FilterFn) -> list[tuple[str, type]]:
+    """(name, quantized class) of every layer to swap; a picked layer that cannot be quantized is named in a
+    warning (it stays in float), never skipped in silence."""
+    targets: list[tuple[str, type]] = []  # names only: a float module must not outlive its swap
+    refused: list[str] = []
+    inside: list[str] = []  # quantized layers and chosen targets: their children are not layers to swap
+    for fqn, module in model.named_modules():
+        if not fqn or any(fqn.startswith(t + ".") for t in inside):
+            continue
+        if isinstance(module, QuantizedLayer):
+            inside.append(fqn)
+            continue
+        if not keep(module, fqn):
+            continue
+        reason = _cannot_quantize(module)
+        if reason is not None:
+            refused.append(f"{fqn} ({reason})")
+            continue
+        cls = quantized_class_for(module)
+        if cls is not None:
+            targets.append((fqn, cls))
+            inside.append(fqn)
+    if refused:
+        warnings.warn(
+            f"quantize() cannot quantize {len(refused)} chosen layer(s), which stay as they are: "
+            + "; ".join(refused[:8])
+            + (f"; and {len(refused) - 8} more" if len(refused) > 8 else "")
+            + ". Exclude them with filter_fn to silence this warning",
+            stacklevel=3,
+        )
+    return targets
+
+
 def quantize(
     model: nn.Module,
     config,
@@ -117,7 +166,8 @@ def quantize(
         model: any nn.Module (transformers model, diffusers UNet, GAN generator, ...).
         config: a format config (``NF4Config``, ``FP4Config``, ``Int8WeightConfig``, ``Int4WeightConfig``,
             ``FP8WeightConfig``) or an algorithm config (see ``qlora_kit.ptq``).
-        filter_fn: ``filter_fn(module, fqn) -> bool`` picks the layers to quantize; default
+        filter_fn: ``filter_fn(module, fqn) -> bool`` picks the layers to quantize (every subclass of a
+            supported layer type counts; a picked layer that cannot be quantized is named in a warning); default
             :func:`default_filter` (output heads, first/last conv of image models and embeddings stay float).
         device: when given (e.g. "cuda"), layers move there and quantize one at a time, so peak device
             memory stays near the quantized size; the rest of the model moves there afterwards.
@@ -143,16 +193,7 @@ def quantize(
             f"quantize() swaps the layers inside a model, and got a bare {type(model).__name__}; "
             "wrap it, e.g. quantize(nn.Sequential(layer), config, filter_fn=lambda m, n: True)[0]"
         )
-    targets: list[tuple[str, type]] = []  # names only: a float module must not outlive its swap
-    for fqn, module in model.named_modules():
-        if isinstance(module, QuantizedLayer) or not fqn:
-            continue
-        cls = quantized_class_for(module)
-        if cls is None or not keep(module, fqn):
-            continue
-        if any(fqn.startswith(t + ".") for t, _ in targets):
-            continue
-        targets.append((fqn, cls))
+    targets = _select_targets(model, keep)
     # every weight is checked before any layer is swapped, so a NaN / Inf leaves the model untouched
     for fqn, _ in targets:
         check_finite(model.get_submodule(fqn).weight.detach(), f"{fqn}.weight")
@@ -195,7 +236,7 @@ def memory_footprint(model: nn.Module) -> dict[str, int]:
     for module in model.modules():
         if isinstance(module, QuantizedLayer):
             kind = module.format_name
-            for t in module.qweight.buffers():
+            for t in [*module.qweight.parameters(), *module.qweight.buffers()]:
                 if t.data_ptr() not in seen:
                     seen.add(t.data_ptr())
                     out[kind] = out.get(kind, 0) + t.numel() * t.element_size()

@@ -358,7 +358,7 @@ def _int4_rtn_fake_quant(w2d: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return type(module) is nn.Linear or is_transformers_conv1d(module)
+    return isinstance(module, nn.Linear) or is_transformers_conv1d(module)
 
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)

@@ -39,6 +39,7 @@ OPTIMIZERS = ("adamw", "adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit")
 SCHEDULES = ("cosine", "linear", "constant")
 LORA_INITS = ("default", "gaussian", "pissa", "loftq")
 DISCRIMINATOR_MODES = ("full", "lora")
+DISTRIBUTED = ("ddp", "fsdp")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 GROUP_SIZES = (32, 64, 128)
 BUILTIN_MODELS = {"tiny-llama": "causal_lm", "tiny-gpt2": "causal_lm", "tiny-unet": "diffusion", "dcgan": "gan"}
@@ -154,6 +155,10 @@ class Recipe:
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing
     mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it, else no) | no | bf16 | fp16
     cpu_threads: int | None = None  # torch threads per process (null: PyTorch's default); 1 suits tiny models
+    # several processes (accelerate launch): ddp (each holds the whole base) | fsdp (FSDP2 shards the packed
+    # base, adapters and optimizer state across processes; causal_lm)
+    distributed: str = "ddp"
+    fsdp_cpu_offload: bool = False  # fsdp: keep the shards (and the optimizer step) in CPU memory
     # --- objective-specific -------------------------------------------------------------------------
     num_train_timesteps: int = 1000  # diffusion: DDPM noise steps
     latent_dim: int = 16  # gan: generator input size
@@ -185,6 +190,7 @@ class Recipe:
         _check_choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _check_choice("discriminator", self.discriminator, DISCRIMINATOR_MODES)
         _check_choice("image_channels", self.image_channels, (1, 3))
+        _check_distributed(self)
         for key in (
             "seq_len",
             "image_size",
@@ -260,6 +266,23 @@ class Recipe:
 
 
 # ----- checks ----------------------------------------------------------------------------------------------
+def _check_distributed(recipe: Recipe) -> None:
+    if recipe.distributed == "fsdp":
+        if recipe.objective != "causal_lm":
+            raise RecipeError(f"distributed=fsdp shards causal_lm models; use distributed=ddp for {recipe.objective}")
+        if recipe.merge_adapter:
+            raise RecipeError(
+                "merge_adapter needs the whole base in one process, which distributed=fsdp never gathers; set "
+                "merge_adapter=false and run `qlora-kit merge OUTPUT_DIR` after training"
+            )
+        if recipe.optimizer.startswith("paged_"):
+            raise RecipeError(f"optimizer={recipe.optimizer} does not take sharded parameters; use adamw with fsdp")
+    else:
+        _check_choice("distributed", recipe.distributed, DISTRIBUTED)
+        if recipe.fsdp_cpu_offload:
+            raise RecipeError("fsdp_cpu_offload offloads the FSDP shards; set distributed=fsdp or drop it")
+
+
 def _check_finite(section, prefix: str = "") -> None:
     """Every float field of a section is a finite number (inf / nan would pass the range checks)."""
     for f in dataclasses.fields(section):

@@ -132,7 +132,7 @@ def test_quantize_rejects_non_config():
 
 def test_device_argument_moves_layers():
     model = qlora_kit.quantize(models.tiny_llama(), CONFIGS["nf4"], device="cpu")
-    assert all(b.device.type == "cpu" for b in model.buffers())
+    assert all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
 
 
 def test_minilm_embeddings():

@@ -8,14 +8,14 @@ import torch
 from torch import nn
 
 from .. import functional as F
-from .base import buffers_nbytes, check_matrix
+from .base import check_matrix, packed_nbytes, register_frozen
 
 
 class Blockwise4bitWeight(nn.Module):
     """Packed 4-bit codes over the flattened matrix, one absmax per block, optionally double-quantized.
 
-    Buffers: ``packed`` uint8 [ceil(numel / 2)]; ``absmax`` fp32 [nblocks] or, with double quantization,
-    ``qabsmax`` uint8 [nblocks], ``nested_absmax`` fp32 [ceil(nblocks / 256)], ``offset`` fp32 0-dim.
+    Frozen parameters: ``packed`` uint8 [ceil(numel / 2)]; ``absmax`` fp32 [nblocks] or, with double quantization,
+    ``qabsmax`` uint8 [nblocks], ``nested_absmax`` fp32 [ceil(nblocks / 256)]; buffer ``offset`` fp32 0-dim.
     """
 
     name = ""
@@ -28,13 +28,14 @@ class Blockwise4bitWeight(nn.Module):
         self.double_quant = bool(double_quant)
         n = math.prod(self.shape)
         nblocks = math.ceil(n / self.blocksize)
-        self.register_buffer("packed", torch.zeros((n + 1) // 2, dtype=torch.uint8))
+        register_frozen(self, "packed", torch.zeros((n + 1) // 2, dtype=torch.uint8))
         if self.double_quant:
-            self.register_buffer("qabsmax", torch.zeros(nblocks, dtype=torch.uint8))
-            self.register_buffer("nested_absmax", torch.zeros(math.ceil(nblocks / 256), dtype=torch.float32))
+            register_frozen(self, "qabsmax", torch.zeros(nblocks, dtype=torch.uint8))
+            register_frozen(self, "nested_absmax", torch.zeros(math.ceil(nblocks / 256), dtype=torch.float32))
+            # a buffer: FSDP2 cannot shard 0-dim parameters, and 4 bytes replicated per rank cost nothing
             self.register_buffer("offset", torch.zeros((), dtype=torch.float32))
         else:
-            self.register_buffer("absmax", torch.zeros(nblocks, dtype=torch.float32))
+            register_frozen(self, "absmax", torch.zeros(nblocks, dtype=torch.float32))
 
     @classmethod
     def from_float(cls, w: torch.Tensor, config, *, tensor_name: str = "weight"):
@@ -74,8 +75,13 @@ class Blockwise4bitWeight(nn.Module):
     def from_metadata(cls, meta: dict):
         return cls(meta["shape"], meta["blocksize"], meta["double_quant"])
 
+    @property
+    def device(self) -> torch.device:
+        """Where the codes live (PEFT reads ``layer.qweight.device`` of layers that have a ``qweight``)."""
+        return self.packed.device
+
     def nbytes(self) -> int:
-        return buffers_nbytes(self)
+        return packed_nbytes(self)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, blocksize={self.blocksize}, double_quant={self.double_quant}"

@@ -1,8 +1,9 @@
 """What every weight format provides.
 
 A format object is a small ``nn.Module`` that owns the packed codes and scales of one weight as
-buffers (so ``.to(device)``, ``state_dict`` and safetensors work unchanged) plus a little JSON
-metadata. Formats see a 2-D matrix: rows are output channels, columns the reduction dimension;
+frozen parameters (``nn.Parameter(..., requires_grad=False)``: ``.to(device)``, ``state_dict`` and
+safetensors work unchanged, and FSDP2, which shards parameters but replicates buffers, shards them)
+plus a little JSON metadata. Formats see a 2-D matrix: rows are output channels, columns the reduction dimension;
 quantized layers reshape conv / Conv1D / ConvTranspose weights to that view and back.
 
 Contract (each format class, one file each, no implementation inheritance beyond this):
@@ -13,7 +14,7 @@ Contract (each format class, one file each, no implementation inheritance beyond
 - ``dequantize(dtype)``: the 2-D matrix back in ``dtype``.
 - ``metadata()``: JSON-serialisable dict with "format" and "shape" and what else is needed to
   rebuild the object (blocksize, group size, ...).
-- ``from_metadata(meta)``: an object with correctly shaped, empty buffers, ready for
+- ``from_metadata(meta)``: an object with correctly shaped, empty tensors, ready for
   ``load_state_dict``.
 - ``nbytes()``: bytes of the packed codes and their scales together.
 """
@@ -67,9 +68,16 @@ def check_matrix(w: torch.Tensor, tensor_name: str) -> None:
     check_finite(w, tensor_name)
 
 
-def buffers_nbytes(module: torch.nn.Module) -> int:
-    """Bytes of all buffers of a format module."""
-    return sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
+def register_frozen(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Register packed codes or scales as a frozen parameter (never trained, never given to an optimizer
+    that filters on ``requires_grad``; a parameter rather than a buffer so that FSDP2 shards it)."""
+    module.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+
+
+def packed_nbytes(module: torch.nn.Module) -> int:
+    """Bytes of the packed codes and scales of a format module (its own frozen parameters and buffers)."""
+    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def numel(shape) -> int:

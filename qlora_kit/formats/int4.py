@@ -9,7 +9,7 @@ from torch import nn
 
 from .._dispatch import use_triton
 from ..kernels.reference import quant_int as ref
-from .base import buffers_nbytes, check_matrix, register_format
+from .base import check_matrix, packed_nbytes, register_format, register_frozen
 
 
 def _impl(t: torch.Tensor):
@@ -25,7 +25,7 @@ def _impl(t: torch.Tensor):
 class Int4Weight(nn.Module):
     """Packed 4-bit codes with a bf16 scale and zero point per (row, group of columns).
 
-    Buffers: ``packed`` uint8 [rows, ceil(cols / 2)] (column 2j in the high nibble, 2j + 1 in the low one),
+    Frozen parameters: ``packed`` uint8 [rows, ceil(cols / 2)] (column 2j in the high nibble, 2j + 1 in the low one),
     ``scale`` and ``zero`` bf16 [rows, ceil(cols / group_size)]; W ~= (q - zero) * scale in fp32.
     Round-to-nearest zeros are integers 0..15; HQQ may store fractional ones.
 
@@ -61,9 +61,9 @@ class Int4Weight(nn.Module):
         ):
             if t.dtype != dtype or tuple(t.shape) != shp:
                 raise ValueError(f"int4 {what} must be {dtype} with shape {shp}, got {t.dtype} {tuple(t.shape)}")
-        self.register_buffer("packed", packed)
-        self.register_buffer("scale", scale)
-        self.register_buffer("zero", zero)
+        register_frozen(self, "packed", packed)
+        register_frozen(self, "scale", scale)
+        register_frozen(self, "zero", zero)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, config, *, tensor_name: str = "weight") -> Int4Weight:
@@ -108,8 +108,13 @@ class Int4Weight(nn.Module):
     def from_metadata(cls, meta: dict) -> Int4Weight:
         return cls(meta["shape"], meta["group_size"])
 
+    @property
+    def device(self) -> torch.device:
+        """Where the codes live (PEFT reads ``layer.qweight.device`` of layers that have a ``qweight``)."""
+        return self.packed.device
+
     def nbytes(self) -> int:
-        return buffers_nbytes(self)
+        return packed_nbytes(self)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, group_size={self.group_size}"

@@ -7,7 +7,7 @@ from torch import nn
 
 from .._dispatch import use_triton
 from ..kernels.reference import quant_int as ref
-from .base import buffers_nbytes, check_matrix, register_format
+from .base import check_matrix, packed_nbytes, register_format, register_frozen
 
 
 def _impl(t: torch.Tensor):
@@ -43,8 +43,8 @@ class Int8Weight(nn.Module):
         for what, t, dtype, shp in expected:
             if t.dtype != dtype or tuple(t.shape) != shp:
                 raise ValueError(f"int8 {what} must be {dtype} with shape {shp}, got {t.dtype} {tuple(t.shape)}")
-        self.register_buffer("qdata", qdata)
-        self.register_buffer("scale", scale)
+        register_frozen(self, "qdata", qdata)
+        register_frozen(self, "scale", scale)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, config=None, *, tensor_name: str = "weight") -> Int8Weight:
@@ -68,8 +68,13 @@ class Int8Weight(nn.Module):
     def from_metadata(cls, meta: dict) -> Int8Weight:
         return cls(meta["shape"])
 
+    @property
+    def device(self) -> torch.device:
+        """Where the codes live (PEFT reads ``layer.qweight.device`` of layers that have a ``qweight``)."""
+        return self.qdata.device
+
     def nbytes(self) -> int:
-        return buffers_nbytes(self)
+        return packed_nbytes(self)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}"

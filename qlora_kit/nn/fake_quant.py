@@ -92,6 +92,7 @@ class _LearnedInt4(torch.autograd.Function):
 class FakeQuantMixin:
     """What every fake-quant layer adds to its float class. Set up by :func:`to_fake_quant`."""
 
+    _qlora_kit_fake_quant = True  # read by quantized_class_for: a fake-quant layer converts with convert_qat
     qat_format: str
     qat_config: object
     compute_dtype: torch.dtype
@@ -242,10 +243,15 @@ def _fake_conv1d_class() -> type:
 
 
 def fake_class_for(module: nn.Module) -> type | None:
-    """The fake-quant class for ``module``'s exact type, or None when unsupported."""
+    """The fake-quant class for ``module`` (matched with ``isinstance``: subclasses too), or None when unsupported."""
+    if is_fake_quant(module):
+        return None
     if is_transformers_conv1d(module):
         return _fake_conv1d_class()
-    return _FAKE_CLASS.get(type(module))
+    for float_cls, fake_cls in _FAKE_CLASS.items():
+        if isinstance(module, float_cls):
+            return fake_cls
+    return None
 
 
 def is_fake_quant(module: nn.Module) -> bool:
@@ -254,9 +260,9 @@ def is_fake_quant(module: nn.Module) -> bool:
 
 def quantized_class_of(module: FakeQuantMixin) -> type:
     """The ``QuantizedLayer`` class a fake-quant layer converts to."""
-    if module.float_cls is not None and module.float_cls.__name__ == "Conv1D":
+    if module.float_cls is not None and any(c.__name__ == "Conv1D" for c in module.float_cls.__mro__):
         return QuantConv1D
-    return QUANTIZED_CLASS[module.float_cls]
+    return next(q for f, q in QUANTIZED_CLASS.items() if issubclass(module.float_cls, f))
 
 
 def to_fake_quant(module: nn.Module, fmt_name: str, fmt_config, *, learnable_scales: bool = False) -> nn.Module:

@@ -2,7 +2,8 @@
 
 Each holds its weight as a format object (``.qweight``, see ``qlora_kit/formats``) that sees a 2-D
 (output channels x rest) view of the weight; the layer reshapes to and from the float layout. Weights are
-frozen buffers; gradients flow to the input (QLoRA trains adapters on top). Linear-like layers call the
+frozen parameters of the format object; ``.weight`` is a light view that dequantizes when read (see
+``weight_view.py``); gradients flow to the input (QLoRA trains adapters on top). Linear-like layers call the
 ``qlora_kit`` custom ops (fused Triton matmuls on CUDA, PyTorch references on the CPU); convolutions and
 embeddings dequantize to ``compute_dtype`` and call the float op.
 """
@@ -93,6 +94,18 @@ class QuantizedLayer(nn.Module):
     def format_name(self) -> str:
         return self.qweight.name
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight as model code expects it: compute dtype, device and the float layer's shape; its values
+        dequantize when read (a :class:`~qlora_kit.nn.weight_view.DequantizedWeight`, no memory of its own)."""
+        from .weight_view import DequantizedWeight
+
+        return DequantizedWeight(self)
+
+    def logical_weight_shape(self) -> tuple[int, ...]:
+        """The float layer's weight shape (e.g. (in, out) for Conv1D, (out, in / groups, kh, kw) for Conv2d)."""
+        return tuple(self._from_2d(torch.empty(self.qweight.shape, device="meta")).shape)
+
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight in the float layer's layout and shape, in ``dtype`` (default: the compute dtype)."""
         return self._from_2d(self.qweight.dequantize(dtype or self.compute_dtype))
@@ -129,7 +142,8 @@ class QuantConv1D(QuantizedLayer):
 
     @classmethod
     def _mirror(cls, module):
-        return {"nf": module.nf, "nx": module.weight.shape[0]}
+        nx = module.weight.shape[0]
+        return {"nf": module.nf, "nx": nx, "in_features": nx, "out_features": module.nf}
 
     def _to_2d(self, w):
         return w.t()
@@ -246,10 +260,19 @@ LAYER_CLASSES = {c.__name__: c for c in (*QUANTIZED_CLASS.values(), QuantConv1D)
 
 
 def quantized_class_for(module: nn.Module) -> type[QuantizedLayer] | None:
-    """The quantized class replacing ``module``, or None when its type is not supported."""
+    """The quantized class replacing ``module``, or None when its type is not supported.
+
+    Matched with ``isinstance``: subclasses (Falcon's ``FalconLinear``, a user's ``nn.Linear`` subclass) are
+    quantized like their base class. Quantized and fake-quant (QAT) layers are not matched again.
+    """
+    if isinstance(module, QuantizedLayer) or getattr(module, "_qlora_kit_fake_quant", False):
+        return None
     if is_transformers_conv1d(module):
         return QuantConv1D
-    return QUANTIZED_CLASS.get(type(module))
+    for float_cls, quantized_cls in QUANTIZED_CLASS.items():
+        if isinstance(module, float_cls):
+            return quantized_cls
+    return None
 
 
 from . import smooth as _smooth  # noqa: E402, F401  (registers the SmoothQuant layers in LAYER_CLASSES)

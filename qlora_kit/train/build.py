@@ -235,6 +235,7 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     for m in model.modules():
         if isinstance(m, QuantizedLayer):
             total += math.prod(m.qweight.shape)
+            seen.update(id(p) for p in m.qweight.parameters())  # packed codes: counted at their logical size
     for p in model.parameters():
         if id(p) in seen or id(p) in adapter_ids:
             continue

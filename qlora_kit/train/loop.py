@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..recipe import Recipe, RecipeError, save_resolved, to_yaml
-from . import checkpoint
+from . import checkpoint, fsdp
 from . import lock as run_lock
 from .report import Metrics, Progress, banner, fmt_bytes, fmt_count, fmt_rate, peak_memory
 
@@ -95,6 +95,8 @@ def _accelerator(recipe: Recipe):
     from accelerate.state import AcceleratorState
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if fsdp.wanted(recipe):
+        return fsdp.accelerator(recipe, _mixed_precision(recipe))
     if not distributed:
         AcceleratorState._reset_state(reset_partial_state=True)  # several runs in one process (tests, notebooks)
     # several processes without CUDA (torchrun / accelerate launch on CPUs): data parallel over gloo
@@ -182,8 +184,13 @@ class _Run:
             opt, self.opt_desc = make_optimizer(params, lr, recipe)
             self.schedulers[role] = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe, self.max_steps))
             self.optimizers[role] = opt
-        self.wrapped = {role: accelerator.prepare_model(m) for role, m in self.models.items()}
-        self.optimizers = {role: accelerator.prepare_optimizer(o) for role, o in self.optimizers.items()}
+        if accelerator.is_fsdp2:  # FSDP2 prepares a model together with its optimizer (train/fsdp.py)
+            pairs = {role: accelerator.prepare(m, self.optimizers[role]) for role, m in self.models.items()}
+            self.wrapped = {role: m for role, (m, _) in pairs.items()}
+            self.optimizers = {role: o for role, (_, o) in pairs.items()}
+        else:
+            self.wrapped = {role: accelerator.prepare_model(m) for role, m in self.models.items()}
+            self.optimizers = {role: accelerator.prepare_optimizer(o) for role, o in self.optimizers.items()}
         self.params = {role: [p for p in m.parameters() if p.requires_grad] for role, m in self.models.items()}
 
     # ----- one optimizer step ----------------------------------------------------------------------------
@@ -194,6 +201,7 @@ class _Run:
     def _clip(self, role: str) -> float:
         limit = self.recipe.max_grad_norm if self.recipe.max_grad_norm is not None else float("inf")
         norm = self.acc.clip_grad_norm_(self.params[role], limit)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
         return float(norm) if norm is not None else float("nan")
 
     def _finish(self, role: str) -> None:
@@ -251,8 +259,11 @@ class _Run:
         for b in range(math.ceil(n_eval / span)):
             lo = b * span + self.rank * self.B
             indices = list(range(lo, min(lo + self.B, n_eval)))
+            weight = 1.0
             if not indices:
-                continue
+                if not self.acc.is_fsdp2:
+                    continue
+                indices, weight = [0], 0.0  # FSDP2: every process runs every forward (its all-gathers)
             batch = self.data.eval.get(indices).to(self.device)
             g = torch.Generator().manual_seed(10_000 + b)
             with self.acc.autocast():
@@ -266,8 +277,8 @@ class _Run:
                     sums[1] += n
                 else:
                     s, n = self.obj.eval_sums(self.models["model"], batch, g, self.rank * self.B, span)
-                    sums[0] += s.double()
-                    sums[1] += n
+                    sums[0] += s.double() * weight
+                    sums[1] += n * weight
         sums, gan_sums = self.acc.reduce(sums, "sum"), self.acc.reduce(gan_sums, "sum")
         for m in self.models.values():
             m.train()
@@ -339,7 +350,8 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
     run = _Run(recipe, accelerator, built, data, objective)
     start_step, state = 0, {}
     if resume_from is not None:  # read (and checked) before anything is written
-        state = checkpoint.load(accelerator, resume_from, run.models, run.optimizers, run.schedulers)
+        with fsdp.full_state(run.models, run.optimizers, saving=False) as optimizers:
+            state = checkpoint.load(accelerator, resume_from, run.models, optimizers, run.schedulers)
         start_step = state["step"]
         if state.get("data_fingerprint") != data.fingerprint:
             _say(accelerator, "warning: the training data changed since the checkpoint; resuming anyway")
@@ -416,17 +428,18 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
                 "data_fingerprint": data.fingerprint,
                 "recipe": to_yaml(recipe),
             }
-            path = checkpoint.save(
-                accelerator,
-                out_dir / "checkpoints",
-                done,
-                run.models,
-                run.optimizers,
-                run.schedulers,
-                state,
-                recipe.keep_checkpoints,
-                run.save_adapters,
-            )
+            with fsdp.full_state(run.models, run.optimizers, saving=True) as optimizers:
+                path = checkpoint.save(
+                    accelerator,
+                    out_dir / "checkpoints",
+                    done,
+                    run.models,
+                    optimizers,
+                    run.schedulers,
+                    state,
+                    recipe.keep_checkpoints,
+                    run.save_adapters,
+                )
             progress.write(f"checkpoint @ step {done}: {path}")
     progress.close()
     elapsed = time.perf_counter() - t_start
@@ -438,6 +451,7 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
         "elapsed_s": elapsed,
         "data_fingerprint": data.fingerprint,
         "world_size": run.world,
+        "local_bytes": fsdp.local_bytes(run.models[run.roles[0]]),  # this process's (shards of) parameters
     }
     if stop_at < run.max_steps:
         _say(
@@ -446,8 +460,10 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
             f"qlora-kit finetune {out_dir / 'config.yaml'} resume=true stop_after_steps=null",
         )
         return summary
+    with fsdp.full_state(run.models, {}, saving=True):
+        if accelerator.is_main_process:
+            run.save_adapters(out_dir)
     if accelerator.is_main_process:
-        run.save_adapters(out_dir)
         if recipe.objective != "causal_lm":
             summary["samples"] = _save_samples(recipe, run, out_dir / "samples.png")
         if recipe.merge_adapter:
@@ -592,7 +608,10 @@ def _banner(recipe: Recipe, run: _Run, built, data, resume_from, start_step: int
             f" · clip {recipe.max_grad_norm} · wd {recipe.weight_decay:g}"
             + (" · gradient checkpointing" if recipe.gradient_checkpointing else ""),
         ),
-        ("devices", f"{devices} · precision {acc.mixed_precision} · compute {_compute(recipe)}"),
+        (
+            "devices",
+            f"{devices} · precision {acc.mixed_precision} · compute {_compute(recipe)}" + fsdp.banner_note(run.models),
+        ),
         ("output", f"{run.recipe.output_dir} (config.yaml, metrics.jsonl, checkpoints/, adapter/)"),
     ]
     if resume_from is not None:
