@@ -66,10 +66,12 @@ class _Parser(argparse.ArgumentParser):
 
 # ----- finetune / ls / cp ----------------------------------------------------------------------------------
 def _cmd_finetune(args) -> int:
-    from .recipe import load_recipe, to_yaml, valid_keys
+    from .recipe import load_recipe, to_yaml
 
     if args.keys:
-        print("\n".join(valid_keys()))
+        from .recipe_help import format_keys
+
+        print(format_keys())
         return 0
     if args.recipe is None:
         raise RecipeError("finetune needs a recipe; pass a bundled name (`qlora-kit ls`) or a path to a .yaml file")
@@ -111,6 +113,8 @@ def _cmd_cp(args) -> int:
     lines = text.splitlines(keepends=True)
     if lines and lines[0].startswith("# qlora-kit finetune"):
         lines[0] = f"# qlora-kit finetune {dest}\n"
+    source_dir = f"output_dir: runs/{Path(args.recipe).stem}\n"  # the copy gets its own runs/<name>
+    lines = [f"output_dir: runs/{dest.stem}\n" if line == source_dir else line for line in lines]
     dest.write_text("".join(lines), encoding="utf-8")
     print(f"wrote {dest}; edit it, then run: qlora-kit finetune {dest}")
     return 0
@@ -330,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 lora.r=8")
     f.add_argument("--dry-run", action="store_true", help="print config, sizes and a memory estimate; do not train")
     f.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
-    f.add_argument("--keys", action="store_true", help="list every recipe key")
+    f.add_argument("--keys", action="store_true", help="list every recipe key: type, default, description")
     f.set_defaults(func=_cmd_finetune)
 
     ls = sub.add_parser("ls", help="list the bundled recipes")
@@ -415,6 +419,23 @@ def _run_passthrough(command: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit code (0 success, 2 user error)."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `qlora-kit ls | head -3`: the reader left; stop quietly
+        _silence_stdout()
+        return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (captured in tests)
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _PASSTHROUGH_HELP:
         return _run_passthrough(argv[0], argv[1:])

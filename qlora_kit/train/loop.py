@@ -112,11 +112,9 @@ def _preflight(recipe: Recipe, out_dir: Path, dry_run: bool) -> Path | None:
 
     check_data_paths(recipe)
     check_model_path(recipe)
-    if dry_run:
-        return None
     if out_dir.exists() and not out_dir.is_dir():
         raise RecipeError(f"output_dir {str(out_dir)!r} is a file; set output_dir to a directory path")
-    _check_writable(out_dir)
+    _check_writable(out_dir, probe=not dry_run)  # the dry run writes nothing, not even a probe
     if recipe.resume:
         found = checkpoint.latest(out_dir / "checkpoints")
         if found is None:
@@ -132,7 +130,7 @@ def _preflight(recipe: Recipe, out_dir: Path, dry_run: bool) -> Path | None:
     return None
 
 
-def _check_writable(out_dir: Path) -> None:
+def _check_writable(out_dir: Path, probe: bool = True) -> None:
     """RecipeError unless ``out_dir`` exists writable or its nearest existing parent lets us create it.
 
     ``os.access`` first; then (as root it says yes even for /proc) a probe directory made and removed at
@@ -150,6 +148,8 @@ def _check_writable(out_dir: Path) -> None:
         raise RecipeError(f"{what} {str(parent)!r} is a file, not a directory; {fix}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise RecipeError(f"{what} {str(parent)!r} is not writable (permission denied); {fix}")
+    if not probe:
+        return
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".qlora-kit-probe-", dir=parent))
     except OSError as e:
@@ -318,10 +318,13 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
     from .build import build, vocab_for_builtin
     from .objectives import make_objective
 
+    from .preflight import preflight
+
     out_dir = Path(recipe.output_dir).expanduser()
+    checks = preflight(recipe)  # names, seq_len vs positions, data columns, one example: before any write
     resume_from = _preflight(recipe, out_dir, dry_run)
     if dry_run:
-        return dry_run_report(recipe)
+        return dry_run_report(recipe, checks)
     if recipe.cpu_threads is not None:
         torch.set_num_threads(recipe.cpu_threads)
     accelerator = _accelerator(recipe)
@@ -358,6 +361,8 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
 
     _say(accelerator, f"resolved config (saved as {out_dir / 'config.yaml'}):\n{compact_yaml(recipe)}")
     _say(accelerator, _banner(recipe, run, built, data, resume_from, start_step))
+    for note in checks.notes:
+        _say(accelerator, f"note: {note}")
     progress = Progress(run.max_steps, start_step, recipe.progress_bar and accelerator.is_main_process, objective.unit)
     losses: dict[int, float] = {}
     last_eval: dict = {}
@@ -632,7 +637,7 @@ def _summary(recipe, run, losses, last_eval, elapsed, units_done, start_step, ou
     return banner(lines, title)
 
 
-def dry_run_report(recipe: Recipe) -> dict:
+def dry_run_report(recipe: Recipe, checks=None) -> dict:
     """``--dry-run``: the resolved config, parameter counts, trainable share, quantized size and a rough
     peak-memory estimate, without loading weights of hub / local models or training."""
     from ..recipe import BUILTIN_MODELS
@@ -703,8 +708,10 @@ def dry_run_report(recipe: Recipe) -> dict:
             f"~{fmt_bytes(peak)} per process (weights {fmt_bytes(qbytes + fbytes)} + adapters and "
             f"AdamW {fmt_bytes(optimizer_bytes)} + activations ~{fmt_bytes(act)}; a rough estimate)",
         ),
-    ]
+    ] + (checks.lines if checks is not None else [])
     print(banner(lines, "dry run: nothing trained, nothing written"))
+    for note in checks.notes if checks is not None else []:
+        print(f"note: {note}")
     return {
         "dry_run": True,
         "params": total,
