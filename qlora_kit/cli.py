@@ -284,8 +284,8 @@ def _cmd_merge(args) -> int:
 
     tokenizer = build_tokenizer(recipe) if recipe.objective == "causal_lm" else None
     model = model_with_adapter(recipe, adapter, quantized=not args.float_base)
-    kind = merge_and_save(model, output, tokenizer if hasattr(tokenizer, "save_pretrained") else None)
-    print(f"merged {adapter} into {recipe.model} and saved it to {output} ({kind})")
+    kind, report = merge_and_save(model, output, tokenizer)
+    print(f"merged {adapter} into {recipe.model} and saved it to {output} ({kind})\n{report}")
     return 0
 
 
@@ -303,6 +303,9 @@ def _cmd_eval(args) -> int:
     changes = {k: v for k, v in (("dataset", args.dataset), ("seq_len", args.seq_len)) if v is not None}
     if changes:
         recipe = recipe_from_dict({**to_dict(recipe), **changes}, "the command line")
+    from .train.preflight import clip_seq_len
+
+    recipe = clip_seq_len(recipe)  # longer than a learned position table: evaluate at the longest it has
     adapter = Path(args.adapter).expanduser() if args.adapter else (run_dir / "adapter" if run_dir else None)
     tokenizer = build_tokenizer(recipe)
     data = load_data(recipe, tokenizer)

@@ -27,6 +27,10 @@ _OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"
 _reachable: dict[str, bool] = {}  # host -> result of the one probe made per process
 
 
+class HubUnreachable(RecipeError):
+    """A name that would come from the Hugging Face Hub, which cannot be reached (and nothing is cached)."""
+
+
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -165,7 +169,7 @@ def _hub_or_cache(name: str, key: str, repo_type: str, fix: str) -> None:
         go_offline()
         return
     mode = "offline mode is set" if any(_truthy(os.environ.get(v)) for v in _OFFLINE_VARS) else "it is unreachable"
-    raise RecipeError(
+    raise HubUnreachable(
         f"{key} {name!r} is not a built-in or a local path, so it would come from the Hugging Face Hub "
         f"({hub_host()}), but {mode} and it is not in the local cache; {fix}, or connect and retry"
     )

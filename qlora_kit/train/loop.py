@@ -321,7 +321,7 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
     from .preflight import preflight
 
     out_dir = Path(recipe.output_dir).expanduser()
-    checks = preflight(recipe)  # names, seq_len vs positions, data columns, one example: before any write
+    checks = preflight(recipe, dry_run=dry_run)  # names, seq_len vs positions, data columns, one example: before any write
     resume_from = _preflight(recipe, out_dir, dry_run)
     if dry_run:
         return dry_run_report(recipe, checks)
@@ -449,7 +449,7 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
         if recipe.objective != "causal_lm":
             summary["samples"] = _save_samples(recipe, run, out_dir / "samples.png")
         if recipe.merge_adapter:
-            _export_merged(recipe, run, out_dir / "merged")
+            _export_merged(recipe, run, out_dir / "merged", tokenizer)
     accelerator.wait_for_everyone()
     _say(accelerator, _summary(recipe, run, losses, last_eval, elapsed, units_done, start_step, out_dir))
     return summary
@@ -530,10 +530,10 @@ def _save_samples(recipe: Recipe, run: _Run, path: Path, n: int = 16) -> str | N
     return str(path)
 
 
-def _export_merged(recipe: Recipe, run: _Run, directory: Path) -> None:
+def _export_merged(recipe: Recipe, run: _Run, directory: Path, tokenizer=None) -> None:
     from .export import merge_and_save
 
-    merge_and_save(run.models.get("model") or run.models["generator"], directory)
+    merge_and_save(run.models.get("model") or run.models["generator"], directory, tokenizer)
 
 
 # ----- banner, summary, dry run ----------------------------------------------------------------------------
@@ -580,7 +580,8 @@ def _banner(recipe: Recipe, run: _Run, built, data, resume_from, start_step: int
         ("data", data.summary),
         (
             "steps",
-            f"{run.max_steps} ({run.sampler.steps_per_epoch} per epoch) · batch {recipe.batch_size} x "
+            f"{run.max_steps} = {run.max_steps / run.sampler.steps_per_epoch:.2g} epochs "
+            f"({run.sampler.steps_per_epoch} steps each{', set by max_steps' if recipe.max_steps else ''}) · batch {recipe.batch_size} x "
             f"{recipe.grad_accum_steps} accum x {run.world} proc = {run.global_batch} "
             f"({fmt_count(per_step)} {run.obj.unit}) per step",
         ),

@@ -37,27 +37,42 @@ class PreflightResult:
     tokenizer: object = None
 
 
-def preflight(recipe: Recipe, *, network: bool = True) -> PreflightResult:
+def preflight(recipe: Recipe, *, dry_run: bool = False) -> PreflightResult:
     """Run every check that needs no training (see the module docstring).
+
+    Args:
+        recipe: the resolved recipe.
+        dry_run: a hub dataset that cannot be reached now is a note, not an error (a dry run on a laptop
+            before the run on a connected machine); the model's config is needed either way.
 
     Raises:
         RecipeError: the first problem found, in one sentence with the fix.
     """
-    from ..names import check_dataset_name, check_model_name
+    from ..names import HubUnreachable, check_dataset_name, check_model_name
 
-    check_model_name(recipe.model, network=network)
+    result = PreflightResult()
+    check_model_name(recipe.model)
     if recipe.tokenizer not in ("auto", "bytes"):
-        check_model_name(recipe.tokenizer, "tokenizer", network=network)
+        check_model_name(recipe.tokenizer, "tokenizer")
     for key in ("dataset", "eval_dataset"):
         name = getattr(recipe, key)
-        if name is not None:
-            check_dataset_name(name, key, network=network)
-    result = PreflightResult()
+        try:
+            if name is not None:
+                check_dataset_name(name, key)
+        except HubUnreachable as e:
+            if not dry_run:
+                raise
+            result.notes.append(f"{e}; the run will need it")
     if recipe.objective != "causal_lm":
         return result
     from ..data import build_tokenizer
 
-    result.tokenizer = build_tokenizer(recipe)
+    try:
+        result.tokenizer = build_tokenizer(recipe)
+    except RecipeError as e:  # e.g. a dry run on a directory holding only config.json, before the download
+        if not dry_run:
+            raise
+        result.notes.append(f"{str(e).rstrip('.')}; the run will need it")
     limit, learned, what = position_limit(recipe, result.tokenizer)
     if limit is not None and recipe.seq_len > limit:
         if learned:
@@ -70,7 +85,7 @@ def preflight(recipe: Recipe, *, network: bool = True) -> PreflightResult:
             "positions run, but quality past that length is untested"
         )
     _example(recipe, result)
-    if recipe.max_steps is not None:
+    if recipe.max_steps is not None and recipe.epochs != 1:
         result.notes.append(f"max_steps={recipe.max_steps} sets the run's length; epochs={recipe.epochs} is not used")
     return result
 
@@ -224,9 +239,11 @@ def _example(recipe: Recipe, result: PreflightResult) -> None:
         )
     if text is None:
         return
-    ids = _encode(result.tokenizer, text)
     shown = text if len(text) <= _SHOW_CHARS else text[:_SHOW_CHARS] + "..."
     result.lines.append(("example", f"{where}, formatted ({len(text):,} characters): {shown!r}"))
+    if result.tokenizer is None:
+        return
+    ids = _encode(result.tokenizer, text)
     head = ", ".join(str(int(i)) for i in ids[:16])
     result.lines.append(
         ("tokenized", f"{len(ids):,} tokens [{head}{', ...' if len(ids) > 16 else ''}] (+ EOS between documents)")
