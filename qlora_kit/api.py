@@ -162,8 +162,9 @@ def memory_footprint(model: nn.Module) -> dict[str, int]:
     Returns:
         {format name ("nf4", "fp4", "int8", "int4", "fp8"; only the formats the model holds): bytes of packed
          codes plus their scales; "float" (always present): bytes of every other parameter (biases, norms,
-         float layers) and persistent floating-point buffer (e.g. BatchNorm statistics); index buffers (BERT's position_ids) and non-persistent ones
-         (rotary inv_freq) are not weights and are not counted}.
+         float layers) and persistent floating-point buffer (e.g. BatchNorm statistics); index buffers
+         (BERT's position_ids) and non-persistent ones (rotary inv_freq) are not weights and are not
+         counted}.
         Tensors shared between modules are counted once.
     """
     out: dict[str, int] = {}  # formats in the order first met, then "float"

@@ -313,15 +313,17 @@ def _cmd_eval(args) -> int:
         raise RecipeError(f"dataset {recipe.dataset!r} has no held-out evaluation text; pass --dataset with more data")
     rows = []
     base = model_with_adapter(recipe, None)
-    res_base = perplexity(base, data.eval, args.batch_size, args.batches)
+    # by default the training-time evaluation's sequences: the first eval_batches x batch_size held-out blocks
+    batch_size, batches = args.batch_size or recipe.batch_size, args.batches or recipe.eval_batches
+    res_base = perplexity(base, data.eval, batch_size, batches)
     rows.append(("base", f"loss {res_base['loss']:.4f} · perplexity {res_base['perplexity']:.3f}"))
     if adapter is not None:
         tuned = model_with_adapter(recipe, adapter)
-        res = perplexity(tuned, data.eval, args.batch_size, args.batches)
+        res = perplexity(tuned, data.eval, batch_size, batches)
         rows.append(("base + adapter", f"loss {res['loss']:.4f} · perplexity {res['perplexity']:.3f}"))
     title = (
         f"qlora-kit eval · {recipe.model} ({recipe.quantization}) on {recipe.dataset} held-out text · "
-        f"{res_base['sequences']} x {recipe.seq_len} tokens"
+        f"first {res_base['sequences']} held-out sequences x {recipe.seq_len} tokens"
     )
     print(banner(rows, title))
     return 0
@@ -382,8 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             c.add_argument("--dataset", help="text to evaluate on (default: the run's dataset)")
             c.add_argument("--seq-len", type=_positive_int, help="tokens per sequence")
-            c.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per batch")
-            c.add_argument("--batches", type=_positive_int, default=16, help="at most this many batches")
+            c.add_argument("--batch-size", type=_positive_int, help="sequences per batch (default: the run's)")
+            c.add_argument(
+                "--batches", type=_positive_int, help="at most this many batches (default: the run's eval_batches)"
+            )
             c.set_defaults(func=_cmd_eval)
     # listed here for `qlora-kit --help`; main() hands their arguments to qlora_kit.report's own parsers
     for name, helptext in _PASSTHROUGH_HELP.items():

@@ -183,4 +183,3 @@ def _datasets_cached(name: str) -> bool:
         return any(p.name == folder for p in Path(root).iterdir())
     except OSError:
         return False
-

@@ -79,7 +79,5 @@ def format_keys() -> str:
     lines = [f"{'KEY':<{kw}}  {'TYPE':<{tw}}  {'DEFAULT':<{dw}}  DESCRIPTION"]
     for key, tp, default, doc in rows:
         lines.append(f"{key:<{kw}}  {tp:<{tw}}  {default:<{dw}}  {doc}".rstrip())
-    lines.append(
-        "\noverride any key on the command line as key=value (lora.r=8); in prompt_template, \\n is a newline"
-    )
+    lines.append("\noverride any key on the command line as key=value (lora.r=8); in prompt_template, \\n is a newline")
     return "\n".join(lines)

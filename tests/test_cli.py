@@ -231,9 +231,9 @@ def test_ls_and_cp(tmp_path, capsys):
     dest = tmp_path / "mine.yaml"
     assert main(["cp", "quickstart", str(dest)]) == 0
     assert dest.read_text().splitlines()[0] == f"# qlora-kit finetune {dest}"
-    from qlora_kit.recipe import load_recipe
-
     import dataclasses
+
+    from qlora_kit.recipe import load_recipe
 
     # the copy is the same recipe, writing to its own runs/<file name> (the README's sequence works in order)
     assert load_recipe(str(dest)) == dataclasses.replace(load_recipe("quickstart"), output_dir="runs/mine")

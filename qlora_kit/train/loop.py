@@ -237,6 +237,13 @@ class _Run:
         return {"loss": g_loss.detach().float(), "d_loss": d_loss.detach().float(), "grad_norm": grad_norm}
 
     # ----- evaluation ------------------------------------------------------------------------------------
+    def eval_protocol(self) -> str:
+        """What evaluate() measures (``qlora-kit eval`` measures the same first sequences by default)."""
+        if self.data.eval is None or self.recipe.objective != "causal_lm":
+            return ""
+        n = min(len(self.data.eval), self.recipe.eval_batches * self.B * self.world)
+        return f" (first {n} held-out sequences x {self.recipe.seq_len} tokens)"
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         if self.data.eval is None:
@@ -317,11 +324,12 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
     from ..data import build_tokenizer, load_data
     from .build import build, vocab_for_builtin
     from .objectives import make_objective
-
     from .preflight import preflight
 
     out_dir = Path(recipe.output_dir).expanduser()
-    checks = preflight(recipe, dry_run=dry_run)  # names, seq_len vs positions, data columns, one example: before any write
+    checks = preflight(
+        recipe, dry_run=dry_run
+    )  # names, seq_len vs positions, data columns, one example: before any write
     resume_from = _preflight(recipe, out_dir, dry_run)
     if dry_run:
         return dry_run_report(recipe, checks)
@@ -404,7 +412,8 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
             last_eval = run.evaluate()
             if last_eval:
                 metrics.write({"step": done, **last_eval})
-                progress.write(f"eval @ step {done}: " + " · ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items()))
+                scores = " · ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items())
+                progress.write(f"eval @ step {done}: {scores}{run.eval_protocol()}")
         stopping = done == stop_at and stop_at < run.max_steps
         if (recipe.save_every and done % recipe.save_every == 0 and done < run.max_steps) or stopping:
             state = {
@@ -581,7 +590,8 @@ def _banner(recipe: Recipe, run: _Run, built, data, resume_from, start_step: int
         (
             "steps",
             f"{run.max_steps} = {run.max_steps / run.sampler.steps_per_epoch:.2g} epochs "
-            f"({run.sampler.steps_per_epoch} steps each{', set by max_steps' if recipe.max_steps else ''}) · batch {recipe.batch_size} x "
+            f"({run.sampler.steps_per_epoch} steps each{', set by max_steps' if recipe.max_steps else ''}) · "
+            f"batch {recipe.batch_size} x "
             f"{recipe.grad_accum_steps} accum x {run.world} proc = {run.global_batch} "
             f"({fmt_count(per_step)} {run.obj.unit}) per step",
         ),
@@ -619,7 +629,7 @@ def _summary(recipe, run, losses, last_eval, elapsed, units_done, start_step, ou
         ),
     ]
     if last_eval:
-        lines.append(("eval", " · ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items())))
+        lines.append(("eval", " · ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items()) + run.eval_protocol()))
     adapter = out_dir / "adapter"
     lines += [
         ("adapter", f"{adapter} (PEFT format: adapter_config.json + adapter_model.safetensors)"),
