@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -144,8 +145,9 @@ class BenchProgress:
 
     # ----- running -------------------------------------------------------------------------------------
     def log(self, line: str) -> None:
-        """A progress line with the elapsed time and what is estimated to be left."""
+        """A progress line with the elapsed time and what is estimated to be left (flushed: logs to files)."""
         self._print(f"{line}  {self._stamp()}")
+        sys.stdout.flush()
 
     def run(self, name: str, fn: Callable[[Callable[[str], None]], object]) -> object:
         """Part ``name``'s results (JSON data): reused from the partial file, or ``fn(log)``'s, then saved."""
