@@ -18,7 +18,7 @@ Results go to ``<out>/comparison_<device>.json`` plus a Markdown and a self-cont
 plots (matplotlib when installed, else inline SVG drawn here), the device, library versions and commit.
 
 Usage:
-    qlora-kit bench --quick            # 2 CPU cores: under 10 minutes, reference models included
+    qlora-kit bench --quick            # 2 CPU cores: ~8 min with cached reference models (see --help)
     qlora-kit bench --device cuda      # the full run, meant for a GPU
     qlora-kit report benchmarks/results/comparison_cpu.json
 """
@@ -1536,8 +1536,12 @@ def write_report(results: dict, out_dir: str | os.PathLike, stem: str) -> dict[s
 
 
 _SUITES = ("lm", "minilm", "images")
-# measured: `qlora-kit bench --quick --device cpu`, empty cache, 2 CPU cores (see README "Benchmarks")
-QUICK_TIME_HELP = "2 CPU cores: about 10 minutes from an empty cache, reference models included"
+# measured: 7m38s with the reference models cached (commit 2a73af3, 2 CPU cores); the reference LM's training
+# took 2.3 s of CPU time per step x 400 steps in `bench --quick --device cpu` from an empty cache (issue 17)
+QUICK_TIME_HELP = (
+    "2 CPU cores: about 8 minutes once the reference models are cached; the first run also trains them, "
+    "the LM alone taking about 15 minutes of CPU time"
+)
 
 
 def run_bench(*, quick: bool, device: str, suites=_SUITES, cache_dir=None, log=print, partial_path=None) -> dict:
