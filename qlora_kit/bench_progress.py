@@ -8,8 +8,8 @@ killed resumes at the first unfinished part (reference models are cached by
 completes; its key (quick, device, suites, commit, torch) must match, or it is ignored.
 
 Estimates: each part's duration in the last completed run with the same (device, quick), kept in
-``<cache>_bench_timings.json``; before any run, rough priors (:data:`QUICK_CPU_SECONDS`). Once a part has finished, the remaining estimates are scaled by how fast this run
-has been so far.
+``<cache>_bench_timings.json``; before any run, rough priors (:data:`QUICK_CPU_SECONDS`). Once a part
+has finished, the remaining estimates are scaled by how fast this run has been so far.
 """
 
 from __future__ import annotations
