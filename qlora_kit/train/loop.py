@@ -327,9 +327,8 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
     from .preflight import preflight
 
     out_dir = Path(recipe.output_dir).expanduser()
-    checks = preflight(
-        recipe, dry_run=dry_run
-    )  # names, seq_len vs positions, data columns, one example: before any write
+    # names, seq_len vs positions, data columns, one example: checked before anything is written
+    checks = preflight(recipe, dry_run=dry_run)
     resume_from = _preflight(recipe, out_dir, dry_run)
     if dry_run:
         return dry_run_report(recipe, checks)
