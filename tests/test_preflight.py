@@ -252,3 +252,15 @@ def test_eval_measures_what_the_training_time_eval_measured(tmp_path, capsys):
     assert "first 16 held-out sequences x 128 tokens" in shown
     tuned = float(shown.split("base + adapter")[1].split("perplexity ")[1].split()[0])
     assert tuned == pytest.approx(ppl, rel=1e-3)
+
+
+def test_eval_clips_seq_len_to_a_learned_position_table():
+    from qlora_kit.recipe import recipe_from_dict
+    from qlora_kit.train.preflight import clip_seq_len
+
+    said = []
+    recipe = recipe_from_dict({"model": "tiny-gpt2", "quantization": "none"})  # seq_len defaults to 512
+    assert clip_seq_len(recipe, said.append).seq_len == 256
+    assert said == ["note: seq_len 512 -> 256: tiny-gpt2 has 256 positions (n_positions)"]
+    llama = recipe_from_dict({"model": "tiny-llama", "seq_len": 1024})
+    assert clip_seq_len(llama, said.append) is llama  # rotary positions: nothing to clip
