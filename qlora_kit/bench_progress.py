@@ -29,7 +29,7 @@ PARTS = (
     ("images", "image generators", "images"),
 )
 # rough priors (seconds) for `bench --quick --device cpu` from an empty cache on 2 CPU cores, used until a run
-# has measured its own: the LM part includes training the reference LM (about 900 s of CPU time, measured)
+# has measured its own: the LM part includes training the reference LM (900-1100 s of CPU time, measured)
 QUICK_CPU_SECONDS = {"lm": 780.0, "adapters": 60.0, "minilm": 90.0, "images": 240.0}
 
 

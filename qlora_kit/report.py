@@ -1537,10 +1537,10 @@ def write_report(results: dict, out_dir: str | os.PathLike, stem: str) -> dict[s
 
 _SUITES = ("lm", "minilm", "images")
 # measured: 7m38s with the reference models cached (commit 2a73af3, 2 CPU cores); the reference LM's training
-# took 2.3 s of CPU time per step x 400 steps in `bench --quick --device cpu` from an empty cache (issue 17)
+# took 2.3-2.8 s of CPU time per step (400 steps) in `bench --quick --device cpu`, empty cache (issue 17)
 QUICK_TIME_HELP = (
     "2 CPU cores: about 8 minutes once the reference models are cached; the first run also trains them, "
-    "the LM alone taking about 15 minutes of CPU time"
+    "the LM alone taking 15-20 minutes of CPU time"
 )
 
 
