@@ -72,6 +72,7 @@ def _cached(name: str, spec, build: Callable[[], nn.Module], train: Callable[[nn
         model.load_state_dict(load_file(str(weights)))
         return model.to(device).eval(), json.loads(info_path.read_text())
     model.to(device).train()
+    print(f"  training the reference model {name} (once: saved to {folder} when done)", flush=True)
     t0 = time.perf_counter()
     info = train(model)
     info.update(
@@ -223,6 +224,7 @@ def train_lm(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
     losses = []
     model.train()
+    t_start = time.perf_counter()
     for step in range(steps):
         ids = random_windows(corpus.train_docs, spec.context + 1, spec.batch, g).to(device)
         with autocast:
@@ -235,7 +237,13 @@ def train_lm(
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if log_every and (step + 1) % log_every == 0:
-            print(f"  lm step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.3f}", flush=True)
+            spent = time.perf_counter() - t_start
+            left = spent / (step + 1) * (steps - step - 1)
+            print(
+                f"  training the reference LM (cached once trained): step {step + 1}/{steps} loss "
+                f"{sum(losses[-log_every:]) / log_every:.3f} · {spent:.0f} s, ~{left:.0f} s left",
+                flush=True,
+            )
     model.eval()
     tail = losses[-max(1, steps // 10) :]
     return {"final_loss": round(sum(tail) / len(tail), 4), "steps": steps}
@@ -257,7 +265,7 @@ def reference_lm(quick: bool = True, cache_dir=None, device: str = "cpu", spec: 
         "llama-stdlib",
         spec,
         lambda: build_lm(spec),
-        lambda m: train_lm(m, spec, corpus, log_every=max(1, spec.steps // 5)),
+        lambda m: train_lm(m, spec, corpus, log_every=max(1, spec.steps // 10)),
         cache_dir,
         device,
     )

@@ -4,7 +4,7 @@ Example:
     >>> import qlora_kit
     >>> model = qlora_kit.quantize(model, qlora_kit.NF4Config(blocksize=64, double_quant=True))
     >>> qlora_kit.memory_footprint(model)
-    {'nf4': 1234567, 'fp4': 0, 'int8': 0, 'int4': 0, 'fp8': 0, 'float': 89012}
+    {'nf4': 1234567, 'float': 89012}
 """
 
 from __future__ import annotations
@@ -224,13 +224,14 @@ def memory_footprint(model: nn.Module) -> dict[str, int]:
     """Bytes taken by the model's weights, by kind.
 
     Returns:
-        {"nf4", "fp4", "int8", "int4", "fp8": bytes of packed codes plus their scales;
-         "float": bytes of every other parameter (biases, norms, float layers) and persistent floating-point
-         buffer (e.g. BatchNorm statistics); index buffers (BERT's position_ids) and non-persistent ones
-         (rotary inv_freq) are not weights and are not counted}.
+        {format name ("nf4", "fp4", "int8", "int4", "fp8"; only the formats the model holds): bytes of packed
+         codes plus their scales; "float" (always present): bytes of every other parameter (biases, norms,
+         float layers) and persistent floating-point buffer (e.g. BatchNorm statistics); index buffers
+         (BERT's position_ids) and non-persistent ones (rotary inv_freq) are not weights and are not
+         counted}.
         Tensors shared between modules are counted once.
     """
-    out = {"nf4": 0, "fp4": 0, "int8": 0, "int4": 0, "fp8": 0, "float": 0}
+    out: dict[str, int] = {}  # formats in the order first met, then "float"
     seen: set[int] = set()
     quantized_tensors: set[int] = set()
     for module in model.modules():
@@ -241,6 +242,7 @@ def memory_footprint(model: nn.Module) -> dict[str, int]:
                     seen.add(t.data_ptr())
                     out[kind] = out.get(kind, 0) + t.numel() * t.element_size()
                 quantized_tensors.add(t.data_ptr())
+    out["float"] = 0
     for t in weight_tensors(model):
         if t.data_ptr() in seen or t.data_ptr() in quantized_tensors:
             continue

@@ -67,10 +67,12 @@ class _Parser(argparse.ArgumentParser):
 
 # ----- finetune / ls / cp ----------------------------------------------------------------------------------
 def _cmd_finetune(args) -> int:
-    from .recipe import load_recipe, to_yaml, valid_keys
+    from .recipe import load_recipe, to_yaml
 
     if args.keys:
-        print("\n".join(valid_keys()))
+        from .recipe_help import format_keys
+
+        print(format_keys())
         return 0
     if args.recipe is None:
         raise RecipeError("finetune needs a recipe; pass a bundled name (`qlora-kit ls`) or a path to a .yaml file")
@@ -112,6 +114,8 @@ def _cmd_cp(args) -> int:
     lines = text.splitlines(keepends=True)
     if lines and lines[0].startswith("# qlora-kit finetune"):
         lines[0] = f"# qlora-kit finetune {dest}\n"
+    source_dir = f"output_dir: runs/{Path(args.recipe).stem}\n"  # the copy gets its own runs/<name>
+    lines = [f"output_dir: runs/{dest.stem}\n" if line == source_dir else line for line in lines]
     try:
         dest.write_text("".join(lines), encoding="utf-8")
     except OSError as e:
@@ -290,8 +294,8 @@ def _cmd_merge(args) -> int:
 
     tokenizer = build_tokenizer(recipe) if recipe.objective == "causal_lm" else None
     model = model_with_adapter(recipe, adapter, quantized=not args.float_base)
-    kind = merge_and_save(model, output, tokenizer if hasattr(tokenizer, "save_pretrained") else None)
-    print(f"merged {adapter} into {recipe.model} and saved it to {output} ({kind})")
+    kind, report = merge_and_save(model, output, tokenizer)
+    print(f"merged {adapter} into {recipe.model} and saved it to {output} ({kind})\n{report}")
     return 0
 
 
@@ -309,6 +313,9 @@ def _cmd_eval(args) -> int:
     changes = {k: v for k, v in (("dataset", args.dataset), ("seq_len", args.seq_len)) if v is not None}
     if changes:
         recipe = recipe_from_dict({**to_dict(recipe), **changes}, "the command line")
+    from .train.preflight import clip_seq_len
+
+    recipe = clip_seq_len(recipe)  # longer than a learned position table: evaluate at the longest it has
     adapter = Path(args.adapter).expanduser() if args.adapter else (run_dir / "adapter" if run_dir else None)
     tokenizer = build_tokenizer(recipe)
     data = load_data(recipe, tokenizer)
@@ -316,15 +323,17 @@ def _cmd_eval(args) -> int:
         raise RecipeError(f"dataset {recipe.dataset!r} has no held-out evaluation text; pass --dataset with more data")
     rows = []
     base = model_with_adapter(recipe, None)
-    res_base = perplexity(base, data.eval, args.batch_size, args.batches)
+    # by default the training-time evaluation's sequences: the first eval_batches x batch_size held-out blocks
+    batch_size, batches = args.batch_size or recipe.batch_size, args.batches or recipe.eval_batches
+    res_base = perplexity(base, data.eval, batch_size, batches)
     rows.append(("base", f"loss {res_base['loss']:.4f} · perplexity {res_base['perplexity']:.3f}"))
     if adapter is not None:
         tuned = model_with_adapter(recipe, adapter)
-        res = perplexity(tuned, data.eval, args.batch_size, args.batches)
+        res = perplexity(tuned, data.eval, batch_size, batches)
         rows.append(("base + adapter", f"loss {res['loss']:.4f} · perplexity {res['perplexity']:.3f}"))
     title = (
         f"qlora-kit eval · {recipe.model} ({recipe.quantization}) on {recipe.dataset} held-out text · "
-        f"{res_base['sequences']} x {recipe.seq_len} tokens"
+        f"first {res_base['sequences']} held-out sequences x {recipe.seq_len} tokens"
     )
     print(banner(rows, title))
     return 0
@@ -340,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 lora.r=8")
     f.add_argument("--dry-run", action="store_true", help="print config, sizes and a memory estimate; do not train")
     f.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
-    f.add_argument("--keys", action="store_true", help="list every recipe key")
+    f.add_argument("--keys", action="store_true", help="list every recipe key: type, default, description")
     f.set_defaults(func=_cmd_finetune)
 
     ls = sub.add_parser("ls", help="list the bundled recipes")
@@ -385,8 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             c.add_argument("--dataset", help="text to evaluate on (default: the run's dataset)")
             c.add_argument("--seq-len", type=_positive_int, help="tokens per sequence")
-            c.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per batch")
-            c.add_argument("--batches", type=_positive_int, default=16, help="at most this many batches")
+            c.add_argument("--batch-size", type=_positive_int, help="sequences per batch (default: the run's)")
+            c.add_argument(
+                "--batches", type=_positive_int, help="at most this many batches (default: the run's eval_batches)"
+            )
             c.set_defaults(func=_cmd_eval)
     # listed here for `qlora-kit --help`; main() hands their arguments to qlora_kit.report's own parsers
     for name, helptext in _PASSTHROUGH_HELP.items():
@@ -425,6 +436,23 @@ def _run_passthrough(command: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit code (0 success, 2 user error)."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `qlora-kit ls | head -3`: the reader left; stop quietly
+        _silence_stdout()
+        return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (captured in tests)
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _PASSTHROUGH_HELP:
         return _run_passthrough(argv[0], argv[1:])

@@ -401,6 +401,11 @@ class MergeReport:
     def max_weight_drift(self) -> float:
         return max(self.weight_drift.values(), default=0.0)
 
+    def __str__(self) -> str:  # print(merge_lora(model)): a few readable lines; repr() keeps every number
+        from .merge_summary import format_merge_report
+
+        return format_merge_report(self)
+
 
 def _run(model: nn.Module, inputs) -> torch.Tensor:
     if isinstance(inputs, dict):
@@ -579,13 +584,30 @@ def prepare_for_kbit_training(
     else:
         _hook_input_grads(model)
     if gradient_checkpointing:
-        gc_enable = getattr(model, "gradient_checkpointing_enable", None)
-        if callable(gc_enable) and getattr(model, "supports_gradient_checkpointing", True):
-            try:
-                gc_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            except TypeError:
-                gc_enable()
+        _enable_checkpointing(model)
     return model
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing through the model's own switch, without the warnings the user
+    did not cause: transformers >= 5.2 renamed gradient_checkpointing_enable (the old name warns), and a KV
+    cache is useless (and warned about) while training with checkpointing."""
+    if not getattr(model, "supports_gradient_checkpointing", True):
+        return
+    new = getattr(model, "activation_checkpointing_enable", None)
+    old = getattr(model, "gradient_checkpointing_enable", None)
+    if callable(new):
+        new(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif callable(old):
+        try:
+            old(gradient_checkpointing_kwargs={"use_reentrant": False})
+        except TypeError:
+            old()
+    else:
+        return
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None):
+        config.use_cache = False
 
 
 def _hook_input_grads(model: nn.Module) -> None:

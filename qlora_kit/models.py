@@ -39,7 +39,10 @@ def tiny_gpt2(vocab_size: int = 256, n_embd: int = 64, layers: int = 2, seed: in
     cfg.update(overrides)
     if seed is not None:
         torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(**cfg)).eval()
+    model = GPT2LMHeadModel(GPT2Config(**cfg)).eval()
+    if getattr(model, "loss_type", "") is None:  # transformers finds no loss by the class name and warns per run
+        model.loss_type = "ForCausalLM"
+    return model
 
 
 def tiny_bert(vocab_size: int = 256, hidden_size: int = 64, layers: int = 2, seed: int | None = 0, **overrides):

@@ -19,6 +19,7 @@ import difflib
 import importlib.resources
 import math
 import os
+import re
 import reprlib
 import string
 import types
@@ -89,7 +90,7 @@ class LoraSection:
     # "all-linear" (Linear / Conv1D layers except the output head), "all" (also convolutions and
     # transposed convolutions), a list of module names, or a regex matching whole module paths
     target_modules: str | list[str] = "all-linear"
-    exclude_modules: str | list[str] | None = None
+    exclude_modules: str | list[str] | None = None  # modules to leave without adapters (names or a regex)
     use_rslora: bool = False  # scale by alpha / sqrt(r)
     use_dora: bool = False  # weight-decomposed LoRA
     init: str = "default"  # default | gaussian | pissa | loftq
@@ -134,7 +135,9 @@ class Recipe:
     eval_dataset: str | None = None  # a separate evaluation file / folder (default: held out from dataset)
     eval_fraction: float = 0.05  # share of a local dataset held out for evaluation when eval_dataset is unset
     text_column: str = "text"  # column holding the text
-    prompt_template: str | None = None  # e.g. "### Instruction:\n{instruction}\n### Response:\n{output}"
+    # instruction data: each row's columns filled into {column} fields (instead of text_column); e.g.
+    # "### Instruction:\n{instruction}\n### Response:\n{output}"; {{ and }} are literal braces
+    prompt_template: str | None = None
     max_documents: int | None = None  # use at most this many training documents (files for stdlib)
     seq_len: int = 512  # tokens per training sequence (documents are packed)
     image_size: int = 8  # images are resized to image_size x image_size
@@ -144,13 +147,13 @@ class Recipe:
     grad_accum_steps: int = 1  # micro-steps per optimizer step
     max_steps: int | None = None  # optimizer steps (default: epochs over the data)
     epochs: int = 1  # used when max_steps is unset
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    learning_rate: float = 2e-4  # peak learning rate (after warmup)
+    weight_decay: float = 0.0  # AdamW weight decay on the adapters
+    adam_beta1: float = 0.9  # AdamW first-moment decay
+    adam_beta2: float = 0.999  # AdamW second-moment decay
     optimizer: str = "adamw"  # adamw (fused where available) | adamw_torch | paged_adamw_32bit | paged_adamw_8bit
     lr_schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warmup steps
     max_grad_norm: float | None = 1.0  # gradient clipping (null: off)
     gradient_checkpointing: bool = False  # non-reentrant activation checkpointing
     mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it, else no) | no | bf16 | fp16
@@ -170,9 +173,9 @@ class Recipe:
     save_every: int = 0  # checkpoint every N steps (0: no intermediate checkpoints)
     keep_checkpoints: int = 2  # newest checkpoints kept
     log_every: int = 1  # write a metrics line every N steps
-    progress_bar: bool = True
-    output_dir: str = "runs/run"
-    seed: int = 0
+    progress_bar: bool = True  # a live progress line (else one line per log_every steps)
+    output_dir: str = "runs/run"  # where the run writes; a recipe file without it: runs/<file name> (my.yaml: runs/my)
+    seed: int = 0  # seeds the weights, the data order and every random draw
     resume: bool = False  # continue from the newest checkpoint in output_dir
     overwrite: bool = False  # allow starting over in an output_dir that already holds a run
     stop_after_steps: int | None = None  # stop (checkpointed, resumable) after this many steps
@@ -558,6 +561,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         owner = sections.get(head) if dot else Recipe
         tp = _hints(owner).get(tail if dot else key) if owner is not None else None
         value = _parse_override_value(text, tp, f"the value of override {key}")
+        if key in UNESCAPED_KEYS and isinstance(value, str):
+            value = unescape(value)  # a shell passes \n through as backslash-n; the user means a newline
         if dot:
             if head not in sections or not tail or tail not in {f.name for f in dataclasses.fields(sections[head])}:
                 raise _unknown_key(key, "the overrides")
@@ -572,6 +577,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 raise _unknown_key(key, "the overrides")
             raw[key] = value
     return raw
+
+
+UNESCAPED_KEYS = ("prompt_template", "description")  # overrides where \n, \t and \\ are escapes
+
+
+def unescape(text: str) -> str:
+    r"""``\n`` -> newline, ``\t`` -> tab, ``\\`` -> backslash; every other backslash stays as typed."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
 def _parse_override_value(text: str, tp, where: str = "the override value") -> Any:
@@ -607,6 +620,8 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
     """
     text, where = recipe_text(name_or_path)
     raw = apply_overrides(parse_yaml(text, where), overrides or [])
+    if "output_dir" not in raw:  # runs/<recipe name>: a copied recipe (my.yaml) does not collide with its source
+        raw["output_dir"] = f"runs/{Path(name_or_path).stem}"
     return _build(Recipe, raw, where)
 
 

@@ -18,7 +18,7 @@ Results go to ``<out>/comparison_<device>.json`` plus a Markdown and a self-cont
 plots (matplotlib when installed, else inline SVG drawn here), the device, library versions and commit.
 
 Usage:
-    qlora-kit bench --quick            # 2 CPU cores: under 10 minutes, reference models included
+    qlora-kit bench --quick            # 2 CPU cores: ~8 min with cached reference models (see --help)
     qlora-kit bench --device cuda      # the full run, meant for a GPU
     qlora-kit report benchmarks/results/comparison_cpu.json
 """
@@ -1536,35 +1536,61 @@ def write_report(results: dict, out_dir: str | os.PathLike, stem: str) -> dict[s
 
 
 _SUITES = ("lm", "minilm", "images")
+# measured: 7m38s with the reference models cached (commit 2a73af3, 2 CPU cores); the reference LM's training
+# took 2.3-2.8 s of CPU time per step (400 steps) in `bench --quick --device cpu`, empty cache (issue 17)
+QUICK_TIME_HELP = (
+    "2 CPU cores: about 8 minutes once the reference models are cached; the first run also trains them, "
+    "the LM alone taking 15-20 minutes of CPU time"
+)
 
 
-def run_bench(*, quick: bool, device: str, suites=_SUITES, cache_dir=None, log=print) -> dict:
-    """Run the comparison and return the results dictionary (see the module docstring)."""
+def run_bench(*, quick: bool, device: str, suites=_SUITES, cache_dir=None, log=print, partial_path=None) -> dict:
+    """Run the comparison and return the results dictionary (see the module docstring).
+
+    Progress lines carry an ETA; with ``partial_path`` each finished part is saved there and a rerun with the
+    same settings reuses it (see :mod:`qlora_kit.bench_progress`).
+    """
+    from .bench_progress import PARTS, BenchProgress
+
     rm = _reference_models()
     t0 = time.perf_counter()
-    missing: list[str] = []
-    sections = []
     started = time.strftime("%Y-%m-%d %H:%M:%S")
-    cache_before = rm.cache_root(cache_dir).exists() and any(rm.cache_root(cache_dir).iterdir())
-    if "lm" in suites:
-        log("== Llama LM")
-        sections.append(bench_lm(rm, quick, device, cache_dir, log, missing).as_dict())
-        log("== QLoRA adapters")
-        sections.append(bench_adapters(rm, quick, device, cache_dir, log, missing).as_dict())
-    if "minilm" in suites:
-        log("== all-MiniLM-L6-v2")
-        sections.append(bench_minilm(rm, quick, device, cache_dir, log, missing).as_dict())
-    if "images" in suites:
-        log("== image generators")
-        sections += [s.as_dict() for s in bench_images(rm, quick, device, cache_dir, log, missing)]
+    root = rm.cache_root(cache_dir)
+    cache_before = root.exists() and any(root.iterdir())
+    key = {
+        "quick": quick,
+        "device": device,
+        "suites": sorted(suites),
+        "commit": git_commit(),
+        "torch": torch.__version__,
+    }
+    parts = [(name, title) for name, title, suite in PARTS if suite in suites]
+    timings = root.with_name(root.name + "_bench_timings.json")
+    progress = BenchProgress(parts, key, partial_path, timings, log)
+    benches = {
+        "lm": lambda lg, missing: [bench_lm(rm, quick, device, cache_dir, lg, missing)],
+        "adapters": lambda lg, missing: [bench_adapters(rm, quick, device, cache_dir, lg, missing)],
+        "minilm": lambda lg, missing: [bench_minilm(rm, quick, device, cache_dir, lg, missing)],
+        "images": lambda lg, missing: bench_images(rm, quick, device, cache_dir, lg, missing),
+    }
+
+    def part(name):
+        def fn(lg):
+            missing: list[str] = []
+            return {"sections": [s.as_dict() for s in benches[name](lg, missing)], "missing": missing}
+
+        return fn
+
+    done = [progress.run(name, part(name)) for name, _ in parts]
     return {
         "env": environment(device),
         "quick": quick,
         "started": started,
         "cached": cache_before,
         "wall_seconds": round(time.perf_counter() - t0, 1),
-        "missing": sorted(set(missing)),
-        "sections": sections,
+        "resumed_parts": [name for name, _ in parts if name not in progress.measured],
+        "missing": sorted({m for d in done for m in d["missing"]}),
+        "sections": [s for d in done for s in d["sections"]],
     }
 
 
@@ -1585,9 +1611,11 @@ def main_bench(argv: list[str] | None = None) -> int:
         description="Compare quantization methods on "
         "reference models: quality, size, peak memory, quantization time, throughput.",
     )
-    parser.add_argument("--quick", action="store_true", help="small models and data (2 CPU cores: < 10 minutes)")
+    parser.add_argument("--quick", action="store_true", help=f"small models and data ({QUICK_TIME_HELP})")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=str(RESULTS_DIR), help="output directory (default: benchmarks/results)")
+    parser.add_argument(
+        "--out", default=None, help="output directory (default: $QLORA_KIT_CACHE/bench or ~/.cache/qlora_kit/bench)"
+    )
     parser.add_argument("--suites", default=",".join(_SUITES), help=f"comma-separated subset of {','.join(_SUITES)}")
     parser.add_argument(
         "--cache-dir", default=None, help="reference model cache (default: $QLORA_KIT_CACHE or ~/.cache/qlora_kit)"
@@ -1605,12 +1633,18 @@ def main_bench(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    results = run_bench(quick=args.quick, device=args.device, suites=suites, cache_dir=args.cache_dir)
+    from .bench_progress import default_out
+
     stem = f"comparison_{args.device}{'_quick' if args.quick else ''}"
-    out = Path(args.out)
+    out = Path(args.out) if args.out else default_out()
+    partial = out / f"{stem}.partial.json"  # finished parts: a killed run resumes from here
+    results = run_bench(
+        quick=args.quick, device=args.device, suites=suites, cache_dir=args.cache_dir, partial_path=partial
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     paths = write_report(results, out, stem)
+    partial.unlink(missing_ok=True)
     print(f"wrote {out / (stem + '.json')}, {paths['markdown']}, {paths['html']} ({results['wall_seconds']} s)")
     return 0
 

@@ -231,9 +231,13 @@ def test_ls_and_cp(tmp_path, capsys):
     dest = tmp_path / "mine.yaml"
     assert main(["cp", "quickstart", str(dest)]) == 0
     assert dest.read_text().splitlines()[0] == f"# qlora-kit finetune {dest}"
+    import dataclasses
+
     from qlora_kit.recipe import load_recipe
 
-    assert load_recipe(str(dest)) == load_recipe("quickstart")
+    # the copy is the same recipe, writing to its own runs/<file name> (the README's sequence works in order)
+    assert load_recipe(str(dest)) == dataclasses.replace(load_recipe("quickstart"), output_dir="runs/mine")
+    assert load_recipe("quickstart").output_dir == "runs/quickstart"
     assert main(["cp", "quickstart", str(dest)]) == 2  # exists: needs --force
     assert main(["cp", "quickstart", str(dest), "--force"]) == 0
 
@@ -323,6 +327,15 @@ def test_merge_writes_a_model_equal_to_base_plus_adapter(gpt2_run, tmp_path, cap
 
     out = tmp_path / "merged"
     assert main(["merge", str(gpt2_run), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "from_pretrained loads it" in printed and "tokenizer beside it" in printed
+    assert "merged LoRA into" in printed and "output drift" in printed  # the drift summary
+    from transformers import AutoTokenizer
+
+    from qlora_kit.data import ByteTokenizer
+
+    text = "def f(x):\n    return 'héllo'\t"
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == list(ByteTokenizer().encode(text))
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     reference = model_with_adapter(load_recipe(str(gpt2_run / "config.yaml")), gpt2_run / "adapter")
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -339,7 +352,7 @@ def test_merge_a_quantized_run(tmp_path, capsys):
                  "lora.target_modules=[q_proj, v_proj]"]) == 0  # fmt: skip
     out = tmp_path / "merged"
     assert main(["merge", str(run), "--output", str(out)]) == 0
-    assert "(quantized)" in capsys.readouterr().out
+    assert "(quantized: " in capsys.readouterr().out
     qmap = json.loads((out / "quantization.json").read_text())
     assert len(qmap["layers"]) == 14 - 4  # q_proj and v_proj of 2 layers merged into float
     assert os.path.isfile(out / "config.json")

@@ -131,7 +131,10 @@ def load_base(recipe: Recipe, *, vocab_size: int | None = None, dtype: torch.dty
                 with init_empty_weights():
                     return {"model": AutoModelForCausalLM.from_config(config)}
             kwargs = {_from_pretrained_dtype_kw(): dtype, "low_cpu_mem_usage": True, "use_safetensors": True}
-            return {"model": AutoModelForCausalLM.from_pretrained(source, **kwargs).train()}
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs).train()
+            if getattr(model, "loss_type", "") is None:  # GPT-2's class name maps to no loss: transformers warns
+                model.loss_type = "ForCausalLM"
+            return {"model": model}
         from diffusers import UNet2DModel
 
         sub = "unet" if os.path.isdir(os.path.join(source, "unet")) else None

@@ -85,8 +85,9 @@ def unwrap_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_save(model: nn.Module, directory: str | Path, tokenizer=None) -> str:
-    """Merge the active adapters into the base, drop the wrappers and save; returns the format written.
+def merge_and_save(model: nn.Module, directory: str | Path, tokenizer=None):
+    """Merge the active adapters into the base, drop the wrappers and save the model and its tokenizer (the
+    built-in byte tokenizer as its Hugging Face equivalent). Returns (how it was saved, the MergeReport).
 
     Adapted quantized layers become float layers in their compute dtype (``merge_lora(requantize=False)``);
     when quantized layers remain (not adapted), the result is saved with ``save_quantized`` (plus
@@ -99,23 +100,26 @@ def merge_and_save(model: nn.Module, directory: str | Path, tokenizer=None) -> s
     from ..serialization import save_quantized
 
     directory = Path(directory)
-    merge_lora(model, requantize=False)
+    report = merge_lora(model, requantize=False)
     unwrap_lora(model)
     if any(isinstance(m, QuantizedLayer) for m in model.modules()):
         save_quantized(model, directory)
-        kind = "quantized"
+        kind = "quantized: safetensors + quantization.json + config.json; load with qlora_kit.load_quantized"
         config = getattr(model, "config", None)
         if hasattr(config, "to_json_file"):
             config.to_json_file(str(directory / "config.json"))
     elif hasattr(model, "save_pretrained"):
         model.save_pretrained(str(directory), safe_serialization=True)
-        kind = "pretrained"
+        kind = "transformers format: from_pretrained loads it"
     else:
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(directory / "model.safetensors"))
         (directory / "model_info.json").write_text(json.dumps({"class": type(model).__name__}))
-        kind = "state_dict"
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(str(directory))
-    return kind
+        kind = "safetensors state dict + model_info.json"
+    if tokenizer is not None:
+        from ..hf_tokenizer import save_tokenizer
+
+        if save_tokenizer(tokenizer, directory):
+            kind += "; tokenizer beside it"
+    return kind, report

@@ -115,11 +115,9 @@ def _preflight(recipe: Recipe, out_dir: Path, dry_run: bool) -> Path | None:
 
     check_data_paths(recipe)
     check_model_path(recipe)
-    if dry_run:
-        return None
     if out_dir.exists() and not out_dir.is_dir():
         raise RecipeError(f"output_dir {str(out_dir)!r} is a file; set output_dir to a directory path")
-    _check_writable(out_dir)
+    _check_writable(out_dir, probe=not dry_run)  # the dry run writes nothing, not even a probe
     if recipe.resume:
         found = checkpoint.latest(out_dir / "checkpoints")
         if found is None:
@@ -135,7 +133,7 @@ def _preflight(recipe: Recipe, out_dir: Path, dry_run: bool) -> Path | None:
     return None
 
 
-def _check_writable(out_dir: Path) -> None:
+def _check_writable(out_dir: Path, probe: bool = True) -> None:
     """RecipeError unless ``out_dir`` exists writable or its nearest existing parent lets us create it.
 
     ``os.access`` first; then (as root it says yes even for /proc) a probe directory made and removed at
@@ -153,6 +151,8 @@ def _check_writable(out_dir: Path) -> None:
         raise RecipeError(f"{what} {str(parent)!r} is a file, not a directory; {fix}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise RecipeError(f"{what} {str(parent)!r} is not writable (permission denied); {fix}")
+    if not probe:
+        return
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".qlora-kit-probe-", dir=parent))
     except OSError as e:
@@ -246,6 +246,13 @@ class _Run:
         return {"loss": g_loss.detach().float(), "d_loss": d_loss.detach().float(), "grad_norm": grad_norm}
 
     # ----- evaluation ------------------------------------------------------------------------------------
+    def eval_protocol(self) -> str:
+        """What evaluate() measures (``qlora-kit eval`` measures the same first sequences by default)."""
+        if self.data.eval is None or self.recipe.objective != "causal_lm":
+            return ""
+        n = min(len(self.data.eval), self.recipe.eval_batches * self.B * self.world)
+        return f" (first {n} held-out sequences x {self.recipe.seq_len} tokens)"
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         if self.data.eval is None:
@@ -331,11 +338,14 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
     from .build import build, vocab_for_builtin
     from .fit import check_fits
     from .objectives import make_objective
+    from .preflight import preflight
 
     out_dir = Path(recipe.output_dir).expanduser()
+    # names, seq_len vs positions, data columns, one example: checked before anything is written
+    checks = preflight(recipe, dry_run=dry_run)
     resume_from = _preflight(recipe, out_dir, dry_run)
     if dry_run:
-        return dry_run_report(recipe)
+        return dry_run_report(recipe, checks)
     if recipe.cpu_threads is not None:
         torch.set_num_threads(recipe.cpu_threads)
     accelerator = _accelerator(recipe)
@@ -377,6 +387,8 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
 
     _say(accelerator, f"resolved config (saved as {out_dir / 'config.yaml'}):\n{compact_yaml(recipe)}")
     _say(accelerator, _banner(recipe, run, built, data, resume_from, start_step))
+    for note in checks.notes:
+        _say(accelerator, f"note: {note}")
     progress = Progress(run.max_steps, start_step, recipe.progress_bar and accelerator.is_main_process, objective.unit)
     losses: dict[int, float] = {}
     last_eval: dict = {}
@@ -418,7 +430,8 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
             last_eval = run.evaluate()
             if last_eval:
                 metrics.write({"step": done, **last_eval})
-                progress.write(f"eval @ step {done}: " + " · ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items()))
+                scores = " · ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items())
+                progress.write(f"eval @ step {done}: {scores}{run.eval_protocol()}")
         stopping = done == stop_at and stop_at < run.max_steps
         if (recipe.save_every and done % recipe.save_every == 0 and done < run.max_steps) or stopping:
             state = {
@@ -467,7 +480,7 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
         if recipe.objective != "causal_lm":
             summary["samples"] = _save_samples(recipe, run, out_dir / "samples.png")
         if recipe.merge_adapter:
-            _export_merged(recipe, run, out_dir / "merged")
+            _export_merged(recipe, run, out_dir / "merged", tokenizer)
     accelerator.wait_for_everyone()
     _say(accelerator, _summary(recipe, run, losses, last_eval, elapsed, units_done, start_step, out_dir))
     return summary
@@ -548,10 +561,10 @@ def _save_samples(recipe: Recipe, run: _Run, path: Path, n: int = 16) -> str | N
     return str(path)
 
 
-def _export_merged(recipe: Recipe, run: _Run, directory: Path) -> None:
+def _export_merged(recipe: Recipe, run: _Run, directory: Path, tokenizer=None) -> None:
     from .export import merge_and_save
 
-    merge_and_save(run.models.get("model") or run.models["generator"], directory)
+    merge_and_save(run.models.get("model") or run.models["generator"], directory, tokenizer)
 
 
 # ----- banner, summary, dry run ----------------------------------------------------------------------------
@@ -598,7 +611,9 @@ def _banner(recipe: Recipe, run: _Run, built, data, resume_from, start_step: int
         ("data", data.summary),
         (
             "steps",
-            f"{run.max_steps} ({run.sampler.steps_per_epoch} per epoch) · batch {recipe.batch_size} x "
+            f"{run.max_steps} = {run.max_steps / run.sampler.steps_per_epoch:.2g} epochs "
+            f"({run.sampler.steps_per_epoch} steps each{', set by max_steps' if recipe.max_steps else ''}) · "
+            f"batch {recipe.batch_size} x "
             f"{recipe.grad_accum_steps} accum x {run.world} proc = {run.global_batch} "
             f"({fmt_count(per_step)} {run.obj.unit}) per step",
         ),
@@ -639,7 +654,7 @@ def _summary(recipe, run, losses, last_eval, elapsed, units_done, start_step, ou
         ),
     ]
     if last_eval:
-        lines.append(("eval", " · ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items())))
+        lines.append(("eval", " · ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items()) + run.eval_protocol()))
     adapter = out_dir / "adapter"
     lines += [
         ("adapter", f"{adapter} (PEFT format: adapter_config.json + adapter_model.safetensors)"),
@@ -658,7 +673,7 @@ def _summary(recipe, run, losses, last_eval, elapsed, units_done, start_step, ou
     return banner(lines, title)
 
 
-def dry_run_report(recipe: Recipe) -> dict:
+def dry_run_report(recipe: Recipe, checks=None) -> dict:
     """``--dry-run``: the resolved config, parameter counts, trainable share, quantized size and a rough
     peak-memory estimate, without loading weights of hub / local models or training."""
     from ..recipe import BUILTIN_MODELS
@@ -729,8 +744,10 @@ def dry_run_report(recipe: Recipe) -> dict:
             f"~{fmt_bytes(peak)} per process (weights {fmt_bytes(qbytes + fbytes)} + adapters and "
             f"AdamW {fmt_bytes(optimizer_bytes)} + activations ~{fmt_bytes(act)}; a rough estimate)",
         ),
-    ]
+    ] + (checks.lines if checks is not None else [])
     print(banner(lines, "dry run: nothing trained, nothing written"))
+    for note in checks.notes if checks is not None else []:
+        print(f"note: {note}")
     return {
         "dry_run": True,
         "params": total,

@@ -1,0 +1,90 @@
+"""qlora-kit bench: progress with an ETA, finished parts saved and reused after a kill (issue 17)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qlora_kit.bench_progress import BenchProgress, default_out, fmt_duration
+
+PARTS = [("lm", "Llama LM"), ("minilm", "all-MiniLM-L6-v2"), ("images", "image generators")]
+KEY = {"quick": True, "device": "cpu", "suites": ["images", "lm", "minilm"], "commit": "abc", "torch": "x"}
+
+
+def _bench(tmp_path, lines, key=KEY):
+    return BenchProgress(PARTS, key, tmp_path / "out.partial.json", tmp_path / "timings.json", lines.append)
+
+
+def test_a_killed_run_resumes_at_the_first_unfinished_part(tmp_path):
+    calls, lines = [], []
+    progress = _bench(tmp_path, lines)
+
+    def part(name):
+        def fn(log):
+            calls.append(name)
+            log(f"  {name}: measured")
+            if name == "minilm":
+                raise KeyboardInterrupt  # killed halfway
+            return {"sections": [{"key": name}], "missing": []}
+
+        return fn
+
+    assert progress.run("lm", part("lm")) == {"sections": [{"key": "lm"}], "missing": []}
+    with pytest.raises(KeyboardInterrupt):
+        progress.run("minilm", part("minilm"))
+    assert json.loads((tmp_path / "out.partial.json").read_text())["parts"] == {
+        "lm": {"sections": [{"key": "lm"}], "missing": []}
+    }
+
+    calls.clear()
+    again = _bench(tmp_path, lines)
+    results = [
+        again.run(name, lambda log, name=name: {"sections": [{"key": name}]} if not calls.append(name) else None)
+        for name, _ in PARTS
+    ]
+    assert calls == ["minilm", "images"]  # lm came from the partial file
+    assert [r["sections"][0]["key"] for r in results] == ["lm", "minilm", "images"]
+    assert any("reusing the results an interrupted run saved" in line for line in lines)
+    again.finish()
+    assert not (tmp_path / "out.partial.json").exists()
+
+
+def test_a_partial_file_of_another_commit_is_not_reused(tmp_path):
+    lines = []
+    _bench(tmp_path, lines).run("lm", lambda log: {"sections": []})
+    other = _bench(tmp_path, lines, {**KEY, "commit": "def"})
+    assert other.done == {} and any("ignoring" in line for line in lines)
+
+
+def test_every_line_carries_elapsed_time_and_eta_and_timings_feed_the_next_run(tmp_path):
+    lines = []
+    progress = _bench(tmp_path, lines)
+    progress.run("lm", lambda log: log("  int8: ok"))
+    assert lines[0].startswith("== [1/3] Llama LM  [0:00 elapsed · this part ~")
+    assert "eta ~" in lines[1] and lines[1].startswith("  int8: ok  [")
+    saved = json.loads((tmp_path / "timings.json").read_text())["cpu_quick"]
+    assert set(saved) == {"lm"} and saved["lm"] < 5
+    nxt = _bench(tmp_path, [])
+    assert nxt.estimates["lm"] == saved["lm"]  # the last run's duration is the next estimate
+    _, total = nxt.left()
+    assert total == pytest.approx(sum(nxt.estimates[name] for name, _ in PARTS))
+
+
+def test_fmt_duration():
+    assert (fmt_duration(0), fmt_duration(61.4), fmt_duration(3725)) == ("0:00", "1:01", "1:02:05")
+
+
+def test_default_out_is_outside_the_source_tree(monkeypatch):
+    source = Path(__file__).resolve().parents[1]
+    monkeypatch.delenv("QLORA_KIT_CACHE", raising=False)
+    out = default_out().resolve()
+    assert source not in out.parents and out != source
+
+
+def test_help_states_the_measured_quick_time_and_the_default_out(capsys):
+    from qlora_kit.cli import main
+    from qlora_kit.report import QUICK_TIME_HELP
+
+    assert main(["bench", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert QUICK_TIME_HELP in text and "~/.cache/qlora_kit/bench" in text
