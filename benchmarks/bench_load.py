@@ -6,7 +6,7 @@
 - load_then_quantize: ``from_pretrained(dir, dtype=bfloat16)`` then ``qlora_kit.quantize(model, NF4Config())``.
 
 The checkpoint (TinyLlama-1.1B shapes, random bf16 weights, 1 GB safetensors shards) is written to a temporary
-directory. Each variant runs in its own Python subprocess, which reports its peak RSS (``ru_maxrss``, after
+directory. Each variant runs in its own Python subprocess, which reports its peak RSS (``VmHWM``, after
 and including the imports; the RSS after imports is recorded too) and its load time. Variants are interleaved
 round by round and the load average is recorded before each run.
 
@@ -73,6 +73,14 @@ def write_checkpoint(directory: Path, shard_bytes: int = 1 << 30) -> int:
 
 
 def _rss_mb() -> float:
+    """Peak RSS of this process in MiB: VmHWM, which starts afresh at exec (ru_maxrss is carried over from the
+    parent across execve on Linux, so a parent that once held more would mask a child's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
