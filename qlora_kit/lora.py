@@ -856,8 +856,26 @@ def save_adapter(
 _SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
-def _parse_peft_state(state: dict[str, torch.Tensor], directory) -> dict[str, dict[str, torch.Tensor]]:
+def _extra_tensor_path(rest: str, peft_config: dict) -> str | None:
+    """The model parameter a non-LoRA tensor of a PEFT adapter replaces, or None when it is not one PEFT
+    writes for ``modules_to_save`` (whole modules, e.g. a classifier head) or ``bias`` ("lora_only"/"all")."""
+    module_path, _, name = rest.rpartition(".")
+    if rest.endswith(".base_layer.bias") and peft_config.get("bias", "none") != "none":
+        return module_path.removesuffix(".base_layer") + ".bias"
+    if name == "bias" and peft_config.get("bias", "none") == "all":
+        return rest
+    saved = peft_config.get("modules_to_save") or []
+    if any(f".{m}." in f".{module_path}." for m in saved):  # the saved module or one inside it
+        return rest
+    return None
+
+
+def _parse_peft_state(
+    state: dict[str, torch.Tensor], directory, peft_config: dict | None = None
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(path -> {LoRA suffix: tensor}, model parameter path -> tensor for modules_to_save / biases)."""
     per_path: dict[str, dict[str, torch.Tensor]] = {}
+    extra: dict[str, torch.Tensor] = {}
     ignored = []
     for key, value in state.items():
         if not key.startswith(_PEFT_PREFIX):
@@ -867,17 +885,48 @@ def _parse_peft_state(state: dict[str, torch.Tensor], directory) -> dict[str, di
         rest = key[len(_PEFT_PREFIX) :]
         suffix = next((s for s in _SUFFIXES if rest.endswith("." + s)), None)
         if suffix is None:
+            target = _extra_tensor_path(rest, peft_config or {})
+            if target is not None:
+                extra[target] = value
+                continue
             if rest.endswith(".base_layer.weight"):  # PEFT saves targeted embeddings' base weights too
                 ignored.append(rest)
                 continue
-            raise ValueError(
-                f"{directory}: key {key!r} is not a LoRA tensor this loader understands (lora_A/B, "
-                "lora_embedding_A/B, lora_magnitude_vector); lora_bias and modules_to_save are not supported"
-            )
+            if rest.endswith(".lora_B.bias") or rest.endswith(".lora_A.bias"):
+                option = "lora_bias=True (a bias on lora_B)"
+            elif ".modules_to_save." in rest:
+                option = "modules_to_save (a module the adapter_config.json does not list)"
+            else:
+                option = "a tensor outside LoRA, modules_to_save and bias"
+            raise ValueError(f"{directory}: key {key!r} comes from {option}, which load_adapter does not read")
         per_path.setdefault(rest[: -len(suffix) - 1], {})[suffix] = value
     if ignored:
         warnings.warn(f"ignoring base-layer weights saved with the adapter: {ignored[:3]}", stacklevel=3)
-    return per_path
+    return per_path, extra
+
+
+@torch.no_grad()
+def _load_extra_tensors(model: nn.Module, extra: dict[str, torch.Tensor], directory) -> None:
+    """Copy modules_to_save / bias tensors into the model (they replace the base values, as PEFT's do when
+    the adapter is active; disabling adapters does not restore them)."""
+    pairs = []
+    for path, value in extra.items():  # every tensor is checked before any is copied
+        module_path, _, name = path.rpartition(".")
+        try:
+            module = model.get_submodule(module_path) if module_path else model
+        except AttributeError:
+            raise ValueError(f"{directory}: {path!r} (modules_to_save or bias) is not in this model") from None
+        if isinstance(module, LoraLayer):
+            module = module.base_layer
+        target = module._parameters.get(name)
+        if target is None or tuple(target.shape) != tuple(value.shape):
+            got = None if target is None else tuple(target.shape)
+            raise ValueError(
+                f"{directory}: {path!r} (modules_to_save or bias) has shape {tuple(value.shape)}, the model's is {got}"
+            )
+        pairs.append((target, value))
+    for target, value in pairs:
+        target.copy_(value.to(target.dtype))
 
 
 def _pattern_value(pattern: dict, path: str, default):
@@ -924,11 +973,11 @@ def load_adapter(
             f"{directory!r} holds a {peft_config.get('peft_type')!r} adapter; only LORA adapters load here"
         )
     if peft_config.get("lora_bias"):
-        raise ValueError(f"{directory!r} uses lora_bias=True, which is not supported; retrain without it")
+        raise ValueError(f"{directory!r} uses lora_bias=True, which load_adapter does not read; retrain without it")
     _check_adapter_name(adapter_name)
     if adapter_name in _configs(model):
         raise ValueError(f"the model already has an adapter named {adapter_name!r}; pass another adapter_name")
-    per_path = _parse_peft_state(load_file(weights_path), directory)
+    per_path, extra = _parse_peft_state(load_file(weights_path), directory, peft_config)
     if not per_path:
         raise ValueError(f"{directory!r} holds no LoRA tensors")
     target = peft_config.get("target_modules") or sorted(per_path)
@@ -960,6 +1009,7 @@ def load_adapter(
         plan.append((path, module, entry, a, b))
     if not _active(model):
         _active(model).append(adapter_name)
+    _load_extra_tensors(model, extra, directory)
     for path, module, entry, a, _ in plan:
         r = lora_wrapper_class(module.base_layer if isinstance(module, LoraLayer) else module).rank_of(a)
         alpha = _pattern_value(alpha_pattern, path, config.alpha)
