@@ -168,7 +168,7 @@ def verify(directory: Path, required: tuple[str, ...] = ()) -> dict | None:
                 f"{path} is truncated or corrupt ({size} bytes, the manifest says {entry['size']}); save it again"
             )
         if sha256_file(path) != entry["sha256"]:
-            raise ValueError(f"{path} is corrupt or was changed (its SHA-256 differs from the manifest's); save it again")
+            raise ValueError(f"{path} is corrupt or was changed (its SHA-256 is not the manifest's); save it again")
         if "tensors" in entry and safetensors_header(path) != entry["tensors"]:
             raise ValueError(f"{path}: tensor names, dtypes or shapes differ from the manifest; the file was changed")
     return manifest

@@ -90,14 +90,19 @@ def save_quantized(
     Example:
         >>> save_quantized(qlora_kit.quantize(model, NF4Config()), "out/nf4")
     """
+    with safe_io.atomic_dir(directory, kind="quantized", what="save_quantized", overwrite=overwrite) as tmp:
+        write_quantized(model, tmp)
+        if also_write is not None:
+            also_write(tmp)
+
+
+def write_quantized(model: nn.Module, directory: Path) -> None:
+    """The two files of :func:`save_quantized`, written into ``directory`` as it is (no swap, no manifest)."""
     from safetensors.torch import save_file
 
     tensors, qmap = _state_and_map(model)
-    with safe_io.atomic_dir(directory, kind="quantized", what="save_quantized", overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "qlora-kit"})
-        (tmp / QMAP_NAME).write_text(json.dumps(qmap, indent=2, sort_keys=True))
-        if also_write is not None:
-            also_write(tmp)
+    save_file(tensors, str(Path(directory) / WEIGHTS_NAME), metadata={"format": "pt", "producer": "qlora-kit"})
+    (Path(directory) / QMAP_NAME).write_text(json.dumps(qmap, indent=2, sort_keys=True))
 
 
 def _state_and_map(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:

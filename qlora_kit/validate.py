@@ -59,7 +59,8 @@ def check_qmap_structure(qmap, path: Path) -> None:
     if unknown:
         raise ValueError(f"{path} has unknown field {unknown[0]!r}; {fix}")
     if not isinstance(qmap.get("layers"), dict):
-        raise ValueError(f"{path}: field 'layers' must be a mapping of module names, got {_jsonish(qmap.get('layers'))}")
+        got = _jsonish(qmap.get("layers"))
+        raise ValueError(f"{path}: field 'layers' must be a mapping of module names, got {got}; {fix}")
     tied = qmap.get("tied", {})
     if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
         raise ValueError(f"{path}: field 'tied' must map tensor names to tensor names; {fix}")
@@ -68,16 +69,14 @@ def check_qmap_structure(qmap, path: Path) -> None:
             raise ValueError(f"{path}: the entry for {fqn!r} is not a mapping; {fix}")
         for key, kind in (("layer", str), ("format", dict), ("config", dict), ("out_dtype", str)):
             if not isinstance(info.get(key), kind):
-                raise ValueError(
-                    f"{path}: field 'layers.{fqn}.{key}' must be a {kind.__name__}, got {_jsonish(info.get(key))}; {fix}"
-                )
+                got = _jsonish(info.get(key))
+                raise ValueError(f"{path}: field 'layers.{fqn}.{key}' must be a {kind.__name__}, got {got}; {fix}")
         extra = sorted(set(info) - {"layer", "format", "config", "out_dtype"})
         if extra:
             raise ValueError(f"{path}: field 'layers.{fqn}' has unknown key {extra[0]!r}; {fix}")
         if info["out_dtype"] not in _FLOAT_DTYPE_NAMES:
-            raise ValueError(
-                f"{path}: field 'layers.{fqn}.out_dtype' is {info['out_dtype']!r}, not one of {list(_FLOAT_DTYPE_NAMES)}"
-            )
+            allowed = list(_FLOAT_DTYPE_NAMES)
+            raise ValueError(f"{path}: field 'layers.{fqn}.out_dtype' is {info['out_dtype']!r}, not one of {allowed}")
 
 
 def expected_2d_shape(cls: type, float_module: nn.Module) -> tuple[int, ...]:
@@ -96,8 +95,10 @@ def check_format_meta(path: Path, fqn: str, meta: dict, fmt: str, config, shape2
         if key not in expected:
             raise ValueError(f"{path}: field 'layers.{fqn}.format.{key}' is not a {fmt} field; the file is corrupt")
         got = meta.get(key)
-        ok = same(got, expected[key]) if key != "shape" else (
-            isinstance(got, list) and len(got) == len(shape2d) and all(same(a, b) for a, b in zip(got, shape2d)))  # fmt: skip
+        if key == "shape":
+            ok = isinstance(got, list) and len(got) == len(shape2d) and all(map(same, got, shape2d))
+        else:
+            ok = same(got, expected[key])
         if not ok:
             raise ValueError(
                 f"{path}: field 'layers.{fqn}.format.{key}' is {_jsonish(got) if key != 'shape' else got!r}, but "
@@ -146,6 +147,24 @@ def _count_nonfinite(t: torch.Tensor, chunk: int = 1 << 24) -> int:
         return 0 if torch.isfinite(t).all() else int((~torch.isfinite(t)).sum())
     flat = t.reshape(-1)  # fp8 has no isfinite kernel: check it in float32, a chunk at a time
     return sum(int((~torch.isfinite(flat[i : i + chunk].float())).sum()) for i in range(0, flat.numel(), chunk))
+
+
+def check_not_requantizing(model: nn.Module, config, keep) -> None:
+    """``quantize`` starts from float weights: layers the filter picks that are already quantized with
+    another config would silently keep their old format, so that is refused (the same config: no-op)."""
+    from .nn.quantized import QuantizedLayer
+
+    held = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, QuantizedLayer) and fqn and keep(m, fqn)]
+    other = [(fqn, m) for fqn, m in held if m.quant_config != config]
+    if not other:
+        return
+    formats = sorted({m.format_name for _, m in held})
+    fqn, m = other[0]
+    raise ValueError(
+        f"the model already holds {len(held)} quantized layers ({', '.join(formats)}; e.g. {fqn!r} with "
+        f"{m.quant_config}), and quantize() starts from float weights: load the float model again (e.g. "
+        "from_pretrained) and quantize that, or pass a filter_fn that skips the quantized layers"
+    )
 
 
 # ----- adapter_config.json ----------------------------------------------------------------------------------
@@ -210,7 +229,7 @@ def check_adapter_plan(plan, directory) -> None:
     """Every A / B pair has the shapes its layer needs, checked before any layer of the model is wrapped."""
     from .nn.lora_layers import LoraLayer, lora_wrapper_class
 
-    for path, module, entry, a, b in plan:
+    for path, module, _entry, a, b in plan:
         base = module.base_layer if isinstance(module, LoraLayer) else module
         cls = lora_wrapper_class(base)
         r = cls.rank_of(a)
@@ -220,7 +239,7 @@ def check_adapter_plan(plan, directory) -> None:
                 f"{os.fspath(directory)!r}: {path} has rank {r}, not a multiple of its {probe.groups} groups; "
                 "the adapter was trained for a different model"
             )
-        for name, t, want in zip(("A", "B"), (a, b), probe._factor_shapes(r)):
+        for name, t, want in zip(("A", "B"), (a, b), probe._factor_shapes(r), strict=True):
             if tuple(t.shape) != tuple(want):
                 raise ValueError(
                     f"{os.fspath(directory)!r}: {path} lora_{name} has shape {tuple(t.shape)} but this model needs "
@@ -243,11 +262,26 @@ def lora_rank_limit(module: nn.Module) -> int:
 
 
 def check_lora_rank(config, targets) -> None:
-    """``config.r`` must not exceed min(in, out) of any targeted layer (a larger rank adds nothing)."""
-    for path, module in targets:
-        limit = lora_rank_limit(module)
-        if config.r > limit:
-            raise ValueError(
-                f"LoraConfig.r={config.r} is larger than layer {path!r} allows (min(in, out) = {limit}); "
-                f"lower r to at most {limit} or exclude the layer"
-            )
+    """``config.r`` must not exceed min(in, out) of the targeted layers (a larger rank adds nothing).
+
+    When no targeted layer is that wide the config is refused; when only some are narrower (a 1-channel
+    output convolution of an image model), they are named in a warning: their update's rank is capped by
+    their shape, as in PEFT.
+    """
+    import warnings
+
+    limits = {path: lora_rank_limit(module) for path, module in targets}
+    narrow = sorted(p for p, limit in limits.items() if config.r > limit)
+    if not narrow:
+        return
+    widest = max(limits.values())
+    if config.r > widest:
+        raise ValueError(
+            f"LoraConfig.r={config.r} is larger than any targeted layer allows (min(in, out) is at most {widest}, "
+            f"e.g. {narrow[0]!r}); lower r to at most {widest}"
+        )
+    warnings.warn(
+        f"LoraConfig.r={config.r} exceeds min(in, out) of {len(narrow)} targeted layer(s), e.g. {narrow[0]!r} "
+        f"({limits[narrow[0]]}): their update's rank is capped by their shape; exclude them to save memory",
+        stacklevel=3,
+    )
