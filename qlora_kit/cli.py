@@ -287,7 +287,8 @@ def _cmd_merge(args) -> int:
 
     tokenizer = build_tokenizer(recipe) if recipe.objective == "causal_lm" else None
     model = model_with_adapter(recipe, adapter, quantized=not args.float_base)
-    kind = merge_and_save(model, output, tokenizer if hasattr(tokenizer, "save_pretrained") else None, overwrite=args.force)
+    tokenizer = tokenizer if hasattr(tokenizer, "save_pretrained") else None
+    kind = merge_and_save(model, output, tokenizer, overwrite=args.force)
     print(f"merged {adapter} into {recipe.model} and saved it to {output} ({kind})")
     return 0
 
