@@ -134,9 +134,8 @@ def _read_files(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             raise ValueError(f"{path} is missing; point load_quantized at a directory written by save_quantized")
     safe_io.verify(directory, required=(QMAP_NAME, WEIGHTS_NAME))
     qmap = validate.read_json(qmap_path, "re-save the model")
-    if not isinstance(qmap, dict) or not validate.same(qmap.get("version"), _VERSION):
-        version = qmap.get("version") if isinstance(qmap, dict) else None
-        raise ValueError(f"{qmap_path} has version {version!r}; this qlora-kit reads version {_VERSION}")
+    if isinstance(qmap, dict) and not validate.same(qmap.get("version"), _VERSION):
+        raise ValueError(f"{qmap_path} has version {qmap.get('version')!r}; this qlora-kit reads version {_VERSION}")
     validate.check_qmap_structure(qmap, qmap_path)
     try:
         tensors = load_file(str(weights_path))
