@@ -21,6 +21,11 @@ class NonFiniteLossError(RecipeError):
     """The loss (or the gradient norm) became NaN or Inf; nothing of that step was applied or saved."""
 
 
+def _kept(run) -> str:
+    last = checkpoint.latest(Path(run.recipe.output_dir).expanduser() / "checkpoints")
+    return f"the last good checkpoint {last} is kept (resume=true continues from it)" if last else "no checkpoint"
+
+
 def _finite(x) -> bool:
     return x is None or math.isfinite(float(x))
 
@@ -47,9 +52,30 @@ def step_is_finite(run, role: str, step: int, loss: torch.Tensor, grad_norm) -> 
         if run.acc.is_main_process:
             print(f"warning: step {step + 1}: {what}; skipped this {role} update (skip_nonfinite_steps=true)")
         return False
-    last = checkpoint.latest(Path(run.recipe.output_dir).expanduser() / "checkpoints")
-    kept = f"the last good checkpoint {last} is kept (resume=true continues from it)" if last else "no checkpoint"
+    kept = _kept(run)
     raise NonFiniteLossError(
-        f"step {step + 1}: {what}, so the run stopped before applying it ({kept}; nothing else was saved); lower "
+        f"step {step + 1}: {what}, so the run stopped before applying it and saved nothing ({kept}); lower "
         "learning_rate or max_grad_norm, or set skip_nonfinite_steps=true to skip such steps"
+    )
+
+
+def check_params(run, step: int) -> None:
+    """After the update: an optimizer step that made a trainable parameter NaN / Inf (a huge learning rate)
+    cannot be skipped any more, so the run stops before anything of it is saved.
+
+    Raises:
+        NonFiniteLossError: naming the first such parameter.
+    """
+    bad = next(
+        (f"{role}.{n}" for role, m in run.models.items() for n, p in m.named_parameters()
+         if p.requires_grad and not torch.isfinite(p).all()),
+        None,
+    )  # fmt: skip
+    flag = torch.tensor([0.0 if bad is None else 1.0], device=run.device)
+    if run.acc.reduce(flag, "sum").item() == 0:
+        return
+    kept = _kept(run)
+    raise NonFiniteLossError(
+        f"step {step + 1}: the update made {bad or 'a trainable parameter'} NaN/Inf, so the run stopped without saving "
+        f"it ({kept}); lower learning_rate"
     )

@@ -377,6 +377,7 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
         lr = run.schedulers[run.roles[0]].get_last_lr()[0]
         t0 = time.perf_counter()
         out = run.step_gan(step, idx) if recipe.objective == "gan" else run.step_supervised(step, idx)
+        guard.check_params(run, step)  # an update that overflowed the weights stops the run before any save
         loss = accelerator.reduce(out["loss"].reshape(1), "mean").item()
         dt = time.perf_counter() - t0
         units = _units(objective, recipe, run)
