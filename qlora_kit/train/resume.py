@@ -180,7 +180,7 @@ def read(path: Path, models: dict[str, nn.Module], optimizers: dict, schedulers:
     try:
         safe_io.verify(path, required=("state.json", "trainable.safetensors", "optimizer.pt"))
     except ValueError as e:
-        raise Damaged(str(e)) from None
+        raise Damaged(str(e).removesuffix("; save it again")) from None
     state = _read_state(path, step, sorted(schedulers))
     loaded = Loaded(state, _read_trainable(path, models), _read_optimizers(path, optimizers), _read_rng(path))
     if step > max_steps:
