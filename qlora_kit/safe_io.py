@@ -221,11 +221,12 @@ def _pid_alive(pid: int) -> bool:
 
 def _leftovers(target: Path) -> list[tuple[str, Path]]:
     """(kind, path) of stale ``.tmp-*`` / ``.old-*`` directories of ``target``: their process is gone."""
-    parent = target.parent
-    if not parent.is_dir():
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:  # a missing or unreadable parent holds nothing we left
         return []
     out = []
-    for p in parent.iterdir():
+    for p in entries:
         m = _LEFTOVER.match(p.name)
         if not m or m.group("name") != target.name or str(p) in _ACTIVE or _pid_alive(int(m.group("pid"))):
             continue
@@ -262,7 +263,7 @@ def recover(target: Path) -> list[str]:
     A previous save parked as ``.old-*`` comes back when the target is missing; user files parked there move
     back into the target; ``.tmp-*`` directories of dead processes are removed.
     """
-    target = Path(os.path.abspath(target))
+    target = Path(os.path.abspath(os.path.realpath(os.fspath(target))))
     done = []
     for kind, path in _leftovers(target):
         if kind == "old" and not os.path.lexists(target):

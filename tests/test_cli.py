@@ -328,8 +328,12 @@ def test_merge_writes_a_model_equal_to_base_plus_adapter(gpt2_run, tmp_path, cap
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
-    assert main(["merge", str(gpt2_run), "--output", str(out)]) == 2  # not empty: needs --force
+    assert main(["merge", str(gpt2_run), "--output", str(out)]) == 0  # our previous save: replaced
+    (out / "notes.txt").write_text("mine")
+    assert main(["merge", str(gpt2_run), "--output", str(out)]) == 2  # holds a user's file: needs --force
     assert "--force" in capsys.readouterr().err
+    assert main(["merge", str(gpt2_run), "--output", str(out), "--force"]) == 0
+    assert (out / "notes.txt").read_text() == "mine"  # --force replaces only the saved files
 
 
 def test_merge_a_quantized_run(tmp_path, capsys):
