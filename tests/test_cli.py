@@ -36,7 +36,8 @@ def test_quantize_writes_a_loadable_directory(tmp_path, capsys):
     assert 0.98 < cosine <= 1.0
     bits = float(text.split("bits / quantized param")[1].split()[0])
     assert 4.1 < bits < 4.2  # NF4 + double quant: 4 bits + ~0.13 bits of scales
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "quantization.json", "config.json"}
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "quantization.json", "config.json",
+                                               "qlora-kit-manifest.json"}  # fmt: skip
     skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out))
     loaded = qlora_kit.load_quantized(skeleton, out).eval()
     reference = qlora_kit.quantize(tiny_llama(), qlora_kit.NF4Config()).eval()
