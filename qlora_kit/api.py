@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from . import validate
 from .configs import FORMAT_OF_CONFIG
 from .formats.base import check_finite
 from .nn.quantized import QuantizedLayer, quantized_class_for
@@ -193,6 +194,7 @@ def quantize(
             f"quantize() swaps the layers inside a model, and got a bare {type(model).__name__}; "
             "wrap it, e.g. quantize(nn.Sequential(layer), config, filter_fn=lambda m, n: True)[0]"
         )
+    validate.check_not_requantizing(model, config, keep)  # another config over quantized layers: refused
     targets = _select_targets(model, keep)
     # every weight is checked before any layer is swapped, so a NaN / Inf leaves the model untouched
     for fqn, _ in targets:

@@ -194,6 +194,18 @@ def _probe_output(model, kind: str):
     return t.float()
 
 
+def _check_output(output: Path, what: str, force: bool | None) -> None:
+    """RecipeError unless ``output`` is new, empty or a previous qlora-kit save (checked before any work);
+    ``force`` (None: the command has no --force) saves beside other files, which are kept."""
+    from .safe_io import UnsafeTargetError, check_target
+
+    try:
+        check_target(output, what, bool(force))
+    except UnsafeTargetError as e:
+        hint = " or pass --force (only the saved files are replaced, the others kept)" if force is not None else ""
+        raise RecipeError(f"{str(e).split('; ')[0]}; choose another --output{hint}") from None
+
+
 def _cmd_quantize(args) -> int:
     import torch
 
@@ -204,10 +216,7 @@ def _cmd_quantize(args) -> int:
 
     config = _quantize_config(args)
     output = Path(args.output or f"{Path(args.model).name}-{args.format}").expanduser()
-    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / QMAP_NAME).exists())):
-        raise RecipeError(
-            f"--output {str(output)!r} exists and is not a qlora-kit model directory; choose another --output"
-        )
+    _check_output(output, "quantize --output", None)
     model, kind = _load_for_quantize(args.model)
     before = memory_footprint(model)["float"]
     reference = _probe_output(model, kind)
@@ -224,10 +233,9 @@ def _cmd_quantize(args) -> int:
     cosine = torch.nn.functional.cosine_similarity(
         _probe_output(model, kind).flatten(), reference.flatten(), dim=0
     ).item()
-    save_quantized(model, output)
     config_obj = getattr(model, "config", None)
-    if hasattr(config_obj, "to_json_file"):
-        config_obj.to_json_file(str(output / "config.json"))
+    save_quantized(model, output, also_write=lambda d: config_obj.to_json_file(str(d / "config.json"))
+                   if hasattr(config_obj, "to_json_file") else None)  # fmt: skip
     types = {}
     for m in layers:
         types[type(m).__name__] = types.get(type(m).__name__, 0) + 1
@@ -288,13 +296,12 @@ def _cmd_merge(args) -> int:
     output = Path(args.output).expanduser() if args.output else (run_dir / "merged" if run_dir else None)
     if output is None:
         raise RecipeError("--output is required with --model; name the directory to write the merged model to")
-    if output.exists() and any(output.iterdir()) and not args.force:
-        raise RecipeError(f"--output {str(output)!r} is not empty; pass --force to replace it or choose another")
+    _check_output(output, "merge --output", args.force)
     from .data import build_tokenizer
 
     tokenizer = build_tokenizer(recipe) if recipe.objective == "causal_lm" else None
     model = model_with_adapter(recipe, adapter, quantized=not args.float_base)
-    kind, report = merge_and_save(model, output, tokenizer)
+    kind, report = merge_and_save(model, output, tokenizer, overwrite=args.force)
     print(f"merged {adapter} into {recipe.model} and saved it to {output} ({kind})\n{report}")
     return 0
 
@@ -389,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "merge":
             c.add_argument("--output", help="directory to write (default: RUN_DIR/merged)")
             c.add_argument("--float-base", action="store_true", help="merge into the float base, not the quantized one")
-            c.add_argument("--force", action="store_true", help="replace a non-empty --output")
+            c.add_argument("--force", action="store_true", help="save into an --output holding other files (kept)")
             c.set_defaults(func=_cmd_merge)
         else:
             c.add_argument("--dataset", help="text to evaluate on (default: the run's dataset)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import safe_io, validate
 from .nn.lora_layers import LoraLayer, lora_kind, lora_wrapper_class, wrap_with_lora
 from .nn.quantized import QuantizedLayer
 
@@ -100,8 +102,8 @@ class LoraConfig:
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"LoraConfig.alpha must be a positive number, got {self.alpha!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
+            raise ValueError(f"LoraConfig.alpha must be a finite positive number, got {self.alpha!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         object.__setattr__(self, "target_modules", _check_names("target_modules", self.target_modules, True))
@@ -297,6 +299,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
     if not targets:
         sample = [n for n, _ in _candidate_modules(model)][:8]
         raise ValueError(f"target_modules={config.target_modules!r} matched no layer; module names look like {sample}")
+    validate.check_lora_rank(config, targets)
     if not _active(model):
         _active(model).append(adapter_name)
     for path, module in targets:
@@ -785,6 +788,7 @@ def save_adapter(
     *,
     diffusers: bool | None = None,
     as_trained: bool = False,
+    overwrite: bool = False,
 ) -> None:
     """Write one adapter in PEFT's format (and diffusers' LoRA file for diffusers models).
 
@@ -792,7 +796,9 @@ def save_adapter(
     ``peft.PeftModel.from_pretrained`` on the same float base); with ``diffusers`` (default: when the
     model is a diffusers model) also ``pytorch_lora_weights.safetensors`` with keys prefixed ``unet.``
     (``transformer.`` for other diffusers models) and the config in its metadata, as
-    ``pipeline.load_lora_weights(directory)`` expects. Each file is written atomically.
+    ``pipeline.load_lora_weights(directory)`` expects, and a manifest (``qlora_kit/safe_io.py``).
+    ``directory`` must be new, empty or a previous save (``overwrite=True``: replace only the adapter's
+    files, keep the others); it is replaced crash-safely as a whole.
 
     The saved adapter is exact on the original model: where ``init="pissa"`` rewrote a base into its
     residual, it is written as PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)``
@@ -801,12 +807,19 @@ def save_adapter(
     writes the tensors as trained: exact only over this model's base as it is now (changed by PiSSA / LoftQ).
 
     Raises:
-        ValueError: the model has no adapter ``adapter_name``, or the adapter cannot be made exact on the
-            original model (PiSSA over a quantized base; LoftQ before quantizing to NF4 with blocksize 64).
+        ValueError: the model has no adapter ``adapter_name``, the adapter cannot be made exact on the
+            original model (PiSSA over a quantized base; LoftQ before quantizing to NF4 with blocksize 64),
+            or ``directory`` holds files that are not a saved adapter (without ``overwrite``).
 
     Example:
         >>> save_adapter(model, "out/adapter")
     """
+    with safe_io.atomic_dir(directory, kind="adapter", what="save_adapter", overwrite=overwrite) as tmp:
+        _write_adapter(model, tmp, adapter_name, diffusers=diffusers, as_trained=as_trained)
+
+
+def _write_adapter(model, directory, adapter_name: str, *, diffusers: bool | None, as_trained: bool) -> None:
+    """The files of :func:`save_adapter`, written into the fresh directory ``directory``."""
     from safetensors.torch import save_file
 
     configs = _configs(model)
@@ -815,7 +828,6 @@ def save_adapter(
     tensors, ranks, alphas = _export_adapter(model, adapter_name, as_trained)
     paths = sorted(tensors)
     config = _peft_config_dict(model, adapter_name, paths, ranks, alphas)
-    os.makedirs(directory, exist_ok=True)
     state = {f"{_PEFT_PREFIX}{p}.{k}": v for p in paths for k, v in tensors[p].items()}
     _atomic_write(os.path.join(directory, _WEIGHTS_NAME), lambda f: save_file(state, f, metadata={"format": "pt"}))
 
@@ -955,8 +967,7 @@ def load_adapter(
     Example:
         >>> model = load_adapter(model, "out/adapter")
     """
-    from safetensors.torch import load_file
-
+    safe_io.recover(directory)  # a save killed mid-swap: its previous adapter comes back first
     directory = os.fspath(directory)
     config_path = os.path.join(directory, _CONFIG_NAME)
     weights_path = os.path.join(directory, _WEIGHTS_NAME)
@@ -966,8 +977,7 @@ def load_adapter(
         hint = " (pickled .bin adapters are not loaded; convert them to safetensors)" if os.path.isfile(
             os.path.join(directory, "adapter_model.bin")) else ""  # fmt: skip
         raise FileNotFoundError(f"no {_WEIGHTS_NAME} in {directory!r}{hint}")
-    with open(config_path, encoding="utf-8") as fh:
-        peft_config = json.load(fh)
+    peft_config = _read_adapter_config(directory, config_path)
     if peft_config.get("peft_type") != "LORA":
         raise ValueError(
             f"{directory!r} holds a {peft_config.get('peft_type')!r} adapter; only LORA adapters load here"
@@ -977,7 +987,7 @@ def load_adapter(
     _check_adapter_name(adapter_name)
     if adapter_name in _configs(model):
         raise ValueError(f"the model already has an adapter named {adapter_name!r}; pass another adapter_name")
-    per_path, extra = _parse_peft_state(load_file(weights_path), directory, peft_config)
+    per_path, extra = _parse_peft_state(validate.read_adapter_tensors(weights_path, directory), directory, peft_config)
     if not per_path:
         raise ValueError(f"{directory!r} holds no LoRA tensors")
     target = peft_config.get("target_modules") or sorted(per_path)
@@ -1007,6 +1017,7 @@ def load_adapter(
         if lora_kind(base) is None:
             raise ValueError(f"the adapter targets {path!r}, a {type(base).__name__}, which LoRA cannot adapt")
         plan.append((path, module, entry, a, b))
+    validate.check_adapter_plan(plan, directory)  # every shape checked before the model changes
     if not _active(model):
         _active(model).append(adapter_name)
     _load_extra_tensors(model, extra, directory)
@@ -1028,6 +1039,14 @@ def load_adapter(
                 if p.requires_grad and _owns(layer, adapter_name, p):
                     p.requires_grad_(False)
     return model
+
+
+def _read_adapter_config(directory: str, config_path: str) -> dict:
+    """adapter_config.json after the manifest check (when the directory has one) and field type checks."""
+    safe_io.verify(directory, required=(_CONFIG_NAME, _WEIGHTS_NAME))
+    peft_config = validate.read_json(config_path, "save the adapter again")
+    validate.check_adapter_config(peft_config, directory)
+    return peft_config
 
 
 def _owns(layer: LoraLayer, adapter_name: str, p: torch.Tensor) -> bool:

@@ -179,6 +179,7 @@ class Recipe:
     resume: bool = False  # continue from the newest checkpoint in output_dir
     overwrite: bool = False  # allow starting over in an output_dir that already holds a run
     stop_after_steps: int | None = None  # stop (checkpointed, resumable) after this many steps
+    skip_nonfinite_steps: bool = False  # skip an update whose loss is NaN/Inf (default: stop the run, exit 2)
     merge_adapter: bool = False  # also export the base with the adapter merged into output_dir/merged
 
     def __post_init__(self):

@@ -36,7 +36,8 @@ def test_quantize_writes_a_loadable_directory(tmp_path, capsys):
     assert 0.98 < cosine <= 1.0
     bits = float(text.split("bits / quantized param")[1].split()[0])
     assert 4.1 < bits < 4.2  # NF4 + double quant: 4 bits + ~0.13 bits of scales
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "quantization.json", "config.json"}
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "quantization.json", "config.json",
+                                               "qlora-kit-manifest.json"}  # fmt: skip
     skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out))
     loaded = qlora_kit.load_quantized(skeleton, out).eval()
     reference = qlora_kit.quantize(tiny_llama(), qlora_kit.NF4Config()).eval()
@@ -341,8 +342,12 @@ def test_merge_writes_a_model_equal_to_base_plus_adapter(gpt2_run, tmp_path, cap
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
-    assert main(["merge", str(gpt2_run), "--output", str(out)]) == 2  # not empty: needs --force
+    assert main(["merge", str(gpt2_run), "--output", str(out)]) == 0  # our previous save: replaced
+    (out / "notes.txt").write_text("mine")
+    assert main(["merge", str(gpt2_run), "--output", str(out)]) == 2  # holds a user's file: needs --force
     assert "--force" in capsys.readouterr().err
+    assert main(["merge", str(gpt2_run), "--output", str(out), "--force"]) == 0
+    assert (out / "notes.txt").read_text() == "mine"  # --force replaces only the saved files
 
 
 def test_merge_a_quantized_run(tmp_path, capsys):

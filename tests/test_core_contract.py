@@ -3,13 +3,14 @@ weight."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import qlora_kit
-from qlora_kit import models, serialization
+from qlora_kit import models, safe_io
 from qlora_kit.nn.quantized import QuantizedLayer
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -63,11 +64,11 @@ def _saved(tmp_path):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda q: q.update(layers=[1, 2]), "no 'layers' mapping"),
+        (lambda q: q.update(layers=[1, 2]), "field 'layers' must be a mapping"),
         (lambda q: q["layers"].update({next(iter(q["layers"])): "x"}), "is not a mapping"),
         (lambda q: next(iter(q["layers"].values())).update(layer="QuantConv2d"), "does not quantize to one"),
-        (lambda q: next(iter(q["layers"].values())).pop("config"), "malformed"),
-        (lambda q: next(iter(q["layers"].values()))["config"].update(bogus=1), "malformed"),
+        (lambda q: next(iter(q["layers"].values())).pop("config"), r"config' must be a dict"),
+        (lambda q: next(iter(q["layers"].values()))["config"].update(bogus=1), r"config' is invalid"),
     ],
 )
 def test_malformed_quantization_json_is_a_clear_error_and_loads_nothing(tmp_path, edit, message):
@@ -76,6 +77,7 @@ def test_malformed_quantization_json_is_a_clear_error_and_loads_nothing(tmp_path
     qmap = json.loads(path.read_text())
     edit(qmap)
     path.write_text(json.dumps(qmap))
+    safe_io.write_manifest(directory, "quantized")  # a consistent edit: the field checks must catch it
     fresh = models.tiny_llama()
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(ValueError, match=message):
@@ -92,11 +94,11 @@ def test_failed_directory_swap_keeps_the_previous_save(tmp_path, monkeypatch):
 
     def flaky(src, dst):
         calls.append((src, dst))
-        if len(calls) == 2:  # the new directory moving into place
+        if Path(dst) == directory and ".tmp-" in str(src):  # the new directory moving into place
             raise OSError("disk went away")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(serialization.os, "replace", flaky)
+    monkeypatch.setattr(safe_io.os, "replace", flaky)
     model = qlora_kit.quantize(models.tiny_llama(seed=5), qlora_kit.NF4Config())
     with pytest.raises(OSError, match="disk went away"):
         qlora_kit.save_quantized(model, directory)

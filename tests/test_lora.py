@@ -201,7 +201,7 @@ def test_dora_starts_at_base_and_merges():
     unmerge_lora(model)
     torch.testing.assert_close(model(ids), out, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="DoRA supports"):
-        add_lora(AllKinds(), LoraConfig(target_modules=["emb"], use_dora=True))
+        add_lora(AllKinds(), LoraConfig(r=2, target_modules=["emb"], use_dora=True))
 
 
 # ----- several adapters --------------------------------------------------------------------------------------
@@ -468,7 +468,8 @@ def test_qlora_fused_bf16_matches_unfused_on_gpu():
 def test_saved_files_use_peft_keys_and_leave_no_temp_files(tmp_path):
     model = add_lora(models.tiny_llama(), LoraConfig(r=2, alpha=4, target_modules=["q_proj", "embed_tokens"]))
     save_adapter(model, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = ["adapter_config.json", "adapter_model.safetensors", "qlora-kit-manifest.json"]
+    assert sorted(os.listdir(tmp_path)) == saved
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
     assert "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight" in keys
@@ -476,7 +477,8 @@ def test_saved_files_use_peft_keys_and_leave_no_temp_files(tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["target_modules"] == ["embed_tokens", "q_proj"] and config["lora_alpha"] == 4
     save_adapter(model, tmp_path)  # overwriting works and stays clean
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == saved
+    assert not [p for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.")]
 
 
 def test_saved_target_spec_is_exact_when_names_are_ambiguous(tmp_path):
@@ -610,6 +612,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="no adapter named 'nope'"):
         save_adapter(model, tmp_path, adapter_name="nope")
     save_adapter(model, tmp_path)
+    os.remove(tmp_path / "qlora-kit-manifest.json")  # edited by hand below: no manifest, as PEFT saves it
     with pytest.raises(ValueError, match="lacks"):
         load_adapter(models.tiny_gpt2(), tmp_path)
     with pytest.raises(ValueError, match="shape"):

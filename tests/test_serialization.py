@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qlora_kit
-from qlora_kit import models
+from qlora_kit import models, safe_io
 from qlora_kit.nn.quantized import QuantizedLayer
 
 CONFIGS = [
@@ -74,6 +74,11 @@ def _load_fails(model, directory, match):
     _assert_untouched(model, before)
 
 
+def _reseal(directory):
+    """Rewrite the manifest after tampering, as a hostile user would: the deeper checks must still hold."""
+    safe_io.write_manifest(directory, "quantized")
+
+
 def test_truncated_file(saved):
     path = saved / "model.safetensors"
     data = path.read_bytes()
@@ -86,6 +91,7 @@ def test_missing_key(saved):
     tensors = load_file(str(path))
     del tensors["model.layers.1.mlp.up_proj.qweight.packed"]
     save_file(tensors, str(path))
+    _reseal(saved)
     _load_fails(models.tiny_llama(), saved, r"model\.layers\.1\.mlp\.up_proj\.qweight\.packed.*missing")
 
 
@@ -94,9 +100,11 @@ def test_wrong_shape_and_dtype(saved):
     tensors = load_file(str(path))
     tensors["model.norm.weight"] = torch.ones(3)
     save_file(tensors, str(path))
+    _reseal(saved)
     _load_fails(models.tiny_llama(), saved, r"model\.norm\.weight.*shape")
     tensors["model.norm.weight"] = torch.ones(64, dtype=torch.float16)
     save_file(tensors, str(path))
+    _reseal(saved)
     _load_fails(models.tiny_llama(), saved, r"model\.norm\.weight.*float16")
 
 
@@ -107,6 +115,7 @@ def test_wrong_architecture(saved):
 def test_missing_files_and_bad_json(tmp_path, saved):
     _load_fails(models.tiny_llama(), tmp_path / "nowhere", "missing")
     (saved / "quantization.json").write_text("{not json")
+    _reseal(saved)
     _load_fails(models.tiny_llama(), saved, "not valid JSON")
 
 

@@ -8,14 +8,16 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step-000050/``:
     state.json               step, data position, scheduler states, recipe and data fingerprints
     rng-rank<k>.json         each process's Python / NumPy / torch (CPU and CUDA) RNG states
 
-It is written into a temporary directory by all processes and renamed into place by the main process,
-so a crash never leaves a half-written checkpoint where resume would find it.
+    qlora-kit-manifest.json  size and SHA-256 of every file above (written last)
+
+It is written into a temporary directory by all processes and swapped into place by the main process
+(``qlora_kit/safe_io.py``), so a crash never leaves a half-written checkpoint where resume would find it;
+resume checks every file anyway (``resume.py``) and falls back to an older checkpoint when one is damaged.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -24,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from .. import safe_io
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -42,8 +46,8 @@ def trainable_state(models: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return out
 
 
-@torch.no_grad()
-def load_trainable_state(models: dict[str, nn.Module], state: dict[str, torch.Tensor], where: str) -> None:
+def trainable_targets(models: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The live tensors :func:`trainable_state` saves, by the same keys."""
     targets = {}
     for role, model in models.items():
         for name, p in model.named_parameters():
@@ -52,6 +56,12 @@ def load_trainable_state(models: dict[str, nn.Module], state: dict[str, torch.Te
         for name, b in model.named_buffers():
             if name.rsplit(".", 1)[-1] in _STAT_BUFFERS:
                 targets[f"{role}.{name}"] = b
+    return targets
+
+
+@torch.no_grad()
+def load_trainable_state(models: dict[str, nn.Module], state: dict[str, torch.Tensor], where: str) -> None:
+    targets = trainable_targets(models)
     missing, extra = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
     if missing or extra:
         from ..recipe import RecipeError
@@ -134,8 +144,9 @@ def save(
     tmp = root / f".tmp-step-{step:06d}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for stale in root.glob(".tmp-step-*"):  # left by a killed run (one run per output_dir at a time)
+            shutil.rmtree(stale, ignore_errors=True)
+        safe_io.recover(final)
         tmp.mkdir()
     accelerator.wait_for_everyone()
     _write_json(tmp / f"rng-rank{accelerator.process_index}.json", rng_state())
@@ -151,10 +162,8 @@ def save(
         }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_json(tmp / "state.json", state)  # last file: marks the directory complete
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _write_json(tmp / "state.json", state)
+        safe_io.publish(tmp, final, "checkpoint")  # manifest last, then a crash-safe swap
         for _, old in step_dirs(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -162,18 +171,9 @@ def save(
 
 
 def load(accelerator, path: Path, models: dict[str, nn.Module], optimizers: dict, schedulers: dict) -> dict:
-    """Restore a checkpoint into freshly built models / optimizers / schedulers; returns its state.json."""
-    from safetensors.torch import load_file
+    """Check every file of checkpoint ``path`` (``resume.read``), then restore it into freshly built models /
+    optimizers / schedulers; returns its state.json. ``resume.load_newest_intact`` also falls back."""
+    from . import resume
 
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    load_trainable_state(models, load_file(str(path / "trainable.safetensors")), str(path))
-    opt_states = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    for key, opt in optimizers.items():
-        opt.load_state_dict(opt_states[key])
-    for key, sched in schedulers.items():
-        sched.load_state_dict(state["schedulers"][key])
-    rng_file = path / f"rng-rank{accelerator.process_index}.json"
-    if not rng_file.is_file():  # resumed on more processes than saved: reuse rank 0's states
-        rng_file = path / "rng-rank0.json"
-    set_rng_state(json.loads(rng_file.read_text(encoding="utf-8")))
-    return state
+    loaded = resume.read(Path(path), models, optimizers, schedulers, max_steps=2**62)
+    return resume.apply(loaded, accelerator.process_index, models, optimizers, schedulers)

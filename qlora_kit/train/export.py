@@ -85,41 +85,44 @@ def unwrap_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_save(model: nn.Module, directory: str | Path, tokenizer=None):
+def merge_and_save(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: bool = False):
     """Merge the active adapters into the base, drop the wrappers and save the model and its tokenizer (the
     built-in byte tokenizer as its Hugging Face equivalent). Returns (how it was saved, the MergeReport).
 
     Adapted quantized layers become float layers in their compute dtype (``merge_lora(requantize=False)``);
-    when quantized layers remain (not adapted), the result is saved with ``save_quantized`` (plus
+    when quantized layers remain (not adapted), the result is saved as ``save_quantized`` saves (plus
     config.json), else with the model's ``save_pretrained`` (safetensors) or as a safetensors state dict.
+    Everything goes through one crash-safe directory save (``qlora_kit/safe_io.py``): ``directory`` must be
+    new, empty or a previous save; ``overwrite=True`` replaces only the saved files and keeps the others.
     """
     from safetensors.torch import save_file
 
+    from .. import safe_io
     from ..lora import merge_lora
     from ..nn.quantized import QuantizedLayer
-    from ..serialization import save_quantized
+    from ..serialization import write_quantized
 
-    directory = Path(directory)
+    safe_io.check_target(Path(directory), "merge", overwrite)  # before the (slow) merge
     report = merge_lora(model, requantize=False)
     unwrap_lora(model)
-    if any(isinstance(m, QuantizedLayer) for m in model.modules()):
-        save_quantized(model, directory)
-        kind = "quantized: safetensors + quantization.json + config.json; load with qlora_kit.load_quantized"
-        config = getattr(model, "config", None)
-        if hasattr(config, "to_json_file"):
-            config.to_json_file(str(directory / "config.json"))
-    elif hasattr(model, "save_pretrained"):
-        model.save_pretrained(str(directory), safe_serialization=True)
-        kind = "transformers format: from_pretrained loads it"
-    else:
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(directory / "model.safetensors"))
-        (directory / "model_info.json").write_text(json.dumps({"class": type(model).__name__}))
-        kind = "safetensors state dict + model_info.json"
-    if tokenizer is not None:
-        from ..hf_tokenizer import save_tokenizer
+    with safe_io.atomic_dir(directory, kind="merged", what="merge", overwrite=overwrite) as tmp:
+        if any(isinstance(m, QuantizedLayer) for m in model.modules()):
+            write_quantized(model, tmp)
+            kind = "quantized: safetensors + quantization.json + config.json; load with qlora_kit.load_quantized"
+            config = getattr(model, "config", None)
+            if hasattr(config, "to_json_file"):
+                config.to_json_file(str(tmp / "config.json"))
+        elif hasattr(model, "save_pretrained"):
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            kind = "transformers format: from_pretrained loads it"
+        else:
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"))
+            (tmp / "model_info.json").write_text(json.dumps({"class": type(model).__name__}))
+            kind = "safetensors state dict + model_info.json"
+        if tokenizer is not None:
+            from ..hf_tokenizer import save_tokenizer
 
-        if save_tokenizer(tokenizer, directory):
-            kind += "; tokenizer beside it"
+            if save_tokenizer(tokenizer, tmp):
+                kind += "; tokenizer beside it"
     return kind, report

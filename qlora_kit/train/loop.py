@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..recipe import Recipe, RecipeError, save_resolved, to_yaml
-from . import checkpoint, fsdp
+from . import checkpoint, fsdp, guard, resume
 from . import lock as run_lock
 from .report import Metrics, Progress, banner, fmt_bytes, fmt_count, fmt_rate, peak_memory
 
@@ -119,7 +119,7 @@ def _preflight(recipe: Recipe, out_dir: Path, dry_run: bool) -> Path | None:
         raise RecipeError(f"output_dir {str(out_dir)!r} is a file; set output_dir to a directory path")
     _check_writable(out_dir, probe=not dry_run)  # the dry run writes nothing, not even a probe
     if recipe.resume:
-        found = checkpoint.latest(out_dir / "checkpoints")
+        found = next((p for _, p in resume.candidates(out_dir / "checkpoints")), None)  # checked after the build
         if found is None:
             raise RecipeError(
                 f"resume=true but {str(out_dir)!r} holds no checkpoint; drop resume=true to start a fresh run"
@@ -222,7 +222,8 @@ class _Run:
                 self.acc.backward(loss / accum)
             total += loss.detach().float()
         grad_norm = self._clip("model")
-        self._finish("model")
+        if guard.step_is_finite(self, "model", step, total / accum, grad_norm):
+            self._finish("model")
         return {"loss": total / accum, "grad_norm": grad_norm}
 
     def step_gan(self, step: int, idx: list[int]) -> dict:
@@ -235,13 +236,14 @@ class _Run:
             out = disc(torch.cat([real, fake.detach().to(real.dtype)]))
             d_loss = self.obj.d_loss(out[: len(real)], out[len(real) :])
         self.acc.backward(d_loss)
-        self._clip("discriminator")
-        self._finish("discriminator")
+        if guard.step_is_finite(self, "discriminator", step, d_loss, self._clip("discriminator")):
+            self._finish("discriminator")
         with self.acc.autocast():  # the unwrapped D: its gradients are not wanted (and DDP must not wait for them)
             g_loss = self.obj.g_loss(self.models["discriminator"](fake))
         self.acc.backward(g_loss, inputs=self.params["generator"])
         grad_norm = self._clip("generator")
-        self._finish("generator")
+        if guard.step_is_finite(self, "generator", step, g_loss, grad_norm):
+            self._finish("generator")
         self.optimizers["discriminator"].zero_grad(set_to_none=True)
         return {"loss": g_loss.detach().float(), "d_loss": d_loss.detach().float(), "grad_norm": grad_norm}
 
@@ -312,7 +314,8 @@ class _Run:
                 name = "adapter" if role in ("model", "generator") else "discriminator_adapter"
                 # PiSSA / LoftQ rewrite the base: qlora-kit eval / merge rebuild that same base from the recipe,
                 # so the adapter is saved as trained (save_adapter's conversion targets the untouched base)
-                save_adapter(model, directory / name, as_trained=self.recipe.lora.init in ("pissa", "loftq"))
+                as_trained = self.recipe.lora.init in ("pissa", "loftq")
+                save_adapter(model, directory / name, as_trained=as_trained, overwrite=True)  # keeps user files
 
 
 def _step_gen(seed: int, step: int, micro: int) -> torch.Generator:
@@ -359,9 +362,12 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
     objective = make_objective(recipe)
     run = _Run(recipe, accelerator, built, data, objective)
     start_step, state = 0, {}
-    if resume_from is not None:  # read (and checked) before anything is written
+    if resume_from is not None:  # every file checked before anything is restored or written; damage: fall back
         with fsdp.full_state(run.models, run.optimizers, saving=False) as optimizers:
-            state = checkpoint.load(accelerator, resume_from, run.models, optimizers, run.schedulers)
+            resume_from, state = resume.load_newest_intact(
+                out_dir / "checkpoints", accelerator.process_index, run.models, optimizers, run.schedulers,
+                run.max_steps, lambda text: _say(accelerator, text),
+            )  # fmt: skip
         start_step = state["step"]
         if state.get("data_fingerprint") != data.fingerprint:
             _say(accelerator, "warning: the training data changed since the checkpoint; resuming anyway")
@@ -380,7 +386,7 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
                 shutil.rmtree(out_dir / marker, ignore_errors=True)
         save_resolved(recipe, out_dir / "config.yaml")
     accelerator.wait_for_everyone()
-    metrics = Metrics(
+    metrics = Metrics(  # metrics.jsonl is rewritten on the first new line only: after the run proved it starts
         out_dir / "metrics.jsonl" if accelerator.is_main_process else None,
         start_step if resume_from is not None else None,
     )
@@ -402,6 +408,7 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
         lr = run.schedulers[run.roles[0]].get_last_lr()[0]
         t0 = time.perf_counter()
         out = run.step_gan(step, idx) if recipe.objective == "gan" else run.step_supervised(step, idx)
+        guard.check_params(run, step)  # an update that overflowed the weights stops the run before any save
         loss = accelerator.reduce(out["loss"].reshape(1), "mean").item()
         dt = time.perf_counter() - t0
         units = _units(objective, recipe, run)
@@ -502,6 +509,8 @@ def _changed_keys(saved_yaml: str | None, recipe: Recipe) -> list[str]:
         saved = yaml.safe_load(saved_yaml) or {}
     except yaml.YAMLError:
         return []
+    if not isinstance(saved, dict):
+        return []
     now = to_dict(recipe)
     return sorted(k for k in now if k not in _RUN_ONLY_KEYS and k in saved and saved[k] != now[k])
 
@@ -564,7 +573,7 @@ def _save_samples(recipe: Recipe, run: _Run, path: Path, n: int = 16) -> str | N
 def _export_merged(recipe: Recipe, run: _Run, directory: Path, tokenizer=None) -> None:
     from .export import merge_and_save
 
-    merge_and_save(run.models.get("model") or run.models["generator"], directory, tokenizer)
+    merge_and_save(run.models.get("model") or run.models["generator"], directory, tokenizer, overwrite=True)
 
 
 # ----- banner, summary, dry run ----------------------------------------------------------------------------

@@ -44,27 +44,47 @@ def peak_memory(device: torch.device) -> tuple[str, float]:
 
 
 class Metrics:
-    """Appends one JSON object per line to ``metrics.jsonl`` (main process only)."""
+    """Appends one JSON object per line to ``metrics.jsonl`` (main process only).
 
-    def __init__(self, path: Path | None, resume_step: int | None):
-        self.path = path
-        if path is None:
+    The file is rewritten only on the first new line, so a run that fails before its first step leaves
+    it as it was: a fresh run then empties it, a resumed run drops what the interrupted run logged after
+    its checkpoint, and lines that do not parse (a partial last line of a killed write) with a message.
+    """
+
+    def __init__(self, path: Path | None, resume_step: int | None, say=print):
+        self.path, self.resume_step, self.say = path, resume_step, say
+        self._ready = path is None
+
+    def _prepare(self) -> None:
+        self._ready = True
+        if self.resume_step is None or not self.path.is_file():
+            self.path.write_text("", encoding="utf-8")
             return
-        if resume_step is not None and path.is_file():  # drop what the interrupted run logged after its checkpoint
-            keep = [
-                ln
-                for ln in path.read_text(encoding="utf-8").splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
-            ]
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
-            os.replace(tmp, path)
-        elif resume_step is None:
-            path.write_text("", encoding="utf-8")
+        keep, bad = [], []
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                record = None
+                bad.append(number)
+            if isinstance(record, dict) and isinstance(record.get("step", 0), int):
+                if record.get("step", 0) <= self.resume_step:
+                    keep.append(line)
+            elif record is not None:
+                bad.append(number)
+        if bad:
+            where = "its partial last line" if bad == [len(lines)] else f"{len(bad)} unreadable line(s), e.g. {bad[0]}"
+            self.say(f"note: {self.path}: dropped {where} (an interrupted write)")
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+        os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         if self.path is None:
             return
+        if not self._ready:
+            self._prepare()
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
