@@ -615,7 +615,8 @@ def _quant_forward(x, w, bias, xa, lora_b, scale):
         return _dense_gemm(x, _dequantize(w, x.dtype), False, (xa, lora_b), bias, scale)
     fmt, R = _fmt(w), xa.shape[1]
     decodes = fmt not in ("int8", "fp8")
-    tiles = mm4.launch_tiles(plan.path, M, _max_sub_k(w), mm4.device_arch(x.device), decodes, K % 2 == 0)
+    arch = mm4.device_arch(x.device)
+    tiles = mm4.launch_tiles(plan.path, M, _max_sub_k(w), arch, decodes, K % 2 == 0, x.element_size())
     if not decodes and plan.path == "gemm" and tiles["BLOCK_M"] == 32:
         tiles["num_stages"] = 2  # 3 stages + the LoRA epilogue spill 16 B at 32 x 64 (ptxas, sm_90a)
     if not decodes:
@@ -647,7 +648,8 @@ def _quant_grad_input(g, w, low, scale):
     if plan.path == "dequant":
         return _dense_gemm(g, _dequantize(w, g.dtype), True, low, None, scale)
     fmt = _fmt(w)
-    tiles = mm4.launch_tiles("grad", M, _max_sub_k(w), mm4.device_arch(g.device), _fmt(w) not in ("int8", "fp8"))
+    decodes = _fmt(w) not in ("int8", "fp8")
+    tiles = mm4.launch_tiles("grad", M, _max_sub_k(w), mm4.device_arch(g.device), decodes, elem_bytes=g.element_size())
     tiles.pop("SUB_K")
     gb, lora_a = low if low is not None else (g, g)
     R = gb.shape[1] if low is not None else 1

@@ -568,7 +568,13 @@ def dot_plan(plan: MatmulPlan, dtype: torch.dtype, device: torch.device, uses_do
 
 
 def launch_tiles(
-    kind: str, m: int, max_sub_k: int, arch: int | None = None, decodes: bool = True, even_k: bool = True
+    kind: str,
+    m: int,
+    max_sub_k: int,
+    arch: int | None = None,
+    decodes: bool = True,
+    even_k: bool = True,
+    elem_bytes: int = 2,
 ) -> dict:
     """Tile sizes and launch options for a "gemv" / "gemm" forward or a "grad" (transposed) product.
 
@@ -581,7 +587,10 @@ def launch_tiles(
     the mma accumulators (64 fp32 registers per thread at 8 warps) and the decoded operand live together
     and spills past 255 registers (ptxas on sm_80 / sm_89, ``benchmarks/gpu_compile_check.py``); on sm_90a
     wgmma holds the accumulators in its own layout and fits, except with odd K, whose two-byte nibble
-    pairs spill there too (72-128 B). Those cases take 128 x 64 tiles.
+    pairs spill there too (72-128 B). Those cases take 128 x 64 tiles. ``elem_bytes`` 4 (fp32 operands,
+    TF32 dots) halves the K-step of the tiles: 128 x 64 x 64 fp32 tiles in 3 stages need 144 KiB of shared
+    memory, over sm_89's 99 KiB. Grad tiles take 8 warps where 4 spilled (Triton 3.6): decoded 64 x 64
+    tiles before Hopper (8-24 B) and the 32-row per-channel tile (12 B, sm_90a).
     """
     if interpreting():
         bm = 16 if kind != "gemv" else min(triton.next_power_of_2(m), 16)
@@ -601,12 +610,13 @@ def launch_tiles(
     bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     if kind == "grad":
         bm = min(bm, 64)
-    narrow = decodes and (not even_k or (arch is not None and arch < 90))
-    bn = 64 if m <= 64 or kind == "grad" or narrow else 128
-    sub_k = min(64, max_sub_k)
-    return dict(
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=sub_k, SUB_K=sub_k, num_warps=4 if bm * bn <= 64 * 64 else 8, num_stages=3
-    )
+    pre_hopper = arch is not None and arch < 90
+    bn = 64 if m <= 64 or kind == "grad" or (decodes and (not even_k or pre_hopper)) else 128
+    sub_k = min(64 if elem_bytes <= 2 else 32, max_sub_k)
+    warps = 4 if bm * bn <= 64 * 64 else 8
+    if kind == "grad" and ((decodes and pre_hopper and bm * bn >= 64 * 64) or (not decodes and bm == 32)):
+        warps = 8
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=sub_k, SUB_K=sub_k, num_warps=warps, num_stages=3)
 
 
 @lru_cache(maxsize=32)
@@ -654,7 +664,9 @@ def split_k_output(x2: torch.Tensor, n: int, split_k: int) -> torch.Tensor:
 def _forward(x2, w: Packed4bit, bias, plan: MatmulPlan) -> torch.Tensor:
     M, K = x2.shape
     N = w.meta.shape[0]
-    tiles = launch_tiles(plan.path, M, w.meta.blocksize, device_arch(x2.device), even_k=K % 2 == 0)
+    tiles = launch_tiles(
+        plan.path, M, w.meta.blocksize, device_arch(x2.device), even_k=K % 2 == 0, elem_bytes=x2.element_size()
+    )
     split_k = max(1, min(plan.split_k, triton.cdiv(K, tiles["BLOCK_K"])))
     out = split_k_output(x2, N, split_k)
     grid = (triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"]), split_k)
@@ -765,7 +777,7 @@ def matmul_4bit_grad_input(grad_out: torch.Tensor, w: Packed4bit, *, plan: Matmu
     if plan.path == "dequant" or M == 0:
         out = torch.matmul(g2, dequantize_packed_4bit(w, g2.dtype, reuse=True))
     else:
-        tiles = launch_tiles("grad", M, w.meta.blocksize, device_arch(g2.device))
+        tiles = launch_tiles("grad", M, w.meta.blocksize, device_arch(g2.device), elem_bytes=g2.element_size())
         tiles.pop("SUB_K")
         out = g2.new_empty((M, K))
         grid = (triton.cdiv(M, tiles["BLOCK_M"]), triton.cdiv(K, tiles["BLOCK_K"]))

@@ -355,7 +355,7 @@ def matmul_int4(x, packed, scale, zero, group_size: int, bias=None, *, plan: Mat
         w = dequantize_int4(packed, scale, zero, k, group_size, x2.dtype, reuse=True)
         out = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
     else:
-        tiles = launch_tiles(plan.path, m, group_size, device_arch(x2.device))
+        tiles = launch_tiles(plan.path, m, group_size, device_arch(x2.device), elem_bytes=x2.element_size())
         split_k = max(1, min(plan.split_k, triton.cdiv(k, tiles["BLOCK_K"])))
         out = split_k_output(x2, n, split_k)
         grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(n, tiles["BLOCK_N"]), split_k)
@@ -398,7 +398,7 @@ def matmul_int4_grad_input(
     if m == 0 or plan.path == "dequant":
         out = torch.matmul(g2, dequantize_int4(packed, scale, zero, k, group_size, g2.dtype, reuse=True))
     else:
-        tiles = launch_tiles("grad", m, group_size, device_arch(g2.device))
+        tiles = launch_tiles("grad", m, group_size, device_arch(g2.device), elem_bytes=g2.element_size())
         tiles.pop("SUB_K")
         out = g2.new_empty((m, k))
         grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"]))
@@ -460,7 +460,7 @@ def matmul_channelwise(x, qdata, scale, bias=None, *, plan: MatmulPlan | None = 
         w = _dequant_into_scratch(qdata, scale, x2.dtype)
         out = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
     else:
-        tiles = launch_tiles(plan.path, m, 128, device_arch(x2.device), decodes=False)
+        tiles = launch_tiles(plan.path, m, 128, device_arch(x2.device), decodes=False, elem_bytes=x2.element_size())
         tiles.pop("SUB_K")  # no quantization blocks along K: one tile per step
         split_k = max(1, min(plan.split_k, triton.cdiv(k, tiles["BLOCK_K"])))
         out = split_k_output(x2, n, split_k)
@@ -502,7 +502,7 @@ def matmul_channelwise_grad_input(grad_out, qdata, scale, *, plan: MatmulPlan | 
     if m == 0 or plan.path == "dequant":
         out = torch.matmul(g2, _dequant_into_scratch(qdata, scale, g2.dtype))
     else:
-        tiles = launch_tiles("grad", m, 128, device_arch(g2.device), decodes=False)
+        tiles = launch_tiles("grad", m, 128, device_arch(g2.device), decodes=False, elem_bytes=g2.element_size())
         tiles.pop("SUB_K")
         out = g2.new_empty((m, k))
         grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"]))

@@ -42,7 +42,7 @@ def _quantize_4bit_kernel(
     x_even = tl.load(x_ptr + offs_even, mask=offs_even < n, other=0.0).to(tl.float32)
     x_odd = tl.load(x_ptr + offs_odd, mask=offs_odd < n, other=0.0).to(tl.float32)
     absmax = tl.maximum(tl.max(tl.abs(x_even), axis=0), tl.max(tl.abs(x_odd), axis=0))
-    safe = tl.maximum(absmax, 1e-38)
+    safe = tl.maximum(absmax, tl.full([], 1e-38, tl.float32))  # fp32: Triton 3.6 types the subnormal literal fp64
     # full blocks: x * (1 / absmax); the partial tail block: x / absmax and its absmax stored clamped
     # (bitsandbytes' arithmetic, kept to the bit)
     is_full = start + BLOCKSIZE <= n
@@ -118,7 +118,7 @@ def _quantize_8bit_kernel(
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     absmax = tl.max(tl.abs(x), axis=0)
-    safe = tl.maximum(absmax, 1e-38)
+    safe = tl.maximum(absmax, tl.full([], 1e-38, tl.float32))  # fp32: Triton 3.6 types the subnormal literal fp64
     # the 4-bit kernel's block scaling (bitsandbytes' arithmetic): full blocks x * (1 / absmax), the tail
     # x / absmax with its absmax stored clamped
     is_full = start + BLOCKSIZE <= n
