@@ -223,7 +223,7 @@ def test_accelerate_launch_fsdp_run_killed_after_a_checkpoint_resumes_to_the_sam
     assert not (out / "adapter").exists()  # killed before the end
     resumed = _launch(out, ["resume=true"])
     stdout, stderr = resumed.communicate(timeout=TIMEOUT)
-    assert resumed.returncode == 0, stderr[-3000:]
+    assert resumed.returncode == 0, stderr[-20000:]
     assert "FSDP2: packed base" in stdout and "cpu x 2" in stdout
     losses = _losses(out)
     assert sorted(losses) == list(range(1, 13))

@@ -19,6 +19,11 @@ NOT_RUN = {
         "an 8B model and a dataset that are placeholders for the user's own"
     ),
     "accelerate launch -m qlora_kit.cli finetune llama_qlora": "Llama-3.1-8B on GPUs",
+    "accelerate launch --multi_gpu --num_processes 2 -m qlora_kit.cli finetune llama70b_fsdp_qlora": (
+        "Llama-3.1-70B on two GPUs (tests/test_fsdp.py runs the same launch on a tiny model over gloo)"
+    ),
+    "accelerate launch --multi_gpu --num_processes 2 -m qlora_kit.cli finetune llama70b_fsdp_qlora "
+    "fsdp_cpu_offload=true": "Llama-3.1-70B on two GPUs with CPU offload",
 }
 
 

@@ -108,7 +108,8 @@ class _FullOptimizer:
 
         self.model, self.optimizer, self.pending = model, getattr(optimizer, "optimizer", optimizer), None
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        self.full = get_optimizer_state_dict(model, self.optimizer, options=options) if gather else None
+        # gathered when loading too: resume checks a checkpoint's optimizer state against this one first
+        self.full = get_optimizer_state_dict(model, self.optimizer, options=options)
 
     def state_dict(self) -> dict:
         return self.full

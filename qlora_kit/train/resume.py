@@ -110,27 +110,47 @@ def _read_optimizers(path: Path, optimizers: dict) -> dict:
 
 
 def _check_optimizer_state(role: str, sd, opt) -> None:
-    current = opt.state_dict()
+    current = opt.state_dict() or {}
+    # FSDP's stand-in optimizer holds the gathered full state on the main process only: elsewhere the saved
+    # state is checked for structure and finiteness, not against this process's parameter groups
+    want_groups = current.get("param_groups")
     groups = sd.get("param_groups") if isinstance(sd, dict) and "state" in sd else None
-    if not isinstance(groups, list) or len(groups) != len(current["param_groups"]) or not isinstance(sd["state"], dict):
+    if not isinstance(groups, list) or not isinstance(sd["state"], dict):
         raise Damaged(f"optimizer.pt: the {role} optimizer's state has the wrong structure")
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for got, want in zip(groups, current["param_groups"], strict=True):
+    if want_groups is not None and len(groups) != len(want_groups):
+        raise Damaged(f"optimizer.pt: the {role} optimizer's state has the wrong structure")
+    ids = None if want_groups is None else [i for g in want_groups for i in g["params"]]  # indices or names
+    shapes = {} if ids is None else _param_shapes(opt, ids, current)
+    for got, want in zip(groups, want_groups or [{"params": g.get("params")} for g in groups], strict=True):
         if not isinstance(got, dict) or got.get("params") != want["params"]:
             raise Damaged(f"optimizer.pt: the {role} optimizer's parameter groups differ from this model's")
         bad = [k for k, v in got.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             raise Damaged(f"optimizer.pt: the {role} optimizer's {bad[0]} is not finite")
     for index, entry in sd["state"].items():
-        if not validate.is_int(index) or not 0 <= index < len(params) or not isinstance(entry, dict):
+        known = (validate.is_int(index) or isinstance(index, str)) and (ids is None or index in ids)
+        if not known or not isinstance(entry, dict):
             raise Damaged(f"optimizer.pt: the {role} optimizer's state has an invalid entry {index!r}")
         for name, t in entry.items():
             if not isinstance(t, torch.Tensor):
                 continue
-            if name in ("exp_avg", "exp_avg_sq") and t.shape != params[index].shape:
+            if name in ("exp_avg", "exp_avg_sq") and index in shapes and t.shape != shapes[index]:
                 raise Damaged(f"optimizer.pt: {role} {name} of parameter {index} has shape {tuple(t.shape)}")
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise Damaged(f"optimizer.pt: {role} {name} of parameter {index} holds NaN/Inf")
+
+
+def _param_shapes(opt, ids: list, current: dict) -> dict:
+    """Parameter shapes by state key: from the optimizer's parameters, or (FSDP's stand-in optimizer, whose
+    full state is keyed by parameter name) from the moments it already holds."""
+    groups = getattr(opt, "param_groups", None)
+    if groups is not None:
+        return dict(zip(ids, (p.shape for g in groups for p in g["params"]), strict=False))
+    return {
+        i: s["exp_avg"].shape
+        for i, s in current.get("state", {}).items()
+        if isinstance(s, dict) and isinstance(s.get("exp_avg"), torch.Tensor)
+    }
 
 
 def _check_rng(state, name: str) -> None:
