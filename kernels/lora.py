@@ -617,8 +617,8 @@ def _quant_forward(x, w, bias, xa, lora_b, scale):
     decodes = fmt not in ("int8", "fp8")
     arch = mm4.device_arch(x.device)
     tiles = mm4.launch_tiles(plan.path, M, _max_sub_k(w), arch, decodes, K % 2 == 0, x.element_size())
-    if not decodes and plan.path == "gemm" and tiles["BLOCK_M"] == 32:
-        tiles["num_stages"] = 2  # 3 stages + the LoRA epilogue spill 16 B at 32 x 64 (ptxas, sm_90a)
+    if not decodes and plan.path == "gemm" and tiles["BLOCK_M"] == 32:  # 32 x 64 + the LoRA epilogue spilled
+        tiles.update(num_stages=2, BLOCK_K=32, SUB_K=32)  # 8-16 B at 3 stages / K-step 64 (sm_89, sm_90a)
     if not decodes:
         tiles.pop("SUB_K")  # no quantization blocks along K: one tile per step
     split_k = max(1, min(plan.split_k, triton.cdiv(K, tiles["BLOCK_K"])))

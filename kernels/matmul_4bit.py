@@ -582,15 +582,14 @@ def launch_tiles(
     not span more than two quantization blocks); BLOCK_K = SUB_K * unroll. Interpreter runs use small
     tiles (and still unroll twice in gemv, so that code path is tested).
 
-    ``arch`` (:func:`device_arch`), ``decodes`` (the weight tile is decoded from 4-bit codes) and
-    ``even_k`` (4-bit rows start on a byte): before Hopper, the 128 x 128 tile of a decoding kernel keeps
-    the mma accumulators (64 fp32 registers per thread at 8 warps) and the decoded operand live together
-    and spills past 255 registers (ptxas on sm_80 / sm_89, ``benchmarks/gpu_compile_check.py``); on sm_90a
-    wgmma holds the accumulators in its own layout and fits, except with odd K, whose two-byte nibble
-    pairs spill there too (72-128 B). Those cases take 128 x 64 tiles. ``elem_bytes`` 4 (fp32 operands,
-    TF32 dots) halves the K-step of the tiles: 128 x 64 x 64 fp32 tiles in 3 stages need 144 KiB of shared
-    memory, over sm_89's 99 KiB. Grad tiles take 8 warps where 4 spilled (Triton 3.6): decoded 64 x 64
-    tiles before Hopper (8-24 B) and the 32-row per-channel tile (12 B, sm_90a).
+    ``arch`` (:func:`device_arch`), ``decodes`` (the weight tile is decoded from 4-bit codes), ``even_k``
+    (4-bit rows start on a byte) and ``elem_bytes`` (operand size) pick tiles that compile without spills
+    with Triton 3.6 and 3.9 on sm_80 / sm_89 / sm_90a (``benchmarks/gpu_compile_check.py``, whose reports
+    are in ``benchmarks/results/gpu_compile_*``): before Hopper, decoding kernels keep to 64 x 64 tiles (at
+    128 rows the mma accumulators and the decoded operand spilled) and a K-step of 32 in the transposed
+    product; on sm_90a, wgmma holds 128 x 128 except with odd K (two-byte nibble pairs spilled 72-128 B).
+    fp32 operands (TF32 dots; fp32 gemv) halve the K-step: 128 x 64 x 64 fp32 tiles in 3 stages need 144 KiB
+    of shared memory, over sm_89's 99 KiB, and the fp32 gemv's broadcast product spilled at K-step 128.
     """
     if interpreting():
         bm = 16 if kind != "gemv" else min(triton.next_power_of_2(m), 16)
@@ -603,19 +602,23 @@ def launch_tiles(
             num_warps=4,
             num_stages=1,
         )
+    wide = elem_bytes <= 2  # fp32 operands get half the K-step everywhere (registers in gemv, smem in dots)
     if kind == "gemv":  # BLOCK_M * BLOCK_K bounded so the 3-D broadcast product stays in registers
         bm = min(triton.next_power_of_2(m), 4)
-        sub_k = min(128, max_sub_k)
-        return dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=max(sub_k, 256 // bm), SUB_K=sub_k, num_warps=4, num_stages=2)
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    if kind == "grad":
-        bm = min(bm, 64)
+        sub_k = min(128 if wide else 64, max_sub_k)
+        return dict(
+            BLOCK_M=bm, BLOCK_N=32, BLOCK_K=max(sub_k, (256 if wide else 128) // bm), SUB_K=sub_k, num_warps=4,
+            num_stages=2,
+        )  # fmt: skip
     pre_hopper = arch is not None and arch < 90
-    bn = 64 if m <= 64 or kind == "grad" or (decodes and (not even_k or pre_hopper)) else 128
-    sub_k = min(64 if elem_bytes <= 2 else 32, max_sub_k)
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    if kind == "grad" or (decodes and pre_hopper):
+        bm = min(bm, 64)
+    bn = 64 if m <= 64 or kind == "grad" or (decodes and not even_k) or bm < 128 else 128
+    sub_k = min(64 if wide else 32, max_sub_k)
+    if kind == "grad" and decodes and pre_hopper:
+        sub_k = min(sub_k, 32)
     warps = 4 if bm * bn <= 64 * 64 else 8
-    if kind == "grad" and ((decodes and pre_hopper and bm * bn >= 64 * 64) or (not decodes and bm == 32)):
-        warps = 8
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=sub_k, SUB_K=sub_k, num_warps=warps, num_stages=3)
 
 
