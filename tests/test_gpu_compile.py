@@ -103,3 +103,29 @@ def test_every_launch_compiles_for_sm80_sm89_sm90a(tmp_path):
     report = (tmp_path / "gpu.md").read_text() if (tmp_path / "gpu.md").exists() else proc.stdout
     assert proc.returncode == 0, report[-6000:] + proc.stderr[-2000:]
     assert "result: PASS" in report
+
+
+def test_planner_tiles_follow_the_target(monkeypatch):
+    """The per-target choices the gate measured, as plain planner behaviour (no compile)."""
+    import torch
+    from qlora_kit.kernels import matmul_4bit as mm4
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the interpreter has its own small tiles
+    hopper = mm4.launch_tiles("gemm", 256, 64, arch=90)
+    ampere = mm4.launch_tiles("gemm", 256, 64, arch=80)
+    assert (hopper["BLOCK_M"], hopper["BLOCK_N"], hopper["num_warps"]) == (128, 128, 8)
+    assert (ampere["BLOCK_M"], ampere["BLOCK_N"], ampere["num_warps"]) == (64, 64, 4)  # 128 rows spilled
+    assert mm4.launch_tiles("gemm", 256, 128, arch=80, decodes=False)["BLOCK_M"] == 128  # int8 codes: no decode
+    assert mm4.launch_tiles("gemm", 256, 64, arch=90, even_k=False)["BLOCK_N"] == 64  # odd K spilled on sm_90a
+    assert mm4.launch_tiles("gemm", 256, 64, arch=89, elem_bytes=4)["BLOCK_K"] == 32  # TF32 smem on sm_89
+    assert mm4.launch_tiles("grad", 64, 64, arch=80)["BLOCK_K"] == 32
+    assert mm4.launch_tiles("gemv", 1, 128, arch=90, elem_bytes=4)["BLOCK_K"] == 128
+    assert mm4.device_arch(torch.device("cpu")) is None
+    gemm = mm4.MatmulPlan("gemm")
+    with mm4.assume_arch(90):
+        assert mm4.device_arch(torch.device("cpu")) == 90
+        assert mm4.dot_plan(gemm, torch.float32, torch.device("cpu"), True).path == "dequant"  # no FMA dots
+        assert mm4.dot_plan(gemm, torch.bfloat16, torch.device("cpu"), True).path == "gemm"
+    with mm4.assume_arch(80):
+        assert not mm4.triton_has_fp8(torch.device("cpu"))
+    assert mm4.dot_plan(gemm, torch.float32, torch.device("cpu"), True).path == "gemm"  # interpreter: kept
