@@ -40,6 +40,7 @@ import argparse  # noqa: E402
 import concurrent.futures as cf  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import inspect  # noqa: E402
@@ -234,7 +235,8 @@ def _tf32():
 
 
 class Weights:
-    """Packed weights of every format, built with the pure-PyTorch reference quantizers."""
+    """Packed weights of every format, built with the pure-PyTorch reference quantizers (seeded, so each one
+    is built once and shared by every target's call grid: the launchers only read them)."""
 
     def __init__(self):
         from qlora_kit.kernels.reference import lora as rl
@@ -244,9 +246,11 @@ class Weights:
 
         self.r4, self.ri, self.rl, self.rm = r4, ri, rl, rm
 
+    @functools.cache  # noqa: B019 - one process-lifetime instance (_weights)
     def dense(self, n=N, k=K):
         return torch.randn(n, k, generator=torch.Generator().manual_seed(n * 31 + k)) * 0.05
 
+    @functools.cache  # noqa: B019 - one process-lifetime instance (_weights)
     def four_bit(self, k=K, blocksize=64, double_quant=True, quant_type="nf4"):
         packed, absmax = self.r4.quantize_4bit(self.dense(N, k), blocksize, quant_type)
         meta = self.rm.Quant4bitMeta((N, k), blocksize, quant_type, double_quant)
@@ -254,13 +258,20 @@ class Weights:
             return self.rm.Packed4bit(packed, meta, None, *self.r4.double_quantize(absmax))
         return self.rm.Packed4bit(packed, meta, absmax, None, None, None)
 
+    @functools.cache  # noqa: B019 - one process-lifetime instance (_weights)
     def int4(self, group_size=128):
         packed, scale, zero = self.ri.quantize_int4(self.dense(), group_size)
         return self.rl.PackedInt(packed, scale, self.rl.IntQuantMeta((N, K), "int4", group_size), zero)
 
+    @functools.cache  # noqa: B019 - one process-lifetime instance (_weights)
     def channelwise(self, fmt):
         q, scale = (self.ri.quantize_int8 if fmt == "int8" else self.ri.quantize_fp8)(self.dense())
         return self.rl.PackedInt(q, scale, self.rl.IntQuantMeta((N, K), fmt))
+
+
+@functools.cache
+def _weights() -> Weights:
+    return Weights()
 
 
 def calls(mods, dtypes: dict, arch: int, variations: bool = True) -> list[tuple[str, object]]:
@@ -268,7 +279,7 @@ def calls(mods, dtypes: dict, arch: int, variations: bool = True) -> list[tuple[
     (``variations``, bf16 only) each flag the launchers set varied one at a time. fp8 activations are
     left out below sm_89, where the project refuses them (the fp8 *weight* paths stay: they fall back)."""
     q4, qi, aq, mm4, mi, lo = (mods[n] for n in KERNEL_MODULES)
-    W = Weights()
+    W = _weights()
     Plan = mm4.MatmulPlan
     out: list[tuple[str, object]] = []
 
