@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from . import validate
-from .configs import FORMAT_OF_CONFIG
+from .configs import WeightConfig
 from .formats.base import check_finite
 from .nn.quantized import QuantizedLayer, quantized_class_for
+from .registry import format_for_config, quantize_handler, register_quantize_handler
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -67,20 +68,6 @@ def default_filter(model: nn.Module) -> FilterFn:
         return fqn.split(".")[-1] not in _HEAD_NAMES
 
     return fn
-
-
-def _format_name(config) -> str:
-    fmt = FORMAT_OF_CONFIG.get(type(config))
-    if fmt is None:
-        known = ", ".join(c.__name__ for c in FORMAT_OF_CONFIG)
-        raise TypeError(f"quantize() got a {type(config).__name__}; pass one of the configs: {known}")
-    return fmt
-
-
-def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def _check_device(device) -> None:
@@ -184,10 +171,18 @@ def quantize(
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize() needs an nn.Module, got {type(model).__name__}")
     _check_device(device)
-    algorithm = getattr(config, "_qlora_kit_algorithm", None)
-    if algorithm is not None:  # PTQ algorithm configs carry their own transform
-        return algorithm(model, config, filter_fn=filter_fn, device=device, calib_data=calib_data)
-    fmt = _format_name(config)
+    handler = quantize_handler(config)  # TypeError naming the known configs
+    return handler(model, config, filter_fn=filter_fn, device=device, calib_data=calib_data)
+
+
+@register_quantize_handler(WeightConfig)
+def quantize_weights(model: nn.Module, config: WeightConfig, *, filter_fn=None, device=None, calib_data=None):
+    """Round-to-nearest: every layer ``filter_fn`` picks gets ``config``'s weight format (``calib_data`` unused).
+
+    Every chosen weight is checked before any layer is swapped; with ``device`` the layers move and quantize one at
+    a time.
+    """
+    fmt = format_for_config(config).name
     keep = filter_fn or default_filter(model)
     if quantized_class_for(model) is not None and not isinstance(model, QuantizedLayer):
         raise ValueError(
@@ -205,7 +200,7 @@ def quantize(
             module.to(device)
         layer = cls.from_float(module, config, fmt, tensor_name=f"{fqn}.weight")
         layer.train(module.training)
-        _set_submodule(model, fqn, layer)
+        model.set_submodule(fqn, layer)
         del module  # the float layer (on ``device`` when given) is freed here, one layer at a time
     if device is not None:
         model.to(device)

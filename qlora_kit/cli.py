@@ -18,16 +18,17 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 from .os_errors import user_os_error
 from .recipe import BLOCKSIZES, GROUP_SIZES, RecipeError
+from .registry import format_names
 
 EXIT_USER_ERROR = 2
 QUANT_MODELS = ("tiny-llama", "tiny-gpt2", "tiny-bert")
-QUANT_FORMATS = ("nf4", "fp4", "int8", "int4", "fp8")
 
 
 def _positive_int(text: str) -> int:
@@ -130,25 +131,17 @@ def _cmd_cp(args) -> int:
 def _quantize_config(args):
     import torch
 
-    from .configs import FP4Config, FP8WeightConfig, Int4WeightConfig, Int8WeightConfig, NF4Config
-    from .formats.base import get_format
+    from .registry import get_format
 
-    try:
-        get_format(args.format)
-    except ValueError:
-        raise RecipeError(
-            f"format {args.format} is not available in this installation; use --format nf4 or fp4"
-        ) from None
+    fmt = get_format(args.format)
+    if not fmt.available():
+        raise RecipeError(f"format {args.format} is not available in this installation; use --format nf4 or fp4")
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.compute_dtype]
+    options = dict(blocksize=args.blocksize, double_quant=not args.no_double_quant, group_size=args.group_size)
     try:
-        if args.format in ("nf4", "fp4"):
-            cls = NF4Config if args.format == "nf4" else FP4Config
-            return cls(blocksize=args.blocksize, double_quant=not args.no_double_quant, compute_dtype=dtype)
-        if args.format == "int4":
-            return Int4WeightConfig(group_size=args.group_size, compute_dtype=dtype)
-        return {"int8": Int8WeightConfig, "fp8": FP8WeightConfig}[args.format](compute_dtype=dtype)
+        return fmt.config_from_options(compute_dtype=dtype, **options)
     except ValueError as e:
-        msg = str(e).replace("NF4Config.", "--").replace("FP4Config.", "--").replace("Int4WeightConfig.", "--")
+        msg = re.sub(r"^\w+Config\.", "--", str(e))  # "NF4Config.blocksize must ..." -> "--blocksize must ..."
         raise RecipeError(msg.replace("group_size", "group-size")) from None
 
 
@@ -374,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize a model's weights and save them (safetensors + quantization.json).",
     )
     q.add_argument("--model", default="tiny-llama", help=f"{' | '.join(QUANT_MODELS)} | local directory | hub id")
-    q.add_argument("--format", default="nf4", choices=QUANT_FORMATS)
+    q.add_argument("--format", default="nf4", choices=format_names())
     q.add_argument(
         "--blocksize", type=_int_choice(BLOCKSIZES), default=64, help="nf4 / fp4 block size (32, 64, ..., 4096)"
     )
@@ -391,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
         c.add_argument("run_dir", nargs="?", help="output_dir of a `qlora-kit finetune` run")
         c.add_argument("--model", help="base model instead of a run directory (built-in, local directory, hub id)")
-        c.add_argument("--quantization", choices=("none", *QUANT_FORMATS), help="with --model: the base's format")
+        c.add_argument("--quantization", choices=("none", *format_names()), help="with --model: the base's format")
         c.add_argument("--adapter", help="adapter directory (default: RUN_DIR/adapter)")
         if name == "merge":
             c.add_argument("--output", help="directory to write (default: RUN_DIR/merged)")

@@ -1,7 +1,8 @@
-"""Quantization configs: frozen dataclasses validated on construction.
+"""Weight-format configs: frozen dataclasses validated on construction.
 
-Each config names one weight format; ``quantize(model, config)`` looks the format up in
-``FORMAT_OF_CONFIG``. Invalid values raise ValueError listing the allowed ones.
+Each subclasses :class:`WeightConfig`; the format class that lists it in its ``configs``
+(``qlora_kit/formats``) produces its weights, found through ``qlora_kit.registry.format_for_config``.
+Invalid values raise ValueError listing the allowed ones.
 """
 
 from __future__ import annotations
@@ -25,8 +26,16 @@ def _check_choice(cls_name: str, field: str, value, allowed) -> None:
         raise ValueError(f"{cls_name}.{field} must be one of {list(allowed)}, got {value!r}")
 
 
+class WeightConfig:
+    """Base of every weight-format config: ``quantize(model, config)`` rounds each chosen layer's weight to the
+    format registered for the config's type (``qlora_kit.registry``); ``compute_dtype`` is the dtype layers compute in.
+    Algorithm configs (GPTQ, AWQ, ...) are not WeightConfigs: they carry one as their ``weight`` field."""
+
+    compute_dtype: torch.dtype
+
+
 @dataclass(frozen=True)
-class NF4Config:
+class NF4Config(WeightConfig):
     """4-bit NormalFloat weights, bitsandbytes-compatible (QLoRA's format).
 
     Args:
@@ -47,7 +56,7 @@ class NF4Config:
 
 
 @dataclass(frozen=True)
-class FP4Config:
+class FP4Config(WeightConfig):
     """4-bit float weights (1 sign, 2 exponent, 1 mantissa bit), bitsandbytes-compatible.
 
     Args: as :class:`NF4Config`.
@@ -65,7 +74,7 @@ class FP4Config:
 
 
 @dataclass(frozen=True)
-class Int8WeightConfig:
+class Int8WeightConfig(WeightConfig):
     """int8 weight-only, symmetric per output channel (W8A16)."""
 
     compute_dtype: torch.dtype = torch.bfloat16
@@ -75,7 +84,7 @@ class Int8WeightConfig:
 
 
 @dataclass(frozen=True)
-class Int4WeightConfig:
+class Int4WeightConfig(WeightConfig):
     """int4 weight-only, asymmetric per group of input channels with scales and zero points (W4A16).
 
     Args:
@@ -91,7 +100,7 @@ class Int4WeightConfig:
 
 
 @dataclass(frozen=True)
-class FP8WeightConfig:
+class FP8WeightConfig(WeightConfig):
     """fp8 e4m3 weight-only, one fp32 scale per output channel."""
 
     compute_dtype: torch.dtype = torch.bfloat16
@@ -101,7 +110,7 @@ class FP8WeightConfig:
 
 
 @dataclass(frozen=True)
-class Int8DynamicActivationConfig:
+class Int8DynamicActivationConfig(WeightConfig):
     """W8A8: int8 weights per output channel (the int8 format), activations quantized per token on every call.
 
     Linear-like layers (nn.Linear, transformers' Conv1D) run the int8 x int8 GEMM with int32 accumulation
@@ -117,7 +126,7 @@ class Int8DynamicActivationConfig:
 
 
 @dataclass(frozen=True)
-class FP8DynamicActivationConfig:
+class FP8DynamicActivationConfig(WeightConfig):
     """fp8 e4m3 rowwise: e4m3 weights per output channel, activations quantized per token to e4m3 on every call.
 
     Runs on CUDA GPUs of compute capability 8.9+ (a clear error on older ones); on the CPU the reference
@@ -129,18 +138,3 @@ class FP8DynamicActivationConfig:
 
     def __post_init__(self):
         _check_compute_dtype(type(self).__name__, self.compute_dtype)
-
-
-# config type -> weight format name (qlora_kit/formats)
-FORMAT_OF_CONFIG = {
-    NF4Config: "nf4",
-    FP4Config: "fp4",
-    Int8WeightConfig: "int8",
-    Int4WeightConfig: "int4",
-    FP8WeightConfig: "fp8",
-    Int8DynamicActivationConfig: "int8",
-    FP8DynamicActivationConfig: "fp8",
-}
-
-# config class name -> class (what quantization.json records)
-CONFIG_CLASSES = {cls.__name__: cls for cls in FORMAT_OF_CONFIG}

@@ -31,10 +31,9 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .api import _set_submodule
-from .configs import CONFIG_CLASSES, FORMAT_OF_CONFIG
 from .nn.quantized import QuantConv1D, QuantizedLayer, QuantLinear, is_transformers_conv1d
 from .peft_layers import LoraConfig, linear_layer_names, register_peft_layers
+from .registry import config_class, format_for_config, weight_config_classes
 
 __all__ = ["QuantizationConfig", "QloraKitHfQuantizer", "LoraConfig", "register_peft_layers", "linear_layer_names"]
 
@@ -52,10 +51,11 @@ def _config_to_dict(config) -> dict:
 
 def _config_from_dict(d: dict):
     d = dict(d)
-    cls = CONFIG_CLASSES.get(d.pop("class", None))
+    cls = config_class(d.pop("class", None))
     if cls is None:
         raise ValueError(
-            f"quantization_config.format_config names no qlora-kit config; known: {sorted(CONFIG_CLASSES)}"
+            "quantization_config.format_config names no qlora-kit config; known: "
+            f"{[c.__name__ for c in weight_config_classes()]}"
         )
     return cls(**{k: (getattr(torch, v) if k.endswith("dtype") else v) for k, v in d.items()})
 
@@ -82,8 +82,8 @@ class QuantizationConfig(QuantizationConfigMixin):
             from .configs import NF4Config
 
             config = _config_from_dict(format_config) if format_config is not None else NF4Config()
-        if type(config) not in FORMAT_OF_CONFIG:
-            known = ", ".join(sorted(c.__name__ for c in FORMAT_OF_CONFIG))
+        if format_for_config(config) is None:
+            known = ", ".join(sorted(c.__name__ for c in weight_config_classes()))
             raise TypeError(
                 f"QuantizationConfig needs a qlora-kit format config ({known}), got {type(config).__name__}; "
                 "apply PTQ algorithms with qlora_kit.quantize(model, config) after loading"
@@ -96,7 +96,7 @@ class QuantizationConfig(QuantizationConfigMixin):
 
     @property
     def format_name(self) -> str:
-        return FORMAT_OF_CONFIG[type(self.config)]
+        return format_for_config(self.config).name
 
     def to_dict(self) -> dict:
         return {
@@ -176,7 +176,7 @@ class QloraKitHfQuantizer(HfQuantizer):
             with torch.device("meta"):
                 layer = cls.empty_like_float(module, config, meta)
             layer.train(module.training)
-            _set_submodule(model, name, layer)
+            model.set_submodule(name, layer)
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -203,7 +203,7 @@ class QloraKitHfQuantizer(HfQuantizer):
         layer = cls.from_float(module, config, fmt, tensor_name=f"{name}.weight")
         layer.train(module.training)
         layer._is_hf_initialized = True
-        _set_submodule(model, name, layer)
+        model.set_submodule(name, layer)
         module.weight = None
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -224,7 +224,5 @@ class QloraKitHfQuantizer(HfQuantizer):
 
         for name, module in list(model.named_modules()):
             if isinstance(module, (QuantLinear, QuantConv1D)):
-                _set_submodule(
-                    model, name, float_layer_like(module, module.dequantize_weight(dtype or module.out_dtype))
-                )
+                model.set_submodule(name, float_layer_like(module, module.dequantize_weight(dtype or module.out_dtype)))
         return model

@@ -177,12 +177,6 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
-def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_name, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _configs(model: nn.Module) -> dict[str, LoraConfig]:
     configs = model.__dict__.get("_lora_configs")
     if configs is None:
@@ -229,7 +223,7 @@ def _add_to_module(model, path, module, adapter_name, *, r, alpha, config: LoraC
         layer = module
     else:
         layer = wrap_with_lora(module)
-        _set_submodule(model, path, layer)
+        model.set_submodule(path, layer)
     layer.add_adapter(
         adapter_name,
         r,
@@ -344,7 +338,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         if adapter_name in layer.r:
             layer.delete_adapter(adapter_name)
             if not layer.r:
-                _set_submodule(model, path, layer.base_layer)
+                model.set_submodule(path, layer.base_layer)
     del configs[adapter_name]
     active = _active(model)
     active[:] = [a for a in active if a != adapter_name]

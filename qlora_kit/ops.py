@@ -30,7 +30,14 @@ from ._dispatch import backend, use_triton
 from .kernels import cpu
 from .kernels.reference import matmul as ref
 
-__all__ = ["fp8_dynamic_linear", "int8_dynamic_linear", "quantized_linear"]
+__all__ = [
+    "fp8_dynamic_linear",
+    "int8_dynamic_linear",
+    "matmul_4bit",
+    "matmul_channelwise",
+    "matmul_int4",
+    "quantized_linear",
+]
 
 
 def _packed_4bit(packed, absmax, nested_absmax, offset, n, k, blocksize, quant_type) -> ref.Packed4bit:
@@ -57,7 +64,7 @@ def _out_like(x: Tensor, n: int) -> Tensor:
 
 
 @torch.library.custom_op("qlora_kit::matmul_4bit", mutates_args=())
-def _matmul_4bit(
+def matmul_4bit(
     x: Tensor,
     packed: Tensor,
     absmax: Tensor,
@@ -71,9 +78,9 @@ def _matmul_4bit(
 ) -> Tensor:
     w = _packed_4bit(packed, absmax, nested_absmax, offset, n, k, blocksize, quant_type).check()
     if use_triton(x):
-        from .kernels.matmul_4bit import matmul_4bit
+        from .kernels.matmul_4bit import matmul_4bit as triton_matmul_4bit
 
-        return matmul_4bit(x, w, bias)
+        return triton_matmul_4bit(x, w, bias)
     y = cpu.matmul_4bit(x, w, bias) if _cpu_fast(x) else None
     return ref.matmul_4bit_ref(x, w, bias) if y is None else y
 
@@ -98,7 +105,7 @@ def _matmul_4bit_grad_input(
     return ref.grad_input_ref(grad, ref.dequantize_packed_4bit(w, grad.dtype))
 
 
-@_matmul_4bit.register_fake
+@matmul_4bit.register_fake
 def _(x, packed, absmax, nested_absmax, offset, bias, n, k, blocksize, quant_type):
     return _out_like(x, n)
 
@@ -121,19 +128,17 @@ def _backward_4bit(ctx, grad):
     return gx, None, None, None, None, _bias_grad(ctx, grad, 5, n), None, None, None, None
 
 
-_matmul_4bit.register_autograd(_backward_4bit, setup_context=_setup_4bit)
+matmul_4bit.register_autograd(_backward_4bit, setup_context=_setup_4bit)
 
 # ---------------------------------------------------------------------------------------- int4 per group
 
 
 @torch.library.custom_op("qlora_kit::matmul_int4", mutates_args=())
-def _matmul_int4(
-    x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None, group_size: int
-) -> Tensor:
+def matmul_int4(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None, group_size: int) -> Tensor:
     if use_triton(x):
-        from .kernels.matmul_int import matmul_int4
+        from .kernels.matmul_int import matmul_int4 as triton_matmul_int4
 
-        return matmul_int4(x, packed, scale, zero, group_size, bias)
+        return triton_matmul_int4(x, packed, scale, zero, group_size, bias)
     y = cpu.matmul_int4(x, packed, scale, zero, group_size, bias) if _cpu_fast(x) else None
     return ref.matmul_int4_ref(x, packed, scale, zero, group_size, bias) if y is None else y
 
@@ -149,7 +154,7 @@ def _matmul_int4_grad_input(
     return ref.grad_input_ref(grad, ref.dequantize_int4(packed, scale, zero, k, group_size, grad.dtype))
 
 
-@_matmul_int4.register_fake
+@matmul_int4.register_fake
 def _(x, packed, scale, zero, bias, group_size):
     return _out_like(x, packed.shape[0])
 
@@ -172,7 +177,7 @@ def _backward_int4(ctx, grad):
     return gx, None, None, None, _bias_grad(ctx, grad, 4, packed.shape[0]), None
 
 
-_matmul_int4.register_autograd(_backward_int4, setup_context=_setup_int4)
+matmul_int4.register_autograd(_backward_int4, setup_context=_setup_int4)
 
 # ------------------------------------------------------------------------ per channel (int8 / fp8 codes)
 
@@ -185,11 +190,11 @@ def _channelwise_on_triton(t: Tensor, qdata: Tensor) -> bool:
 
 
 @torch.library.custom_op("qlora_kit::matmul_channelwise", mutates_args=())
-def _matmul_channelwise(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+def matmul_channelwise(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     if _channelwise_on_triton(x, qdata):
-        from .kernels.matmul_int import matmul_channelwise
+        from .kernels.matmul_int import matmul_channelwise as triton_matmul_channelwise
 
-        return matmul_channelwise(x, qdata, scale, bias)
+        return triton_matmul_channelwise(x, qdata, scale, bias)
     y = cpu.matmul_channelwise(x, qdata, scale, bias) if _cpu_fast(x) else None
     return ref.matmul_channelwise_ref(x, qdata, scale, bias) if y is None else y
 
@@ -203,7 +208,7 @@ def _matmul_channelwise_grad_input(grad: Tensor, qdata: Tensor, scale: Tensor) -
     return ref.grad_input_ref(grad, ref.dequantize_channelwise(qdata, scale, grad.dtype))
 
 
-@_matmul_channelwise.register_fake
+@matmul_channelwise.register_fake
 def _(x, qdata, scale, bias):
     return _out_like(x, qdata.shape[0])
 
@@ -225,7 +230,7 @@ def _backward_channelwise(ctx, grad):
     return gx, None, None, _bias_grad(ctx, grad, 3, qdata.shape[0])
 
 
-_matmul_channelwise.register_autograd(_backward_channelwise, setup_context=_setup_channelwise)
+matmul_channelwise.register_autograd(_backward_channelwise, setup_context=_setup_channelwise)
 
 # ------------------------------------------------------------------------- dynamic activation quantization
 
@@ -271,33 +276,12 @@ def quantized_linear(x: Tensor, qweight, bias: Tensor | None = None, *, activati
         (..., out_features) tensor.
 
     Raises:
-        ValueError: unknown format, or an activation mode the weight's format does not support.
+        ValueError: an activation mode the weight's format does not support.
 
     Example:
         >>> y = quantized_linear(x, layer.qweight, layer.bias)
     """
-    name = qweight.name
-    if activation is not None:
-        if (activation, name) == ("int8", "int8"):
-            return int8_dynamic_linear(x, qweight.qdata, qweight.scale, bias)
-        if (activation, name) == ("fp8", "fp8"):
-            return fp8_dynamic_linear(x, qweight.qdata, qweight.scale, bias)
-        raise ValueError(
-            f"activation={activation!r} needs an {activation!r} weight, got {name!r}; requantize the "
-            "weight with the matching config or use activation=None"
-        )
-    if name in ("nf4", "fp4"):
-        n, k = qweight.shape
-        if qweight.double_quant:
-            stats = (qweight.qabsmax, qweight.nested_absmax, qweight.offset)
-        else:
-            stats = (qweight.absmax, None, None)
-        return _matmul_4bit(x, qweight.packed, *stats, bias, n, k, qweight.blocksize, qweight.quant_type)
-    if name == "int4":
-        return _matmul_int4(x, qweight.packed, qweight.scale, qweight.zero, bias, qweight.group_size)
-    if name in ("int8", "fp8"):
-        return _matmul_channelwise(x, qweight.qdata, qweight.scale, bias)
-    raise ValueError(f"quantized_linear does not support weight format {name!r}; use nf4, fp4, int4, int8 or fp8")
+    return qweight.linear(x, bias, activation=activation)
 
 
 def int8_dynamic_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -1,7 +1,8 @@
 """Post-training quantization algorithms: HQQ, GPTQ, AWQ, SmoothQuant (and dynamic W8A8 through the core).
 
-Each algorithm is a frozen config that ``qlora_kit.quantize`` runs (the config carries its transform in
-``_qlora_kit_algorithm``). The outputs are the core's packed formats, so the fused kernels run them:
+Each algorithm is a frozen config that ``qlora_kit.quantize`` runs through the handler registered for its
+type (``qlora_kit.registry.register_quantize_handler``). The outputs are the core's packed formats, so the
+fused kernels run them:
 
 * :class:`HQQConfig`: int4 per group; the zero point of every group is optimised with HQQ's
   half-quadratic solver (an lp-norm, p < 1, of the weight error; no data). Zero points may be fractional.
@@ -71,6 +72,7 @@ from .configs import (
 from .formats.base import check_finite, get_format
 from .kernels.reference import quant_int as _qi
 from .nn.quantized import QuantizedLayer, is_transformers_conv1d, quantized_class_for
+from .registry import format_for_config, register_quantize_handler
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -139,10 +141,6 @@ class HQQConfig:
         _check_number(self, "kappa", 1, 100, lo_open=True)
         _check_choice(self, "compute_dtype", COMPUTE_DTYPES)
 
-    @property
-    def _qlora_kit_algorithm(self):
-        return _run_hqq
-
     def format_config(self) -> Int4WeightConfig:
         """The core format config of the layers this produces."""
         return Int4WeightConfig(group_size=self.group_size, compute_dtype=self.compute_dtype)
@@ -183,10 +181,6 @@ class GPTQConfig:
                 f"GPTQConfig.block_size must be a multiple of group_size ({self.group_size}), got {self.block_size}"
             )
         _check_choice(self, "compute_dtype", COMPUTE_DTYPES)
-
-    @property
-    def _qlora_kit_algorithm(self):
-        return _run_gptq
 
     def format_config(self):
         if self.bits == 8:
@@ -236,10 +230,6 @@ class AWQConfig:
         _check_number(self, "samples", 1, 1 << 24, integer=True)
         _check_choice(self, "compute_dtype", COMPUTE_DTYPES)
 
-    @property
-    def _qlora_kit_algorithm(self):
-        return _run_awq
-
     def format_config(self):
         if self.weight_format == "nf4":
             return NF4Config(blocksize=self.group_size, double_quant=False, compute_dtype=self.compute_dtype)
@@ -264,10 +254,6 @@ class SmoothQuantConfig:
     def __post_init__(self):
         _check_number(self, "alpha", 0, 1)
         _check_choice(self, "compute_dtype", COMPUTE_DTYPES)
-
-    @property
-    def _qlora_kit_algorithm(self):
-        return _run_smoothquant
 
     def format_config(self):
         from . import configs
@@ -326,11 +312,9 @@ def int8_weight(qdata: torch.Tensor, scale: torch.Tensor) -> nn.Module:
 
 def format_fake_quant(w2d: torch.Tensor, fmt_config) -> torch.Tensor:
     """Quantize-dequantize ``w2d`` with the core format of ``fmt_config`` (round to nearest), in fp32."""
-    from .configs import FORMAT_OF_CONFIG
-
     if isinstance(fmt_config, Int4WeightConfig):
         return _int4_rtn_fake_quant(w2d, fmt_config.group_size)
-    fmt = get_format(FORMAT_OF_CONFIG[type(fmt_config)])
+    fmt = format_for_config(fmt_config)
     return fmt.from_float(w2d.float().contiguous(), fmt_config, tensor_name="weight").dequantize(torch.float32)
 
 
@@ -357,7 +341,7 @@ def _int4_rtn_fake_quant(w2d: torch.Tensor, group_size: int) -> torch.Tensor:
 # -------------------------------------------------------------------------------------- layer helpers
 
 
-def _is_linear(module: nn.Module) -> bool:
+def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_transformers_conv1d(module)
 
 
@@ -396,7 +380,7 @@ def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     (zero-inserted) input under the spatially flipped kernel, the convolution the transposed one equals;
     rows of output pixels a kernel tap does not reach hold zeros there.
     """
-    if _is_linear(module):
+    if is_linear(module):
         return x.reshape(-1, x.shape[-1])
     x = _batched(module, x)
     kernel, dil, stride = module.kernel_size, module.dilation, module.stride
@@ -423,7 +407,7 @@ def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _channel_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as (N, channels): tokens for linear layers, pixels (channel dimension 1) for convs."""
-    if _is_linear(module):
+    if is_linear(module):
         return x.reshape(-1, x.shape[-1])
     x = _batched(module, x)
     return x.transpose(1, -1).reshape(-1, x.shape[1])
@@ -469,19 +453,11 @@ def layer_from_qweight(module: nn.Module, qweight: nn.Module, fmt_config) -> Qua
 
 
 def _rtn_layer(module: nn.Module, fmt_config, fqn: str) -> QuantizedLayer:
-    from .configs import FORMAT_OF_CONFIG
-
     cls = quantized_class_for(module)
-    return cls.from_float(module, fmt_config, FORMAT_OF_CONFIG[type(fmt_config)], tensor_name=f"{fqn}.weight")
+    return cls.from_float(module, fmt_config, format_for_config(fmt_config).name, tensor_name=f"{fqn}.weight")
 
 
-def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def _select_targets(model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, nn.Module]]:
+def select_targets(model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, nn.Module]]:
     """The layers ``quantize`` would pick: supported, kept by the filter, not nested in another target."""
     from .api import default_filter
 
@@ -553,14 +529,14 @@ def hqq_params(w2d: torch.Tensor, config: HQQConfig) -> tuple[torch.Tensor, torc
 @torch.no_grad()
 def _run_hqq(model, config: HQQConfig, *, filter_fn=None, device=None, calib_data=None):
     fmt_config = config.format_config()
-    for fqn, module in _select_targets(model, filter_fn):
+    for fqn, module in select_targets(model, filter_fn):
         if device is not None:
             module.to(device)
         w2d = weight_2d(module).detach()
         check_finite(w2d, f"{fqn}.weight")
         scale, zero = hqq_params(w2d, config)
         layer = layer_from_qweight(module, int4_weight(w2d, scale, zero, config.group_size), fmt_config)
-        _set_submodule(model, fqn, layer)
+        model.set_submodule(fqn, layer)
     if device is not None:
         model.to(device)
     return model
@@ -706,7 +682,7 @@ def calibrate(
     batches = calibration_batches(calib_data, algorithm, model)
 
     def replace(fqn: str, new: nn.Module) -> None:
-        _set_submodule(model, fqn, new)
+        model.set_submodule(fqn, new)
 
     if not targets:
         return
@@ -887,7 +863,7 @@ def gptq_quantize(w2d: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig):
 
 def _gptq_supports(module: nn.Module) -> bool:
     """Linear, transformers Conv1D, and ungrouped Conv1d / Conv2d / ConvTranspose2d (inputs unfold into rows)."""
-    return _is_linear(module) or _is_conv(module)
+    return is_linear(module) or _is_conv(module)
 
 
 def _gptq_layer(module: nn.Module, hessian: torch.Tensor, config: GPTQConfig) -> QuantizedLayer:
@@ -905,7 +881,7 @@ def _gptq_layer(module: nn.Module, hessian: torch.Tensor, config: GPTQConfig) ->
 @torch.no_grad()
 def _run_gptq(model, config: GPTQConfig, *, filter_fn=None, device=None, calib_data=None):
     calib_data = calibration_batches(calib_data, "GPTQ")
-    targets = _select_targets(model, filter_fn)
+    targets = select_targets(model, filter_fn)
     for fqn, module in targets:
         check_finite(weight_2d(module).detach(), f"{fqn}.weight")
 
@@ -977,7 +953,7 @@ def _tensor_key(t: torch.Tensor) -> tuple:
 
 def _geometry(module: nn.Module) -> tuple:
     """What fixes a layer's :func:`layer_rows` for a given input (layers sharing it share the rows)."""
-    if _is_linear(module):
+    if is_linear(module):
         return ("linear",)
     attrs = ("kernel_size", "stride", "padding", "dilation", "padding_mode", "output_padding")
     return (type(module).__name__, *(str(getattr(module, a, None)) for a in attrs))
@@ -986,7 +962,7 @@ def _geometry(module: nn.Module) -> tuple:
 def _is_norm(module: nn.Module, channels: int) -> bool:
     """A per-channel affine normalisation (LayerNorm, RMSNorm, ...) whose weight can absorb 1/s."""
     w = getattr(module, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.numel() != channels or _is_linear(module):
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.numel() != channels or is_linear(module):
         return False
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.Embedding)):
         return False
@@ -1004,7 +980,7 @@ def _is_channel_norm(module: nn.Module, channels: int) -> bool:
 
 
 def _foldable(module: nn.Module, channels: int, conv: bool = False) -> bool:
-    if _is_linear(module) or _is_conv(module):
+    if is_linear(module) or _is_conv(module):
         return weight_2d(module).shape[0] == channels
     return _is_channel_norm(module, channels) if conv else _is_norm(module, channels)
 
@@ -1020,7 +996,7 @@ def _collect_groups(scope: Scope, samples: int, keep_samples: bool, convs: bool 
 
     Linear layers always take part; ungrouped convolutions when ``convs``.
     """
-    linears = [(f, m) for f, m in scope.targets if _is_linear(m) or (convs and _is_conv(m))]
+    linears = [(f, m) for f, m in scope.targets if is_linear(m) or (convs and _is_conv(m))]
     if not linears:
         return []
     first_batch = {"active": True}
@@ -1032,7 +1008,7 @@ def _collect_groups(scope: Scope, samples: int, keep_samples: bool, convs: bool 
     alive: list[torch.Tensor] = []  # first-batch tensors stay referenced so no two share an address
 
     def observe(fqn, module, x):
-        conv = not _is_linear(module)
+        conv = not is_linear(module)
         if fqn not in key_of:
             alive.append(x)
             key = (*_tensor_key(x), conv)
@@ -1118,7 +1094,7 @@ def _fold_scale(group: _InputGroup, s: torch.Tensor) -> None:
     composed function is unchanged (checked by :func:`_fold_is_exact` before use)."""
     _, prod = group.producer
     with torch.no_grad():
-        if _is_linear(prod) or _is_conv(prod):
+        if is_linear(prod) or _is_conv(prod):
             _set_weight_2d(prod, weight_2d(prod).float() / s[:, None])
         else:
             prod.weight.copy_((prod.weight.float() / s).to(prod.weight.dtype))
@@ -1226,7 +1202,7 @@ _NO_CLIP = ("q_proj", "k_proj", "query", "key", "qkv", "c_attn", "to_q", "to_k")
 @torch.no_grad()
 def _run_awq(model, config: AWQConfig, *, filter_fn=None, device=None, calib_data=None):
     calib_data = calibration_batches(calib_data, "AWQ")
-    targets = _select_targets(model, filter_fn)
+    targets = select_targets(model, filter_fn)
     fmt = config.format_config()
     for fqn, module in targets:
         check_finite(weight_2d(module).detach(), f"{fqn}.weight")
@@ -1300,7 +1276,7 @@ def _run_smoothquant(model, config: SmoothQuantConfig, *, filter_fn=None, device
 @torch.no_grad()
 def _smoothquant(model, config: SmoothQuantConfig, *, filter_fn, device, calib_data, convert: bool):
     calib_data = calibration_batches(calib_data, "SmoothQuant")
-    targets = _select_targets(model, filter_fn)
+    targets = select_targets(model, filter_fn)
     w8a8 = config.format_config() if convert else None
     weight_only = Int8WeightConfig(compute_dtype=config.compute_dtype)
     for fqn, module in targets:
@@ -1326,7 +1302,7 @@ def _smoothquant(model, config: SmoothQuantConfig, *, filter_fn, device, calib_d
         # the core's quantize() builds the W8A8 layers (dynamic per-token activations), whatever their form
         from .api import quantize
 
-        linear_ids = {id(m) for _, m in scope.targets if _is_linear(m)}
+        linear_ids = {id(m) for _, m in scope.targets if is_linear(m)}
         other_ids = {id(m) for _, m in scope.targets} - linear_ids
         quantize(scope.module, w8a8, filter_fn=lambda m, fqn: id(m) in linear_ids)
         _apply_run_time_scales(scope, at_run_time)
@@ -1360,4 +1336,13 @@ def _apply_run_time_scales(scope: Scope, scales: dict[str, torch.Tensor]) -> Non
 
     for fqn, s in scales.items():
         rel = fqn[len(scope.prefix) :]
-        _set_submodule(scope.module, rel, with_input_scale(scope.module.get_submodule(rel), s))
+        scope.module.set_submodule(rel, with_input_scale(scope.module.get_submodule(rel), s))
+
+
+for _config_cls, _handler in (
+    (HQQConfig, _run_hqq),
+    (GPTQConfig, _run_gptq),
+    (AWQConfig, _run_awq),
+    (SmoothQuantConfig, _run_smoothquant),
+):
+    register_quantize_handler(_config_cls)(_handler)

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .configs import FORMAT_OF_CONFIG, Int4WeightConfig
+from .configs import Int4WeightConfig
 from .formats.base import check_finite, get_format
 from .kernels.reference import quant_int as _qi
 from .nn.fake_quant import fake_class_for, is_fake_quant, quantized_class_of, to_fake_quant
 from .nn.quantized import QuantizedLayer
+from .registry import format_for_config, weight_config_classes
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -52,8 +53,9 @@ class QATConfig:
     learnable_scales: bool = False
 
     def __post_init__(self):
-        if type(self.weight) not in FORMAT_OF_CONFIG or getattr(self.weight, "activation", None) is not None:
-            known = ", ".join(c.__name__ for c in FORMAT_OF_CONFIG if getattr(c, "activation", None) is None)
+        weight_only = weight_config_classes(weight_only=True)
+        if type(self.weight) not in weight_only:
+            known = ", ".join(c.__name__ for c in weight_only)
             raise ValueError(f"QATConfig.weight must be a format config ({known}), got {type(self.weight).__name__}")
         if not isinstance(self.learnable_scales, bool):
             raise ValueError(f"QATConfig.learnable_scales must be True or False, got {self.learnable_scales!r}")
@@ -62,12 +64,6 @@ class QATConfig:
                 "QATConfig.learnable_scales needs weight=Int4WeightConfig(...); other formats have "
                 "no learnable scale here"
             )
-
-
-def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def prepare_qat(model: nn.Module, config, *, filter_fn: FilterFn | None = None) -> nn.Module:
@@ -90,10 +86,10 @@ def prepare_qat(model: nn.Module, config, *, filter_fn: FilterFn | None = None) 
     from .api import default_filter
 
     if not isinstance(config, QATConfig):
-        if type(config) not in FORMAT_OF_CONFIG:
+        if format_for_config(config) is None:
             raise TypeError(f"prepare_qat() needs a QATConfig or a format config, got {type(config).__name__}")
         config = QATConfig(weight=config)
-    fmt_name = FORMAT_OF_CONFIG[type(config.weight)]
+    fmt_name = format_for_config(config.weight).name
     keep = filter_fn or default_filter(model)
     targets = []
     for fqn, module in model.named_modules():
@@ -103,8 +99,8 @@ def prepare_qat(model: nn.Module, config, *, filter_fn: FilterFn | None = None) 
             targets.append((fqn, module))
     for fqn, module in targets:
         check_finite(module.weight.detach(), f"{fqn}.weight")
-        _set_submodule(
-            model, fqn, to_fake_quant(module, fmt_name, config.weight, learnable_scales=config.learnable_scales)
+        model.set_submodule(
+            fqn, to_fake_quant(module, fmt_name, config.weight, learnable_scales=config.learnable_scales)
         )
     return model
 
@@ -142,5 +138,5 @@ def convert_qat(model: nn.Module) -> nn.Module:
     if not found:
         raise ValueError("convert_qat() found no fake-quant layer; call qlora_kit.prepare_qat(model, config) first")
     for fqn, module in found:
-        _set_submodule(model, fqn, _convert_one(module))
+        model.set_submodule(fqn, _convert_one(module))
     return model

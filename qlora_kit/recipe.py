@@ -33,7 +33,15 @@ import yaml
 from .yaml_limits import YamlLimitError, bounded_load, check_size
 
 OBJECTIVES = ("causal_lm", "diffusion", "gan")
-QUANTIZATIONS = ("none", "nf4", "fp4", "int8", "int4", "fp8")
+
+
+def quantizations() -> tuple[str, ...]:
+    """Values of the ``quantization`` key: "none" and every registered weight format."""
+    from .registry import format_names
+
+    return ("none", *format_names())
+
+
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit")
@@ -185,7 +193,7 @@ class Recipe:
     def __post_init__(self):
         _check_finite(self)
         _check_choice("objective", self.objective, OBJECTIVES)
-        _check_choice("quantization", self.quantization, QUANTIZATIONS)
+        _check_choice("quantization", self.quantization, quantizations())
         _check_choice("blocksize", self.blocksize, BLOCKSIZES)
         _check_choice("group_size", self.group_size, GROUP_SIZES)
         _check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)

@@ -301,13 +301,13 @@ def _ops_w8a8(smooth: bool, cd):
     def apply(model, ctx):
         import qlora_kit
 
-        from .ptq import _is_linear, _select_targets, _set_submodule, smooth_activations
+        from .ptq import is_linear, select_targets, smooth_activations
 
         if smooth:
             smooth_activations(model, qlora_kit.SmoothQuantConfig(alpha=0.5, compute_dtype=cd), ctx["calib"])
-        for fqn, m in _select_targets(model, None):
-            if _is_linear(m):
-                _set_submodule(model, fqn, _OpsW8A8(m))
+        for fqn, m in select_targets(model, None):
+            if is_linear(m):
+                model.set_submodule(fqn, _OpsW8A8(m))
         return model
 
     return apply
@@ -330,11 +330,11 @@ def _bnb_dequantized(kind: str):
         import bitsandbytes.functional as bf
 
         from .api import default_filter
-        from .ptq import _is_linear
+        from .ptq import is_linear
 
         keep = default_filter(model)
         for fqn, m in list(model.named_modules()):
-            if not fqn or not _is_linear(m) or not keep(m, fqn):
+            if not fqn or not is_linear(m) or not keep(m, fqn):
                 continue
             w = m.weight.data
             if kind == "nf4":

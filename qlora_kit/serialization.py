@@ -23,17 +23,12 @@ import torch
 from torch import nn
 
 from . import safe_io, validate
-from .api import _format_name, _set_submodule
-from .configs import CONFIG_CLASSES, FORMAT_OF_CONFIG
 from .nn.quantized import LAYER_CLASSES, QuantizedLayer, quantized_class_for
+from .registry import config_class, format_for_config, get_format
 
 WEIGHTS_NAME = "model.safetensors"
 QMAP_NAME = "quantization.json"
 _VERSION = 1
-# the weight-only config of each format (files written before the config class was recorded)
-_CONFIG_BY_FORMAT = {}
-for _cls, _fmt in FORMAT_OF_CONFIG.items():
-    _CONFIG_BY_FORMAT.setdefault(_fmt, _cls)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -56,8 +51,9 @@ def _config_meta(config) -> dict:
 def _config_from_meta(fmt: str, meta: dict):
     meta = dict(meta)
     name = meta.pop("class", None)
-    cls = _CONFIG_BY_FORMAT.get(fmt) if name is None else CONFIG_CLASSES.get(name)
-    if cls is None or FORMAT_OF_CONFIG.get(cls) != fmt:
+    # files written before the config class was recorded: the format's weight-only config
+    cls = get_format(fmt).configs[0] if name is None else config_class(name)
+    if cls is None or getattr(format_for_config(cls), "name", None) != fmt:
         raise ValueError(f"{QMAP_NAME}: config {name!r} does not describe format {fmt!r}; the file is corrupt")
     kwargs = {k: (_dtype_from_name(v) if k.endswith("dtype") else v) for k, v in meta.items()}
     return cls(**kwargs)
@@ -162,7 +158,6 @@ def _build_layer(model: nn.Module, fqn: str, info: dict, qmap_path: Path) -> nn.
     fmt = info["format"].get("format")
     try:
         config = _config_from_meta(fmt, info["config"])
-        _format_name(config)
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise ValueError(
             f"{qmap_path}: field 'layers.{fqn}.config' is invalid ({str(e).splitlines()[0]}); re-save the model"
@@ -231,6 +226,6 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     # all checks passed: swap layers in and copy the weights
     for fqn, layer in new_layers.items():
         device = next(model.get_submodule(fqn).parameters(), torch.empty(0)).device
-        _set_submodule(model, fqn, layer.to(device))
+        model.set_submodule(fqn, layer.to(device))
     model.load_state_dict(full, strict=True)
     return model

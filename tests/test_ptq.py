@@ -82,7 +82,7 @@ def test_configs_are_frozen_and_exported():
         cfg.group_size = 64
     assert ptq.AWQConfig(weight_format="nf4", group_size=256).format_config().blocksize == 256
     assert isinstance(ptq.GPTQConfig(bits=8).format_config(), Int8WeightConfig)
-    assert callable(cfg._qlora_kit_algorithm)
+    assert qlora_kit.registry.quantize_handler(cfg) is ptq._run_hqq
 
 
 @pytest.mark.parametrize("config", [ptq.GPTQConfig(), ptq.AWQConfig(), ptq.SmoothQuantConfig()])
@@ -212,7 +212,7 @@ def test_awq_scales_outlier_channels_and_beats_rtn():
 
 def test_calibration_goes_block_by_block():
     model = qlora_kit.models.tiny_llama(hidden_size=32, layers=3, intermediate_size=64)
-    targets = ptq._select_targets(model, None)
+    targets = ptq.select_targets(model, None)
     seen = []
 
     def process(scope):
@@ -231,7 +231,7 @@ def test_calibration_falls_back_to_whole_model_passes():
     scopes = []
     ptq.calibrate(
         bert,
-        ptq._select_targets(bert, None),
+        ptq.select_targets(bert, None),
         [torch.randint(0, 256, (2, 8))],
         None,
         lambda s: scopes.append((s.prefix, [f for f, _ in s.targets])),
@@ -243,7 +243,7 @@ def test_calibration_falls_back_to_whole_model_passes():
     scopes.clear()
     ptq.calibrate(
         unet,
-        ptq._select_targets(unet, None),
+        ptq.select_targets(unet, None),
         [(torch.randn(2, 1, 8, 8), torch.tensor([1, 500]))],
         None,
         lambda s: scopes.append((s.prefix, s.module)),
@@ -266,7 +266,7 @@ def test_awq_folds_only_where_the_function_is_preserved():
                 ptq._fold_scale(g, torch.rand(g.channels) + 0.5)
         assert torch.allclose(scope.run()[0], before, rtol=1e-4, atol=1e-5)
 
-    ptq.calibrate(llama, ptq._select_targets(llama, None), [torch.randint(0, 256, (2, 8))], None, process, "t")
+    ptq.calibrate(llama, ptq.select_targets(llama, None), [torch.randint(0, 256, (2, 8))], None, process, "t")
     assert groups == {
         ("q_proj", "k_proj", "v_proj"): "model.layers.0.input_layernorm",
         ("o_proj",): "model.layers.0.self_attn.v_proj",  # attention output is linear in v (no GQA here)
@@ -521,7 +521,7 @@ def test_awq_folds_conv_scales_into_batchnorm_through_relu_and_changes_the_weigh
         torch.testing.assert_close(scope.run()[0], before, rtol=1e-4, atol=1e-5)
 
     probe = copy.deepcopy(gen)
-    ptq.calibrate(probe, ptq._select_targets(probe, None), calib, None, process, "t")
+    ptq.calibrate(probe, ptq.select_targets(probe, None), calib, None, process, "t")
     assert found == {"net.3": "net.1", "net.6": "net.4"}  # the BatchNorms, across the ReLUs
     cfg = ptq.AWQConfig(group_size=32, grid=4, clip_grid=4, compute_dtype=F32)
     awq = qlora_kit.quantize(copy.deepcopy(gen), cfg, calib_data=calib)
@@ -572,8 +572,8 @@ class _W8A8(nn.Module):
 
 
 def _to_w8a8(model):
-    for fqn, m in ptq._select_targets(model, None):
-        ptq._set_submodule(model, fqn, _W8A8(m))
+    for fqn, m in ptq.select_targets(model, None):
+        model.set_submodule(fqn, _W8A8(m))
     return model
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
-from .base import check_matrix, packed_nbytes, register_frozen
+from .base import check_matrix, config_from_options, packed_nbytes, refuse_activation, register_frozen
 
 
 class Blockwise4bitWeight(nn.Module):
@@ -20,6 +20,16 @@ class Blockwise4bitWeight(nn.Module):
 
     name = ""
     quant_type = ""
+    configs: tuple[type, ...] = ()
+
+    @classmethod
+    def config_from_options(cls, **options):
+        """The weight config from recipe / CLI knobs (``blocksize``, ``double_quant``, ``compute_dtype``)."""
+        return config_from_options(cls.configs[0], **options)
+
+    @classmethod
+    def available(cls) -> bool:
+        return True
 
     def __init__(self, shape, blocksize: int, double_quant: bool):
         super().__init__()
@@ -62,6 +72,19 @@ class Blockwise4bitWeight(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         dequantize = F.dequantize_nf4 if self.quant_type == "nf4" else F.dequantize_fp4
         return dequantize(self.packed, self.block_absmax(), self.shape, self.blocksize, dtype)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None) -> torch.Tensor:
+        """y = x W^T + bias through the ``qlora_kit::matmul_4bit`` custom op (weight-only: no activation modes)."""
+        from .. import ops
+
+        if activation is not None:
+            refuse_activation(self.name, activation)
+        if self.double_quant:
+            stats = (self.qabsmax, self.nested_absmax, self.offset)
+        else:
+            stats = (self.absmax, None, None)
+        n, k = self.shape
+        return ops.matmul_4bit(x, self.packed, *stats, bias, n, k, self.blocksize, self.quant_type)
 
     def metadata(self) -> dict:
         return {

@@ -8,7 +8,13 @@ quantized layers reshape conv / Conv1D / ConvTranspose weights to that view and 
 
 Contract (each format class, one file each, no implementation inheritance beyond this):
 
-- ``name``: the format's key ("nf4", "fp4", "int8", "int4", "fp8").
+- ``name``: the format's key ("nf4", "fp4", "int8", "int4", "fp8", ...).
+- ``configs``: the config classes that produce it (the first is the weight-only one); ``@register_format``
+  records the class under its name and each config (``qlora_kit.registry``).
+- ``config_from_options(**options)``: that weight-only config from the recipe / CLI knobs
+  (``compute_dtype``, ``blocksize``, ``double_quant``, ``group_size``; each format takes the ones it has).
+- ``available()``: whether this installation can hold the format (fp8 needs torch's float8 dtypes).
+- ``linear(x, bias, activation=None)``: y = x W^T + bias through the format's ``qlora_kit.ops`` custom op.
 - ``from_float(w, config, *, tensor_name="weight")``: quantize a 2-D float matrix. NaN or Inf in
   ``w`` raises ValueError naming ``tensor_name``.
 - ``dequantize(dtype)``: the 2-D matrix back in ``dtype``.
@@ -21,31 +27,38 @@ Contract (each format class, one file each, no implementation inheritance beyond
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 
-FORMATS: dict[str, type] = {}
+from ..registry import get_format, register_format
+
+__all__ = [
+    "check_finite",
+    "check_matrix",
+    "config_from_options",
+    "get_format",
+    "numel",
+    "packed_nbytes",
+    "refuse_activation",
+    "register_format",
+    "register_frozen",
+]
 
 
-def register_format(cls: type) -> type:
-    """Class decorator: make a format findable by its ``name`` (used when loading)."""
-    FORMATS[cls.name] = cls
-    return cls
+def config_from_options(config_cls: type, **options):
+    """``config_cls`` built from the options it has (recipe / CLI knobs it lacks, e.g. ``group_size`` for NF4,
+    are ignored); ``None`` values are left to the config's defaults."""
+    fields = config_cls.__dataclass_fields__
+    return config_cls(**{k: v for k, v in options.items() if k in fields and v is not None})
 
 
-def get_format(name: str) -> type:
-    """The format class registered under ``name`` (its module, qlora_kit/formats/<name>.py, loads on demand)."""
-    if name not in FORMATS and isinstance(name, str) and name.isidentifier():
-        try:
-            importlib.import_module(f"qlora_kit.formats.{name}")
-        except ModuleNotFoundError:
-            pass
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise ValueError(f"unknown weight format {name!r}; known formats: {sorted(FORMATS)}") from None
+def refuse_activation(name: str, activation: str) -> None:
+    """ValueError for an activation mode (W8A8 / fp8 rowwise) that a format's weights cannot run."""
+    raise ValueError(
+        f"activation={activation!r} needs an {activation!r} weight, got {name!r}; requantize the weight with the "
+        "matching config or use activation=None"
+    )
 
 
 def check_finite(w: torch.Tensor, tensor_name: str) -> None:

@@ -6,8 +6,16 @@ import torch
 from torch import nn
 
 from .._dispatch import use_triton
+from ..configs import FP8DynamicActivationConfig, FP8WeightConfig
 from ..kernels.reference import quant_int as ref
-from .base import check_matrix, packed_nbytes, register_format, register_frozen
+from .base import (
+    check_matrix,
+    config_from_options,
+    packed_nbytes,
+    refuse_activation,
+    register_format,
+    register_frozen,
+)
 
 
 def _impl(t: torch.Tensor):
@@ -31,6 +39,28 @@ class FP8Weight(nn.Module):
     """
 
     name = "fp8"
+    listing_order = 4  # position in CLI choices and reports
+    configs = (FP8WeightConfig, FP8DynamicActivationConfig)
+
+    @classmethod
+    def config_from_options(cls, **options):
+        """The weight-only config from recipe / CLI knobs (only ``compute_dtype`` applies)."""
+        return config_from_options(cls.configs[0], **options)
+
+    @classmethod
+    def available(cls) -> bool:
+        return hasattr(torch, "float8_e4m3fn")
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None) -> torch.Tensor:
+        """y = x W^T + bias: fp8 weight-only through ``qlora_kit::matmul_channelwise``, or with
+        ``activation="fp8"`` the per-token dynamic fp8 rowwise op."""
+        from .. import ops
+
+        if activation is None:
+            return ops.matmul_channelwise(x, self.qdata, self.scale, bias)
+        if activation == "fp8":
+            return ops.fp8_dynamic_linear(x, self.qdata, self.scale, bias)
+        refuse_activation(self.name, activation)
 
     def __init__(self, shape, qdata: torch.Tensor | None = None, scale: torch.Tensor | None = None):
         super().__init__()

@@ -8,8 +8,16 @@ import torch
 from torch import nn
 
 from .._dispatch import use_triton
+from ..configs import Int4WeightConfig
 from ..kernels.reference import quant_int as ref
-from .base import check_matrix, packed_nbytes, register_format, register_frozen
+from .base import (
+    check_matrix,
+    config_from_options,
+    packed_nbytes,
+    refuse_activation,
+    register_format,
+    register_frozen,
+)
 
 
 def _impl(t: torch.Tensor):
@@ -35,6 +43,25 @@ class Int4Weight(nn.Module):
     """
 
     name = "int4"
+    listing_order = 3  # position in CLI choices and reports
+    configs = (Int4WeightConfig,)
+
+    @classmethod
+    def config_from_options(cls, **options):
+        """The weight config from recipe / CLI knobs (``group_size``, ``compute_dtype``)."""
+        return config_from_options(cls.configs[0], **options)
+
+    @classmethod
+    def available(cls) -> bool:
+        return True
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None) -> torch.Tensor:
+        """y = x W^T + bias through the ``qlora_kit::matmul_int4`` custom op (weight-only)."""
+        from .. import ops
+
+        if activation is not None:
+            refuse_activation(self.name, activation)
+        return ops.matmul_int4(x, self.packed, self.scale, self.zero, bias, self.group_size)
 
     def __init__(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..configs import NF4Config
 from ._fourbit import Blockwise4bitWeight
 from .base import register_format
 
@@ -16,4 +17,6 @@ class NF4Weight(Blockwise4bitWeight):
     """
 
     name = "nf4"
+    listing_order = 0  # position in CLI choices and reports
     quant_type = "nf4"
+    configs = (NF4Config,)

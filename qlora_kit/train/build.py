@@ -65,21 +65,13 @@ def quant_config(recipe: Recipe, dtype: torch.dtype):
     """The qlora_kit quantization config of a recipe (None for quantization: none)."""
     if recipe.quantization == "none":
         return None
-    from ..configs import FP4Config, FP8WeightConfig, Int4WeightConfig, Int8WeightConfig, NF4Config
-    from ..formats.base import get_format
+    from ..registry import get_format
 
-    try:
-        get_format(recipe.quantization)
-    except ValueError:
-        raise RecipeError(
-            f"quantization={recipe.quantization} is not available in this installation; use nf4 or fp4"
-        ) from None
-    if recipe.quantization in ("nf4", "fp4"):
-        cls = NF4Config if recipe.quantization == "nf4" else FP4Config
-        return cls(blocksize=recipe.blocksize, double_quant=recipe.double_quant, compute_dtype=dtype)
-    if recipe.quantization == "int4":
-        return Int4WeightConfig(group_size=recipe.group_size, compute_dtype=dtype)
-    return {"int8": Int8WeightConfig, "fp8": FP8WeightConfig}[recipe.quantization](compute_dtype=dtype)
+    fmt = get_format(recipe.quantization)
+    if not fmt.available():
+        raise RecipeError(f"quantization={recipe.quantization} is not available in this installation; use nf4 or fp4")
+    options = dict(blocksize=recipe.blocksize, double_quant=recipe.double_quant, group_size=recipe.group_size)
+    return fmt.config_from_options(compute_dtype=dtype, **options)
 
 
 def _first_line(e: BaseException) -> str:
