@@ -60,9 +60,12 @@ def __getattr__(name: str) -> Any:
     if name == "functional":
         return importlib.import_module(".functional", __name__)
     module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'qlora_kit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    if module is not None:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+    else:  # a config class a format or algorithm registered (qlora_kit/formats/<name>.py): qlora_kit.MXFP4Config
+        value = importlib.import_module(".registry", __name__).config_class(name) if name.endswith("Config") else None
+        if value is None:
+            raise AttributeError(f"module 'qlora_kit' has no attribute {name!r}")
     globals()[name] = value
     return value
 

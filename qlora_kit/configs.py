@@ -16,7 +16,8 @@ INT4_GROUP_SIZES = (32, 64, 128)
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_compute_dtype(cls_name: str, dtype) -> None:
+def check_compute_dtype(cls_name: str, dtype) -> None:
+    """ValueError naming the allowed compute dtypes when ``dtype`` is not one of them."""
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"{cls_name}.compute_dtype must be one of {[str(d) for d in COMPUTE_DTYPES]}, got {dtype!r}")
 
@@ -52,7 +53,7 @@ class NF4Config(WeightConfig):
         _check_choice(type(self).__name__, "blocksize", self.blocksize, BLOCKSIZES_4BIT)
         if not isinstance(self.double_quant, bool):
             raise ValueError(f"NF4Config.double_quant must be one of [True, False], got {self.double_quant!r}")
-        _check_compute_dtype(type(self).__name__, self.compute_dtype)
+        check_compute_dtype(type(self).__name__, self.compute_dtype)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class FP4Config(WeightConfig):
         _check_choice(type(self).__name__, "blocksize", self.blocksize, BLOCKSIZES_4BIT)
         if not isinstance(self.double_quant, bool):
             raise ValueError(f"FP4Config.double_quant must be one of [True, False], got {self.double_quant!r}")
-        _check_compute_dtype(type(self).__name__, self.compute_dtype)
+        check_compute_dtype(type(self).__name__, self.compute_dtype)
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class Int8WeightConfig(WeightConfig):
     compute_dtype: torch.dtype = torch.bfloat16
 
     def __post_init__(self):
-        _check_compute_dtype(type(self).__name__, self.compute_dtype)
+        check_compute_dtype(type(self).__name__, self.compute_dtype)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class Int4WeightConfig(WeightConfig):
 
     def __post_init__(self):
         _check_choice(type(self).__name__, "group_size", self.group_size, INT4_GROUP_SIZES)
-        _check_compute_dtype(type(self).__name__, self.compute_dtype)
+        check_compute_dtype(type(self).__name__, self.compute_dtype)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class FP8WeightConfig(WeightConfig):
     compute_dtype: torch.dtype = torch.bfloat16
 
     def __post_init__(self):
-        _check_compute_dtype(type(self).__name__, self.compute_dtype)
+        check_compute_dtype(type(self).__name__, self.compute_dtype)
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ class Int8DynamicActivationConfig(WeightConfig):
     activation = "int8"  # class attribute, not a field: the activation mode the layers run
 
     def __post_init__(self):
-        _check_compute_dtype(type(self).__name__, self.compute_dtype)
+        check_compute_dtype(type(self).__name__, self.compute_dtype)
 
 
 @dataclass(frozen=True)
@@ -137,4 +138,4 @@ class FP8DynamicActivationConfig(WeightConfig):
     activation = "fp8"
 
     def __post_init__(self):
-        _check_compute_dtype(type(self).__name__, self.compute_dtype)
+        check_compute_dtype(type(self).__name__, self.compute_dtype)
