@@ -356,12 +356,13 @@ def _check_choice(key: str, value, allowed) -> None:
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
 
 
-def _type_name(tp) -> str:
+def type_name(tp) -> str:
+    """A type annotation in the words error messages and ``--keys`` use (``an integer or null``)."""
     args = typing.get_args(tp)
     if typing.get_origin(tp) is list:
         return "a list of names"
     if args:
-        return " or ".join(_type_name(a) for a in args)
+        return " or ".join(type_name(a) for a in args)
     return _TYPE_WORDS.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -381,7 +382,7 @@ def _coerce(key: str, value: Any, tp) -> Any:
             except RecipeError as e:
                 errors.append(e)
         raise RecipeError(
-            f"{key} must be {_type_name(tp)}, got {_short(value)} ({type(value).__name__}); fix its value"
+            f"{key} must be {type_name(tp)}, got {_short(value)} ({type(value).__name__}); fix its value"
         )
     if origin is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

@@ -12,7 +12,7 @@ import inspect
 import re
 import typing
 
-from .recipe import LoraSection, Recipe, _type_name
+from .recipe import LoraSection, Recipe, type_name
 
 _SHORT = {"a string": "str", "an integer": "int", "a number": "float"}
 _FIELD = re.compile(r"^\s+(\w+)\s*:\s*[^=]+?(?:=\s*(.*?))?\s*(?:#\s*(.*))?$")
@@ -63,7 +63,7 @@ def key_rows() -> list[tuple[str, str, str, str]]:
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(hints[f.name]):
                 continue
-            words = _type_name(hints[f.name]).replace("true or false", "bool").replace("a list of names", "list")
+            words = type_name(hints[f.name]).replace("true or false", "bool").replace("a list of names", "list")
             words = words.split(" or ")
             type_words = " | ".join(_SHORT.get(w, w) for w in words)
             default = "runs/<recipe name>" if f.name == "output_dir" else _default(f)

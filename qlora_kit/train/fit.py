@@ -41,11 +41,11 @@ def weight_dims(module: nn.Module) -> tuple[int, int]:
 
 
 def _targets(model: nn.Module, recipe: Recipe) -> list[tuple[str, nn.Module]]:
-    from ..lora import _find_targets
+    from ..lora import find_targets
     from .build import lora_config
 
     try:
-        return _find_targets(model, lora_config(recipe, model))
+        return find_targets(model, lora_config(recipe, model))
     except ValueError:
         return []  # attach_lora reports target problems in its own words
 
