@@ -39,6 +39,7 @@ _WEIGHTS_NAME = "adapter_model.safetensors"
 _DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
+
 def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, dict[str, torch.Tensor]]:
     """path -> {PEFT suffix: tensor} for one adapter, as trained (relative to the current base)."""
     out: dict[str, dict[str, torch.Tensor]] = {}

@@ -12,11 +12,11 @@ import yaml
 
 from qlora_kit.recipe import (
     KEY_ALIASES,
-    LoraSection,
     Recipe,
     RecipeError,
     bundled_recipes,
     load_recipe,
+    lora_section,
     recipe_from_dict,
     suggest_key,
     to_dict,
@@ -157,7 +157,7 @@ def test_non_finite_numbers_are_rejected_from_yaml_and_python(tmp_path):
     with pytest.raises(RecipeError, match="d_learning_rate must be a finite number"):
         Recipe(d_learning_rate=float("inf"))
     with pytest.raises(RecipeError, match="lora.alpha must be a finite number"):
-        LoraSection(alpha=float("inf"))
+        lora_section(alpha=float("inf"))
 
 
 def test_recipe_files_that_are_not_utf8_are_user_errors(tmp_path):

@@ -63,8 +63,10 @@ def preflight(recipe: Recipe, *, dry_run: bool = False) -> PreflightResult:
             if not dry_run:
                 raise
             result.notes.append(f"{e}; the run will need it")
-    if recipe.objective != "causal_lm":
-        return result
+    from .objectives import objective_class
+
+    if not objective_class(recipe.objective).language_model:
+        return result  # what follows checks tokenized text
     from ..data import build_tokenizer
 
     try:
@@ -206,7 +208,7 @@ def _whole_json(path: Path):
 
 def _first_text(recipe: Recipe) -> tuple[str | None, str, int | None]:
     """(first training text formatted as the run will, where it comes from, documents available)."""
-    from ..data import text_rows, stdlib_files
+    from ..data import stdlib_files, text_rows
 
     if recipe.dataset == "stdlib":
         root, train, _ = stdlib_files(None)
