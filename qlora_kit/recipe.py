@@ -32,6 +32,7 @@ import yaml
 from .lora_config import INITS as LORA_INITS
 from .lora_config import LoraConfig
 from .recipe_error import RecipeError
+from .recipe_files import bundled_recipes as bundled_recipes  # re-exported: `qlora-kit ls` and users read it here
 from .recipe_files import parse_yaml, recipe_text
 from .yaml_limits import YamlLimitError, bounded_load
 
