@@ -292,7 +292,7 @@ def _cmd_merge(args) -> int:
     _check_output(output, "merge --output", args.force)
     from .data import build_tokenizer
 
-    tokenizer = build_tokenizer(recipe) if recipe.objective == "causal_lm" else None
+    tokenizer = build_tokenizer(recipe)  # None for objectives without one
     model = model_with_adapter(recipe, adapter, quantized=not args.float_base)
     kind, report = merge_and_save(model, output, tokenizer, overwrite=args.force)
     print(f"merged {adapter} into {recipe.model} and saved it to {output} ({kind})\n{report}")
@@ -306,7 +306,9 @@ def _cmd_eval(args) -> int:
     from .train.report import banner
 
     recipe, run_dir = _recipe_for(args)
-    if recipe.objective != "causal_lm":
+    from .train.objectives import objective_class
+
+    if not objective_class(recipe.objective).language_model:
         raise RecipeError(
             f"qlora-kit eval measures perplexity of causal LMs; this run's objective is {recipe.objective}"
         )

@@ -226,7 +226,18 @@ def _load_table(name: str, split: str):
         ds_logging.set_verbosity(verbosity)
 
 
-def _text_rows(ds, recipe: Recipe, where: str) -> list[str]:
+def text_rows(ds, recipe: Recipe, where: str) -> list[str]:
+    """The training texts of a table: each row's ``text_column``, or its columns filled into ``prompt_template``.
+
+    Args:
+        ds: a ``datasets.Dataset`` or anything with ``column_names``, iteration over row dicts and
+            ``ds[column]`` (the preflight passes its first rows only).
+        recipe: the recipe naming the column or template.
+        where: how to name the data in error messages.
+
+    Raises:
+        RecipeError: a missing column or template field, or a template that does not fit the rows.
+    """
     columns = list(ds.column_names)
     if recipe.prompt_template is not None:
         fields = template_fields(recipe.prompt_template)
@@ -297,12 +308,12 @@ def load_text_data(recipe: Recipe, tokenizer) -> Data:
             eval_table = None
         if recipe.max_documents is not None:
             table = table.select(range(min(recipe.max_documents, len(table))))
-        train_texts = _text_rows(table, recipe, repr(recipe.dataset))
+        train_texts = text_rows(table, recipe, repr(recipe.dataset))
         if not any(t.strip() for t in train_texts):
             raise RecipeError(
                 f"dataset {recipe.dataset!r} holds no examples with text (only blank rows); add text or use another"
             )
-        eval_texts = _text_rows(eval_table, recipe, "the evaluation data") if eval_table is not None else []
+        eval_texts = text_rows(eval_table, recipe, "the evaluation data") if eval_table is not None else []
         source = f"{recipe.dataset}: {len(train_texts)} documents, {len(eval_texts)} held out"
     train = _pack(train_texts, tokenizer, recipe.seq_len)
     evals = _pack(eval_texts, tokenizer, recipe.seq_len) if eval_texts else None

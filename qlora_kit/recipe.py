@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.resources
 import math
 import os
 import re
@@ -30,9 +29,19 @@ from typing import Any
 
 import yaml
 
-from .yaml_limits import YamlLimitError, bounded_load, check_size
+from .lora_config import INITS as LORA_INITS
+from .lora_config import LoraConfig
+from .recipe_error import RecipeError
+from .recipe_files import bundled_recipes as bundled_recipes  # re-exported: `qlora-kit ls` and users read it here
+from .recipe_files import parse_yaml, recipe_text
+from .yaml_limits import YamlLimitError, bounded_load
 
-OBJECTIVES = ("causal_lm", "diffusion", "gan")
+
+def objectives() -> tuple[str, ...]:
+    """Values of the ``objective`` key: every registered training objective (``qlora_kit.train.objectives``)."""
+    from .train.objectives import OBJECTIVES
+
+    return tuple(OBJECTIVES)
 
 
 def quantizations() -> tuple[str, ...]:
@@ -46,7 +55,6 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit")
 SCHEDULES = ("cosine", "linear", "constant")
-LORA_INITS = ("default", "gaussian", "pissa", "loftq")
 DISCRIMINATOR_MODES = ("full", "lora")
 DISTRIBUTED = ("ddp", "fsdp")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -84,40 +92,47 @@ KEY_ALIASES = {
 }
 
 
-class RecipeError(ValueError):
-    """A user mistake in a recipe, an override or the files it names (reported in one line, exit code 2)."""
+# The recipe's ``lora:`` section is a qlora_kit.LoraConfig; recipes default to the QLoRA paper's alpha and
+# dropout (LoraConfig's own defaults are PEFT's) and word their errors with the recipe's dotted keys.
+LORA_DEFAULTS = {"alpha": 32.0, "dropout": 0.05}
 
 
-@dataclass(frozen=True)
-class LoraSection:
-    """The ``lora:`` section: which layers get adapters and how (see :class:`qlora_kit.LoraConfig`)."""
+def lora_section(**values) -> LoraConfig:
+    """The recipe's ``lora:`` section: a :class:`qlora_kit.LoraConfig` with the recipe defaults
+    (:data:`LORA_DEFAULTS`) and the recipe's checks (``target_modules`` may also be ``all``: every Linear,
+    Conv1D, conv and transposed conv layer, resolved per model when the run builds it).
 
-    r: int = 16  # adapter rank (> 0)
-    alpha: float = 32.0  # the update is scaled by alpha / r
-    dropout: float = 0.05  # dropout on the adapter input, in [0, 1)
-    # "all-linear" (Linear / Conv1D layers except the output head), "all" (also convolutions and
-    # transposed convolutions), a list of module names, or a regex matching whole module paths
-    target_modules: str | list[str] = "all-linear"
-    exclude_modules: str | list[str] | None = None  # modules to leave without adapters (names or a regex)
-    use_rslora: bool = False  # scale by alpha / sqrt(r)
-    use_dora: bool = False  # weight-decomposed LoRA
-    init: str = "default"  # default | gaussian | pissa | loftq
+    Raises:
+        RecipeError: a value out of range, in one sentence naming the ``lora.*`` key.
 
-    def __post_init__(self):
-        _check_finite(self, "lora.")
-        _check_positive("lora.r", self.r)
-        _check_positive("lora.alpha", self.alpha)
-        if not 0 <= self.dropout < 1:
-            raise RecipeError(f"lora.dropout must be in [0, 1), got {self.dropout!r}; set e.g. lora.dropout=0.05")
-        _check_choice("lora.init", self.init, LORA_INITS)
-        for key in ("target_modules", "exclude_modules"):
-            value = getattr(self, key)
-            if isinstance(value, list):
-                if not value or not all(isinstance(v, str) and v for v in value):
-                    raise RecipeError(f"lora.{key} must be a non-empty list of module names, got {_short(value)}")
-                object.__setattr__(self, key, tuple(value))
-            elif value == "":
-                raise RecipeError(f"lora.{key} must not be empty; use 'all-linear', 'all', names or a regex")
+    Example:
+        >>> lora_section(r=8).alpha
+        32.0
+    """
+    values = {**LORA_DEFAULTS, **values}
+    defaults = {f.name: LORA_DEFAULTS.get(f.name, f.default) for f in dataclasses.fields(LoraConfig)}
+    for key, value in values.items():
+        _check_finite_value(f"lora.{key}", value, defaults.get(key))
+    _check_positive("lora.r", values.get("r", defaults["r"]))
+    _check_positive("lora.alpha", values["alpha"])
+    if not 0 <= values["dropout"] < 1:
+        raise RecipeError(f"lora.dropout must be in [0, 1), got {values['dropout']!r}; set e.g. lora.dropout=0.05")
+    _check_choice("lora.init", values.get("init", "default"), LORA_INITS)
+    for key in ("target_modules", "exclude_modules"):
+        value = values.get(key)
+        if isinstance(value, (list, tuple)):
+            if not value or not all(isinstance(v, str) and v for v in value):
+                raise RecipeError(f"lora.{key} must be a non-empty list of module names, got {_short(value)}")
+            values[key] = tuple(value)
+        elif value == "":
+            raise RecipeError(f"lora.{key} must not be empty; use 'all-linear', 'all', names or a regex")
+    try:
+        return LoraConfig(**values)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"invalid lora section: {e}") from None
+
+
+LoraSection = lora_section  # the former name of the section (a dataclass parallel to LoraConfig until issue 12)
 
 
 @dataclass(frozen=True)
@@ -134,7 +149,7 @@ class Recipe:
     double_quant: bool = True  # nf4 / fp4 double quantization of the block scales
     group_size: int = 128  # int4 group size
     compute_dtype: str = "auto"  # auto (bfloat16 on GPUs, float32 on CPUs) | float32 | bfloat16 | float16
-    lora: LoraSection = field(default_factory=LoraSection)
+    lora: LoraConfig = field(default_factory=lora_section)  # the lora.* keys (qlora_kit.LoraConfig)
     # --- data ---------------------------------------------------------------------------------------
     # built-in (stdlib: Python's standard-library source; digits: scikit-learn's 8x8 digits), a local
     # .json/.jsonl/.txt/.parquet/.csv file, an image folder, or a hub dataset id
@@ -192,7 +207,7 @@ class Recipe:
 
     def __post_init__(self):
         _check_finite(self)
-        _check_choice("objective", self.objective, OBJECTIVES)
+        _check_choice("objective", self.objective, objectives())
         _check_choice("quantization", self.quantization, quantizations())
         _check_choice("blocksize", self.blocksize, BLOCKSIZES)
         _check_choice("group_size", self.group_size, GROUP_SIZES)
@@ -203,66 +218,14 @@ class Recipe:
         _check_choice("discriminator", self.discriminator, DISCRIMINATOR_MODES)
         _check_choice("image_channels", self.image_channels, (1, 3))
         _check_distributed(self)
-        for key in (
-            "seq_len",
-            "image_size",
-            "batch_size",
-            "grad_accum_steps",
-            "epochs",
-            "learning_rate",
-            "num_train_timesteps",
-            "latent_dim",
-            "eval_batches",
-            "keep_checkpoints",
-            "log_every",
-        ):
-            _check_positive(key, getattr(self, key))
-        for key in (
-            "max_steps",
-            "max_documents",
-            "stop_after_steps",
-            "d_learning_rate",
-            "max_grad_norm",
-            "cpu_threads",
-        ):
-            if getattr(self, key) is not None:
-                _check_positive(key, getattr(self, key))
-        for key in ("weight_decay", "warmup_steps", "eval_every", "save_every"):
-            if getattr(self, key) < 0:
-                raise RecipeError(f"{key} must be >= 0, got {getattr(self, key)!r}")
-        for key in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, key) < 1:
-                raise RecipeError(f"{key} must be in [0, 1), got {getattr(self, key)!r}; e.g. {key}=0.9")
-        from .recipe_limits import check_upper_bounds
-
-        check_upper_bounds(self, self.lora)
-        if not 0 < self.eval_fraction < 1:
-            raise RecipeError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction!r}; e.g. 0.05")
+        _check_ranges(self)
         if not self.output_dir:
             raise RecipeError("output_dir must not be empty; set output_dir=runs/my-run")
         if self.prompt_template is not None:
             template_fields(self.prompt_template)
-        kind = BUILTIN_MODELS.get(self.model)
-        if kind is not None and kind != self.objective:
-            fits = [m for m, k in BUILTIN_MODELS.items() if k == self.objective]
-            raise RecipeError(
-                f"model {self.model!r} is a {kind} model but objective is {self.objective!r}; "
-                f"use one of {fits} or set objective={kind}"
-            )
-        if self.objective == "gan" and self.model != "dcgan":
-            raise RecipeError(
-                f"objective=gan trains the built-in dcgan only, got model={self.model!r}; set model=dcgan"
-            )
-        data_kind = BUILTIN_DATASETS.get(self.dataset)
-        want = "text" if self.objective == "causal_lm" else "image"
-        if data_kind is not None and data_kind != want:
-            fits = [d for d, k in BUILTIN_DATASETS.items() if k == want]
-            raise RecipeError(
-                f"dataset {self.dataset!r} holds {data_kind} but objective {self.objective!r} needs {want}; "
-                f"use dataset={fits[0]} or a {want} dataset of your own"
-            )
-        if self.objective == "gan" and self.grad_accum_steps != 1:
-            raise RecipeError("objective=gan alternates D and G updates every batch; set grad_accum_steps=1")
+        from .train.objectives import objective_class
+
+        objective_class(self.objective).check_recipe(self)  # model and dataset suit it, and its own rules
         if self.lora.init == "loftq" and (self.quantization not in ("none", "nf4") or self.blocksize != 64):
             raise RecipeError(
                 "lora.init=loftq fits the adapters to NF4 with blocks of 64; set quantization=nf4 blocksize=64"
@@ -278,10 +241,45 @@ class Recipe:
 
 
 # ----- checks ----------------------------------------------------------------------------------------------
+_POSITIVE = ("seq_len", "image_size", "batch_size", "grad_accum_steps", "epochs", "learning_rate",
+             "num_train_timesteps", "latent_dim", "eval_batches", "keep_checkpoints", "log_every")  # fmt: skip
+_POSITIVE_OR_NULL = (
+    "max_steps",
+    "max_documents",
+    "stop_after_steps",
+    "d_learning_rate",
+    "max_grad_norm",
+    "cpu_threads",
+)
+
+
+def _check_ranges(recipe: Recipe) -> None:
+    """Numeric keys within their ranges (lower bounds here, upper bounds in ``recipe_limits.py``)."""
+    for key in _POSITIVE:
+        _check_positive(key, getattr(recipe, key))
+    for key in _POSITIVE_OR_NULL:
+        if getattr(recipe, key) is not None:
+            _check_positive(key, getattr(recipe, key))
+    for key in ("weight_decay", "warmup_steps", "eval_every", "save_every"):
+        if getattr(recipe, key) < 0:
+            raise RecipeError(f"{key} must be >= 0, got {getattr(recipe, key)!r}")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(recipe, key) < 1:
+            raise RecipeError(f"{key} must be in [0, 1), got {getattr(recipe, key)!r}; e.g. {key}=0.9")
+    from .recipe_limits import check_upper_bounds
+
+    check_upper_bounds(recipe, recipe.lora)
+    if not 0 < recipe.eval_fraction < 1:
+        raise RecipeError(f"eval_fraction must be between 0 and 1, got {recipe.eval_fraction!r}; e.g. 0.05")
+
+
 def _check_distributed(recipe: Recipe) -> None:
     if recipe.distributed == "fsdp":
-        if recipe.objective != "causal_lm":
-            raise RecipeError(f"distributed=fsdp shards causal_lm models; use distributed=ddp for {recipe.objective}")
+        from .train.objectives import OBJECTIVES
+
+        if not OBJECTIVES[recipe.objective].supports_fsdp:
+            sharded = ", ".join(name for name, cls in OBJECTIVES.items() if cls.supports_fsdp)
+            raise RecipeError(f"distributed=fsdp shards {sharded} models; use distributed=ddp for {recipe.objective}")
         if recipe.merge_adapter:
             raise RecipeError(
                 "merge_adapter needs the whole base in one process, which distributed=fsdp never gathers; set "
@@ -298,12 +296,13 @@ def _check_distributed(recipe: Recipe) -> None:
 def _check_finite(section, prefix: str = "") -> None:
     """Every float field of a section is a finite number (inf / nan would pass the range checks)."""
     for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            default = "null" if f.default is None else f.default
-            raise RecipeError(
-                f"{prefix}{f.name} must be a finite number, got {value!r}; set a real value (default: {default})"
-            )
+        _check_finite_value(f"{prefix}{f.name}", getattr(section, f.name), f.default)
+
+
+def _check_finite_value(key: str, value, default) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        default = "null" if default is None else default
+        raise RecipeError(f"{key} must be a finite number, got {value!r}; set a real value (default: {default})")
 
 
 def template_fields(template: str) -> list[str]:
@@ -356,12 +355,13 @@ def _check_choice(key: str, value, allowed) -> None:
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
 
 
-def _type_name(tp) -> str:
+def type_name(tp) -> str:
+    """A type annotation in the words error messages and ``--keys`` use (``an integer or null``)."""
     args = typing.get_args(tp)
-    if typing.get_origin(tp) is list:
+    if typing.get_origin(tp) in (list, tuple):
         return "a list of names"
     if args:
-        return " or ".join(_type_name(a) for a in args)
+        return " or ".join(type_name(a) for a in args)
     return _TYPE_WORDS.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -380,10 +380,8 @@ def _coerce(key: str, value: Any, tp) -> Any:
                 return _coerce(key, value, arg)
             except RecipeError as e:
                 errors.append(e)
-        raise RecipeError(
-            f"{key} must be {_type_name(tp)}, got {_short(value)} ({type(value).__name__}); fix its value"
-        )
-    if origin is list:
+        raise RecipeError(f"{key} must be {type_name(tp)}, got {_short(value)} ({type(value).__name__}); fix its value")
+    if origin in (list, tuple):  # tuple[str, ...] (LoraConfig's names) is written as a YAML list too
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise RecipeError(f"{key} must be a list of strings, got {_short(value)}")
         return list(value)
@@ -471,90 +469,13 @@ def _build(cls, raw: dict, where: str, prefix: str = ""):
             kwargs[key] = _build(tp, value if value is not None else {}, where, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(f"{prefix}{key}", value, tp)
+    make = lora_section if cls is LoraConfig else cls  # the lora: section gets the recipe's defaults and checks
     try:
-        return cls(**kwargs)
+        return make(**kwargs)
     except (TypeError, ValueError) as e:
         if isinstance(e, RecipeError):
             raise
         raise RecipeError(f"invalid recipe {where}: {e}") from None
-
-
-# ----- finding and reading recipes ---------------------------------------------------------------------------
-def bundled_recipes() -> dict[str, str]:
-    """Name -> first description line of every recipe shipped in ``qlora_kit.recipes``."""
-    out = {}
-    for entry in sorted(importlib.resources.files("qlora_kit.recipes").iterdir(), key=lambda p: p.name):
-        if entry.name.endswith(".yaml"):
-            try:
-                raw = yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError:
-                raw = {}
-            out[entry.name[: -len(".yaml")]] = str(raw.get("description", "")) if isinstance(raw, dict) else ""
-    return out
-
-
-def recipe_text(name_or_path: str) -> tuple[str, str]:
-    """(YAML text, where it came from) of a bundled recipe name or a path to a YAML file."""
-    looks_like_path = name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path or "/" in name_or_path
-    if looks_like_path or os.path.isfile(name_or_path):
-        path = Path(name_or_path).expanduser()
-        if not path.is_file():
-            raise RecipeError(f"recipe file {str(path)!r} does not exist; check the path or run `qlora-kit ls`")
-        try:
-            check_size(path.stat().st_size, f"recipe file {str(path)!r}")
-            return path.read_text(encoding="utf-8"), str(path)
-        except YamlLimitError as e:
-            raise RecipeError(str(e)) from None
-        except UnicodeDecodeError as e:
-            raise RecipeError(
-                f"recipe file {str(path)!r} is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML"
-            ) from None
-        except OSError as e:
-            raise RecipeError(f"cannot read recipe file {str(path)!r} ({e.strerror}); check its permissions") from None
-    resource = importlib.resources.files("qlora_kit.recipes") / f"{name_or_path}.yaml"
-    if not resource.is_file():
-        names = list(bundled_recipes())
-        close = difflib.get_close_matches(name_or_path, names, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise RecipeError(
-            f"unknown recipe {name_or_path!r}; {hint}pass a bundled name ({', '.join(names)}) or a path to a .yaml file"
-        )
-    return resource.read_text(encoding="utf-8"), f"{name_or_path} (bundled)"
-
-
-def parse_yaml(text: str, where: str) -> dict:
-    """Strict YAML mapping: safe_load only (no tags, no code), duplicate keys rejected."""
-    try:
-        data = bounded_load(text, where, _StrictLoader)
-    except YamlLimitError as e:
-        raise RecipeError(str(e)) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(f"{where} is not valid YAML{at} ({problem}); fix the syntax there") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where} must be a mapping of key: value, got a {type(data).__name__}")
-    return data
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys (a silent last-one-wins is a classic recipe bug)."""
-
-
-def _construct_mapping(loader, node, deep=False):
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -604,7 +525,7 @@ def _parse_override_value(text: str, tp, where: str = "the override value") -> A
     if takes_str:
         if type(None) in args and stripped in ("null", "~", "None"):
             return None
-        if not any(typing.get_origin(a) is list for a in args) or not stripped.startswith("["):
+        if not any(typing.get_origin(a) in (list, tuple) for a in args) or not stripped.startswith("["):
             return text
     try:
         return bounded_load(text, where, yaml.SafeLoader) if stripped else ""

@@ -1,8 +1,9 @@
 """``qlora-kit finetune --keys``: every recipe key with its type, default and one line of documentation.
 
-The documentation is the field comments of :class:`qlora_kit.recipe.Recipe` and
-:class:`qlora_kit.recipe.LoraSection` (the one place it is written): a trailing ``# ...`` on the field's
-line, or the comment lines just above it.
+The documentation is the field comments of :class:`qlora_kit.recipe.Recipe` and of
+:class:`qlora_kit.LoraConfig` for the ``lora.*`` keys (the one place it is written): a trailing ``# ...``
+on the field's line, or the comment lines just above it. The ``lora.*`` defaults are the recipe's
+(:data:`qlora_kit.recipe.LORA_DEFAULTS` over LoraConfig's own).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import inspect
 import re
 import typing
 
-from .recipe import LoraSection, Recipe, _type_name
+from .lora_config import LoraConfig
+from .recipe import LORA_DEFAULTS, Recipe, type_name
 
 _SHORT = {"a string": "str", "an integer": "int", "a number": "float"}
 _FIELD = re.compile(r"^\s+(\w+)\s*:\s*[^=]+?(?:=\s*(.*?))?\s*(?:#\s*(.*))?$")
@@ -38,8 +40,10 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def _default(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
+def _default(f: dataclasses.Field, overrides: dict) -> str:
+    if f.name in overrides:
+        value = overrides[f.name]
+    elif f.default is not dataclasses.MISSING:
         value = f.default
     elif f.default_factory is not dataclasses.MISSING:
         value = f.default_factory()
@@ -57,16 +61,16 @@ def _default(f: dataclasses.Field) -> str:
 def key_rows() -> list[tuple[str, str, str, str]]:
     """(key, type, default, documentation) for every recipe key, nested ones dotted (``lora.r``)."""
     rows = []
-    for cls, prefix in ((Recipe, ""), (LoraSection, "lora.")):
+    for cls, prefix, defaults in ((Recipe, "", {}), (LoraConfig, "lora.", LORA_DEFAULTS)):
         hints = typing.get_type_hints(cls)
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(hints[f.name]):
                 continue
-            words = _type_name(hints[f.name]).replace("true or false", "bool").replace("a list of names", "list")
+            words = type_name(hints[f.name]).replace("true or false", "bool").replace("a list of names", "list")
             words = words.split(" or ")
             type_words = " | ".join(_SHORT.get(w, w) for w in words)
-            default = "runs/<recipe name>" if f.name == "output_dir" else _default(f)
+            default = "runs/<recipe name>" if f.name == "output_dir" else _default(f, defaults)
             rows.append((prefix + f.name, type_words, default, docs.get(f.name, "")))
     return rows
 

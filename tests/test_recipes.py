@@ -12,11 +12,11 @@ import yaml
 
 from qlora_kit.recipe import (
     KEY_ALIASES,
-    LoraSection,
     Recipe,
     RecipeError,
     bundled_recipes,
     load_recipe,
+    lora_section,
     recipe_from_dict,
     suggest_key,
     to_dict,
@@ -157,7 +157,33 @@ def test_non_finite_numbers_are_rejected_from_yaml_and_python(tmp_path):
     with pytest.raises(RecipeError, match="d_learning_rate must be a finite number"):
         Recipe(d_learning_rate=float("inf"))
     with pytest.raises(RecipeError, match="lora.alpha must be a finite number"):
-        LoraSection(alpha=float("inf"))
+        lora_section(alpha=float("inf"))
+
+
+def test_the_lora_section_is_a_lora_config_with_the_recipe_defaults():
+    import qlora_kit
+    from qlora_kit.recipe import LORA_DEFAULTS
+
+    r = load_recipe("quickstart", ["lora.r=4", "lora.target_modules=[q_proj, v_proj]"])
+    assert type(r.lora) is qlora_kit.LoraConfig
+    assert r.lora.target_modules == ("q_proj", "v_proj") and r.lora.r == 4
+    default = Recipe().lora
+    assert (default.alpha, default.dropout) == (LORA_DEFAULTS["alpha"], LORA_DEFAULTS["dropout"]) == (32.0, 0.05)
+    assert lora_section(r=8) == qlora_kit.LoraConfig(r=8, alpha=32.0, dropout=0.05)
+    with pytest.raises(RecipeError, match="invalid lora section.*regular expression"):
+        lora_section(target_modules="(unclosed")
+
+
+def test_every_objective_is_a_registered_class_with_its_built_in_models():
+    from qlora_kit.recipe import BUILTIN_DATASETS, BUILTIN_MODELS, objectives
+    from qlora_kit.train.objectives import OBJECTIVES, make_objective
+
+    assert set(objectives()) == set(OBJECTIVES) == set(BUILTIN_MODELS.values())
+    for name, cls in OBJECTIVES.items():
+        assert cls.name == name and cls.unit in ("tokens", "images")
+        assert cls.data_kind in BUILTIN_DATASETS.values()
+    assert [n for n, c in OBJECTIVES.items() if c.language_model] == ["causal_lm"]
+    assert make_objective(load_recipe("dcgan_qlora")).makes_samples
 
 
 def test_recipe_files_that_are_not_utf8_are_user_errors(tmp_path):

@@ -162,7 +162,7 @@ def test_metrics_untouched_when_the_resumed_run_fails_before_its_first_step(run_
     def broken(*args, **kwargs):
         raise RecipeError("the model does not build")
 
-    monkeypatch.setattr("qlora_kit.train.loop._Run.step_supervised", broken)
+    monkeypatch.setattr("qlora_kit.train.objectives.CausalLM.train_step", broken)
     with pytest.raises(RecipeError):
         _finetune(run_dir, "resume=true")
     assert (run_dir / "metrics.jsonl").read_bytes() == metrics

@@ -7,6 +7,7 @@ int4 / fp8), then adapters are attached with ``qlora_kit.add_lora``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -79,68 +80,26 @@ def _first_line(e: BaseException) -> str:
     return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
-def _from_pretrained_dtype_kw() -> str:
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-
-
 def load_base(recipe: Recipe, *, vocab_size: int | None = None, dtype: torch.dtype = torch.float32, meta=False):
-    """The float base model(s): {"model": ...} or {"generator": ..., "discriminator": ...}.
+    """The float base model(s) the recipe's objective builds: {"model": ...} or {"generator": ...,
+    "discriminator": ...}.
 
     ``meta=True`` builds hub / local models without weights (for ``--dry-run``; needs only config.json).
     """
-    from .. import models
+    from .objectives import objective_class
 
-    name = recipe.model
-    if name == "tiny-llama":
-        return {"model": models.tiny_llama(vocab_size=vocab_size or 256).train()}
-    if name == "tiny-gpt2":
-        # untied head: the base is random, so the recipes adapt the output head as well as the embeddings
-        return {"model": models.tiny_gpt2(vocab_size=vocab_size or 256, tie_word_embeddings=False).train()}
-    if name == "tiny-unet":
-        return {"model": models.tiny_unet(sample_size=recipe.image_size, channels=recipe.image_channels).train()}
-    if name == "dcgan":
-        if recipe.image_size != 8:
-            raise RecipeError(
-                f"the built-in dcgan makes 8x8 images, got image_size={recipe.image_size}; set image_size=8"
-            )
-        gen = models.dcgan_generator(nz=recipe.latent_dim, nc=recipe.image_channels).train()
-        torch.manual_seed(1)
-        disc = models.DCGANDiscriminator(nc=recipe.image_channels).train()
-        return {"generator": gen, "discriminator": disc}
+    objective = objective_class(recipe.objective)
+    if recipe.model in BUILTIN_MODELS:
+        return objective.builtin(recipe, vocab_size)
     check_model_path(recipe)
-    source = os.path.expanduser(name)
     try:
-        if recipe.objective == "causal_lm":
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            if meta:
-                from accelerate import init_empty_weights
-
-                config = AutoConfig.from_pretrained(source)
-                with init_empty_weights():
-                    return {"model": AutoModelForCausalLM.from_config(config)}
-            kwargs = {_from_pretrained_dtype_kw(): dtype, "low_cpu_mem_usage": True, "use_safetensors": True}
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs).train()
-            if getattr(model, "loss_type", "") is None:  # GPT-2's class name maps to no loss: transformers warns
-                model.loss_type = "ForCausalLM"
-            return {"model": model}
-        from diffusers import UNet2DModel
-
-        sub = "unet" if os.path.isdir(os.path.join(source, "unet")) else None
-        if meta:
-            from accelerate import init_empty_weights
-
-            with init_empty_weights():
-                return {"model": UNet2DModel.from_config(UNet2DModel.load_config(source, subfolder=sub))}
-        return {
-            "model": UNet2DModel.from_pretrained(source, subfolder=sub, torch_dtype=dtype, use_safetensors=True).train()
-        }
+        return objective.pretrained(recipe, os.path.expanduser(recipe.model), dtype, meta)
+    except RecipeError:
+        raise
     except (OSError, ValueError, KeyError) as e:
         raise RecipeError(
-            f"could not load model {name!r} ({_first_line(e)}); check the name or path, the network, or use a built-in"
+            f"could not load model {recipe.model!r} ({_first_line(e)}); check the name or path, the network, or use a "
+            "built-in"
         ) from None
 
 
@@ -171,26 +130,14 @@ def _lora_capable(model: nn.Module, include_convs: bool) -> list[str]:
 
 
 def lora_config(recipe: Recipe, model: nn.Module):
-    """The qlora_kit LoraConfig of a recipe for one model (``target_modules: all`` is resolved to paths)."""
-    from ..lora import LoraConfig
-
-    section = recipe.lora
-    target = section.target_modules
-    if target == "all":
-        target = tuple(_lora_capable(model, include_convs=True))
-        if not target:
-            raise RecipeError(f"lora.target_modules=all found no adaptable layer in {type(model).__name__}")
+    """The recipe's LoraConfig for one model (``target_modules: all`` resolved to that model's layer paths)."""
+    if recipe.lora.target_modules != "all":
+        return recipe.lora
+    target = tuple(_lora_capable(model, include_convs=True))
+    if not target:
+        raise RecipeError(f"lora.target_modules=all found no adaptable layer in {type(model).__name__}")
     try:
-        return LoraConfig(
-            r=section.r,
-            alpha=section.alpha,
-            dropout=section.dropout,
-            target_modules=target,
-            exclude_modules=section.exclude_modules,
-            use_rslora=section.use_rslora,
-            use_dora=section.use_dora,
-            init=section.init,
-        )
+        return dataclasses.replace(recipe.lora, target_modules=target)
     except ValueError as e:
         raise RecipeError(f"invalid lora section: {e}") from None
 
@@ -328,8 +275,13 @@ def build(recipe: Recipe, *, device: torch.device | None = None, vocab_size: int
     dtype = compute_dtype(recipe)
     qconfig = quant_config(recipe, dtype)
     bases = load_base(recipe, vocab_size=vocab_size, dtype=dtype)
-    if recipe.gradient_checkpointing and recipe.objective == "gan":
-        raise RecipeError("gradient_checkpointing is not supported for objective=gan; set gradient_checkpointing=false")
+    from .objectives import objective_class
+
+    if recipe.gradient_checkpointing and not objective_class(recipe.objective).supports_gradient_checkpointing:
+        raise RecipeError(
+            f"gradient_checkpointing is not supported for objective={recipe.objective}; "
+            "set gradient_checkpointing=false"
+        )
     n_params = n_trainable = lora_layers = qlayers = bytes_float = bytes_trainable = 0
     kinds: dict[str, int] = {}
     for index, (role, model) in enumerate(bases.items()):

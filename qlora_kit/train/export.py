@@ -30,6 +30,7 @@ def model_with_adapter(recipe: Recipe, adapter_dir: str | Path | None, *, quanti
     from ..data import build_tokenizer
     from ..lora import load_adapter
     from .build import compute_dtype, load_base, quant_config, vocab_for_builtin
+    from .objectives import objective_class
 
     if adapter_dir is not None and recipe.lora.init in ("pissa", "loftq"):
         raise RecipeError(
@@ -38,7 +39,7 @@ def model_with_adapter(recipe: Recipe, adapter_dir: str | Path | None, *, quanti
         )
     dtype = compute_dtype(recipe)
     vocab = None
-    if recipe.objective == "causal_lm" and recipe.tokenizer not in ("auto", "bytes"):
+    if objective_class(recipe.objective).language_model and recipe.tokenizer not in ("auto", "bytes"):
         vocab = vocab_for_builtin(recipe, build_tokenizer(recipe))
     bases = load_base(recipe, vocab_size=vocab, dtype=dtype)
     model = bases.get("model") or bases["generator"]

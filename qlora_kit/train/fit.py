@@ -41,11 +41,11 @@ def weight_dims(module: nn.Module) -> tuple[int, int]:
 
 
 def _targets(model: nn.Module, recipe: Recipe) -> list[tuple[str, nn.Module]]:
-    from ..lora import _find_targets
+    from ..lora import find_targets
     from .build import lora_config
 
     try:
-        return _find_targets(model, lora_config(recipe, model))
+        return find_targets(model, lora_config(recipe, model))
     except ValueError:
         return []  # attach_lora reports target problems in its own words
 
@@ -80,42 +80,15 @@ def _meta_bases(recipe: Recipe, vocab_size: int | None) -> dict[str, nn.Module]:
         return load_base(recipe, vocab_size=vocab_size, dtype=compute_dtype(recipe), meta=True)
 
 
-@torch.no_grad()
-def _image_activation_bytes(model: nn.Module, recipe: Recipe, role: str, a: int) -> int:
-    """Every leaf module's output for one image at up to 32 x 32 (on meta: shapes only), scaled to the
-    recipe's image size and batch, doubled for the gradients."""
-    total = 0
-
-    def hook(_m, _i, out):
-        nonlocal total
-        if isinstance(out, torch.Tensor):
-            total += out.numel()
-
-    side = recipe.image_size if role != "model" else min(recipe.image_size, 32)
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    try:
-        with torch.device("meta"):
-            if role == "generator":
-                model(torch.zeros(1, recipe.latent_dim))
-            else:
-                x = torch.zeros(1, recipe.image_channels, side, side)
-                model(x) if role == "discriminator" else model(x, torch.zeros(1, dtype=torch.long))
-    except (RuntimeError, TypeError, ValueError, NotImplementedError):
-        return 0  # an architecture the meta device cannot run: no activation estimate
-    finally:
-        for h in handles:
-            h.remove()
-    return int(2 * total * a * recipe.batch_size * (recipe.image_size / side) ** 2)
-
-
 def estimate(recipe: Recipe, vocab_size: int | None = None) -> dict[str, int]:
     """Bytes one process needs: {"weights", "adapters", "activations", "total"}; raises RecipeError on a
     LoRA rank the targeted layers cannot hold."""
     from .build import compute_dtype, count_params, estimate_quantized_bytes
-    from .loop import _lm_activation_bytes
+    from .objectives import objective_class
 
     a = torch.empty((), dtype=compute_dtype(recipe)).element_size()
     weights = adapters = act = 0
+    objective = objective_class(recipe.objective)(recipe)
     for role, model in _meta_bases(recipe, vocab_size).items():
         q, f, _ = estimate_quantized_bytes(model, recipe)
         if role == "discriminator" and recipe.discriminator == "full":
@@ -124,10 +97,7 @@ def estimate(recipe: Recipe, vocab_size: int | None = None) -> dict[str, int]:
         else:
             weights += q + f
             adapters += check_rank(model, recipe) * ADAM_BYTES_PER_PARAM
-        if recipe.objective == "causal_lm":
-            act += _lm_activation_bytes(model, recipe, a)
-        else:
-            act += _image_activation_bytes(model, recipe, role, a)
+        act += objective.activation_bytes(model, role, a)
     return {"weights": weights, "adapters": adapters, "activations": act, "total": weights + adapters + act}
 
 

@@ -11,11 +11,11 @@ batch.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +24,8 @@ from torch import nn
 from ..recipe import Recipe, RecipeError, save_resolved, to_yaml
 from . import checkpoint, fsdp, guard, resume
 from . import lock as run_lock
-from .report import Metrics, Progress, banner, fmt_bytes, fmt_count, fmt_rate, peak_memory
+from .report import Metrics, Progress, peak_memory
+from .summary import compact_yaml, run_banner, run_summary
 
 _RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "adapter")
 
@@ -160,7 +161,8 @@ def _check_writable(out_dir: Path, probe: bool = True) -> None:
 
 
 class _Run:
-    """State of one training run (kept in one object so the loop reads top to bottom)."""
+    """State of one training run (kept in one object so the loop reads top to bottom). The objective
+    (``obj``) runs the steps and evaluations through :meth:`micro_batch`, :meth:`clip` and :meth:`finish`."""
 
     def __init__(self, recipe: Recipe, accelerator, built, data, objective):
         self.recipe, self.acc, self.built, self.data, self.obj = recipe, accelerator, built, data, objective
@@ -194,114 +196,39 @@ class _Run:
         self.params = {role: [p for p in m.parameters() if p.requires_grad] for role, m in self.models.items()}
 
     # ----- one optimizer step ----------------------------------------------------------------------------
-    def _micro_batch(self, idx: list[int], micro: int) -> torch.Tensor:
+    def micro_batch(self, idx: list[int], micro: int) -> torch.Tensor:
+        """This process's slice of micro-step ``micro`` of the global batch ``idx``, on the device."""
         lo = (micro * self.world + self.rank) * self.B
         return self.data.train.get(idx[lo : lo + self.B]).to(self.device)
 
-    def _clip(self, role: str) -> float:
+    def clip(self, role: str) -> float:
+        """Clip the role's gradients to max_grad_norm; returns their norm before clipping."""
         limit = self.recipe.max_grad_norm if self.recipe.max_grad_norm is not None else float("inf")
         norm = self.acc.clip_grad_norm_(self.params[role], limit)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
         return float(norm) if norm is not None else float("nan")
 
-    def _finish(self, role: str) -> None:
+    def finish(self, role: str) -> None:
+        """Optimizer and scheduler step for the role, gradients cleared."""
         self.optimizers[role].step()
         self.schedulers[role].step()
         self.optimizers[role].zero_grad(set_to_none=True)
 
-    def step_supervised(self, step: int, idx: list[int]) -> dict:
-        model, accum = self.wrapped["model"], self.recipe.grad_accum_steps
-        total = torch.zeros((), device=self.device)
-        for micro in range(accum):
-            batch = self._micro_batch(idx, micro)
-            g = _step_gen(self.recipe.seed, step, micro)
-            sync = contextlib.nullcontext() if micro == accum - 1 else self.acc.no_sync(model)
-            with sync:
-                with self.acc.autocast():
-                    loss = self.obj.loss(model, batch, g, self.rank * self.B, self.world * self.B)
-                self.acc.backward(loss / accum)
-            total += loss.detach().float()
-        grad_norm = self._clip("model")
-        if guard.step_is_finite(self, "model", step, total / accum, grad_norm):
-            self._finish("model")
-        return {"loss": total / accum, "grad_norm": grad_norm}
-
-    def step_gan(self, step: int, idx: list[int]) -> dict:
-        gen, disc = self.wrapped["generator"], self.wrapped["discriminator"]
-        real = self._micro_batch(idx, 0)
-        g = _step_gen(self.recipe.seed, step, 0)
-        z = self.obj.latents(g, self.rank * self.B, self.B, self.world * self.B, self.device)
-        with self.acc.autocast():
-            fake = gen(z)
-            out = disc(torch.cat([real, fake.detach().to(real.dtype)]))
-            d_loss = self.obj.d_loss(out[: len(real)], out[len(real) :])
-        self.acc.backward(d_loss)
-        if guard.step_is_finite(self, "discriminator", step, d_loss, self._clip("discriminator")):
-            self._finish("discriminator")
-        with self.acc.autocast():  # the unwrapped D: its gradients are not wanted (and DDP must not wait for them)
-            g_loss = self.obj.g_loss(self.models["discriminator"](fake))
-        self.acc.backward(g_loss, inputs=self.params["generator"])
-        grad_norm = self._clip("generator")
-        if guard.step_is_finite(self, "generator", step, g_loss, grad_norm):
-            self._finish("generator")
-        self.optimizers["discriminator"].zero_grad(set_to_none=True)
-        return {"loss": g_loss.detach().float(), "d_loss": d_loss.detach().float(), "grad_norm": grad_norm}
-
-    # ----- evaluation ------------------------------------------------------------------------------------
-    def eval_protocol(self) -> str:
-        """What evaluate() measures (``qlora-kit eval`` measures the same first sequences by default)."""
-        if self.data.eval is None or self.recipe.objective != "causal_lm":
-            return ""
-        n = min(len(self.data.eval), self.recipe.eval_batches * self.B * self.world)
-        return f" (first {n} held-out sequences x {self.recipe.seq_len} tokens)"
-
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """The objective's evaluation on the held-out data ({} without any), models in eval mode meanwhile."""
         if self.data.eval is None:
             return {}
         for m in self.models.values():
             m.eval()
-        n_eval = min(len(self.data.eval), self.recipe.eval_batches * self.B * self.world)
-        span = self.B * self.world
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        gan_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for b in range(math.ceil(n_eval / span)):
-            lo = b * span + self.rank * self.B
-            indices = list(range(lo, min(lo + self.B, n_eval)))
-            weight = 1.0
-            if not indices:
-                if not self.acc.is_fsdp2:
-                    continue
-                indices, weight = [0], 0.0  # FSDP2: every process runs every forward (its all-gathers)
-            batch = self.data.eval.get(indices).to(self.device)
-            g = torch.Generator().manual_seed(10_000 + b)
-            with self.acc.autocast():
-                if self.recipe.objective == "gan":
-                    z = self.obj.latents(g, self.rank * self.B, len(indices), span, self.device)
-                    fake = self.models["generator"](z)
-                    out = self.models["discriminator"](torch.cat([batch, fake.to(batch.dtype)])).float()
-                    n = len(indices)
-                    gan_sums[0] += self.obj.d_loss(out[:n], out[n:]).double() * n
-                    gan_sums[1] += self.obj.g_loss(out[n:]).double() * n
-                    sums[1] += n
-                else:
-                    s, n = self.obj.eval_sums(self.models["model"], batch, g, self.rank * self.B, span)
-                    sums[0] += s.double() * weight
-                    sums[1] += n * weight
-        sums, gan_sums = self.acc.reduce(sums, "sum"), self.acc.reduce(gan_sums, "sum")
+        out = self.obj.evaluate(self)
         for m in self.models.values():
             m.train()
-        count = max(float(sums[1]), 1.0)
-        if self.recipe.objective == "gan":
-            return {"eval_d_loss": float(gan_sums[0]) / count, "eval_g_loss": float(gan_sums[1]) / count}
-        loss = float(sums[0]) / count
-        out = {"eval_loss": loss}
-        if self.recipe.objective == "causal_lm":
-            out["eval_ppl"] = math.exp(min(loss, 50.0))
         return out
 
     # ----- saving ----------------------------------------------------------------------------------------
     def save_adapters(self, directory: Path) -> None:
+        """Each role's adapter (or, for a fully trained discriminator, its weights) into ``directory``."""
         from safetensors.torch import save_file
 
         from ..lora import save_adapter
@@ -318,12 +245,6 @@ class _Run:
                 save_adapter(model, directory / name, as_trained=as_trained, overwrite=True)  # keeps user files
 
 
-def _step_gen(seed: int, step: int, micro: int) -> torch.Generator:
-    from .objectives import step_generator
-
-    return step_generator(seed, step, micro)
-
-
 def _say(accelerator, text: str = "") -> None:
     if accelerator.is_main_process:
         print(text, flush=True)
@@ -337,10 +258,6 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
         RecipeError: a user mistake found before anything was written (bad paths, a model that does not
             load, too little data, an output_dir holding another run, ...).
     """
-    from ..data import build_tokenizer, load_data
-    from .build import build, vocab_for_builtin
-    from .fit import check_fits
-    from .objectives import make_objective
     from .preflight import preflight
 
     out_dir = Path(recipe.output_dir).expanduser()
@@ -348,7 +265,28 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
     checks = preflight(recipe, dry_run=dry_run)
     resume_from = _preflight(recipe, out_dir, dry_run)
     if dry_run:
+        from .dry_run import dry_run_report
+
         return dry_run_report(recipe, checks)
+    run, tokenizer = _start(recipe)
+    resume_from, start_step = _resume(run, out_dir, resume_from)
+    # ----- from here on the run writes to output_dir ----------------------------------------------------
+    metrics = _claim_output(run, out_dir, resume_from, start_step)
+    _say(run.acc, f"resolved config (saved as {out_dir / 'config.yaml'}):\n{compact_yaml(recipe)}")
+    _say(run.acc, run_banner(recipe, run, run.built, run.data, resume_from, start_step))
+    for note in checks.notes:
+        _say(run.acc, f"note: {note}")
+    trained = _train(run, metrics, start_step, out_dir)
+    return _wrap_up(run, trained, out_dir, tokenizer, start_step)
+
+
+def _start(recipe: Recipe) -> tuple[_Run, object]:
+    """(the run with its model(s) built, data loaded and optimizers made, the tokenizer)."""
+    from ..data import build_tokenizer, load_data
+    from .build import build, vocab_for_builtin
+    from .fit import check_fits
+    from .objectives import make_objective
+
     if recipe.cpu_threads is not None:
         torch.set_num_threads(recipe.cpu_threads)
     accelerator = _accelerator(recipe)
@@ -359,23 +297,30 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
     data = load_data(recipe, tokenizer)
     check_fits(recipe, accelerator.device, vocab_for_builtin(recipe, tokenizer))  # rank and memory, before allocating
     built = build(recipe, device=accelerator.device, vocab_size=vocab_for_builtin(recipe, tokenizer))
-    objective = make_objective(recipe)
-    run = _Run(recipe, accelerator, built, data, objective)
-    start_step, state = 0, {}
-    if resume_from is not None:  # every file checked before anything is restored or written; damage: fall back
-        with fsdp.full_state(run.models, run.optimizers, saving=False) as optimizers:
-            resume_from, state = resume.load_newest_intact(
-                out_dir / "checkpoints", accelerator.process_index, run.models, optimizers, run.schedulers,
-                run.max_steps, lambda text: _say(accelerator, text),
-            )  # fmt: skip
-        start_step = state["step"]
-        if state.get("data_fingerprint") != data.fingerprint:
-            _say(accelerator, "warning: the training data changed since the checkpoint; resuming anyway")
-        changed = _changed_keys(state.get("recipe"), recipe)
-        if changed:
-            _say(accelerator, f"warning: resuming with different {', '.join(changed)} than the checkpoint's run")
+    return _Run(recipe, accelerator, built, data, make_objective(recipe)), tokenizer
 
-    # ----- from here on the run writes to output_dir ----------------------------------------------------
+
+def _resume(run: _Run, out_dir: Path, resume_from: Path | None) -> tuple[Path | None, int]:
+    """(checkpoint restored, its step): every file checked before anything is restored; damage: fall back."""
+    if resume_from is None:
+        return None, 0
+    accelerator = run.acc
+    with fsdp.full_state(run.models, run.optimizers, saving=False) as optimizers:
+        resume_from, state = resume.load_newest_intact(
+            out_dir / "checkpoints", accelerator.process_index, run.models, optimizers, run.schedulers,
+            run.max_steps, lambda text: _say(accelerator, text),
+        )  # fmt: skip
+    if state.get("data_fingerprint") != run.data.fingerprint:
+        _say(accelerator, "warning: the training data changed since the checkpoint; resuming anyway")
+    changed = _changed_keys(state.get("recipe"), run.recipe)
+    if changed:
+        _say(accelerator, f"warning: resuming with different {', '.join(changed)} than the checkpoint's run")
+    return resume_from, state["step"]
+
+
+def _claim_output(run: _Run, out_dir: Path, resume_from: Path | None, start_step: int) -> Metrics:
+    """Lock output_dir (main process), clear an overwritten run, save config.yaml; the metrics writer."""
+    recipe, accelerator = run.recipe, run.acc
     if accelerator.is_main_process:
         run_lock.acquire(out_dir, say=print)  # held until finetune returns; a second run is refused
         if resume_from is None and not recipe.overwrite and _holds_run(out_dir):  # written since the preflight
@@ -386,28 +331,37 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
                 shutil.rmtree(out_dir / marker, ignore_errors=True)
         save_resolved(recipe, out_dir / "config.yaml")
     accelerator.wait_for_everyone()
-    metrics = Metrics(  # metrics.jsonl is rewritten on the first new line only: after the run proved it starts
+    return Metrics(  # metrics.jsonl is rewritten on the first new line only: after the run proved it starts
         out_dir / "metrics.jsonl" if accelerator.is_main_process else None,
         start_step if resume_from is not None else None,
     )
 
-    _say(accelerator, f"resolved config (saved as {out_dir / 'config.yaml'}):\n{compact_yaml(recipe)}")
-    _say(accelerator, _banner(recipe, run, built, data, resume_from, start_step))
-    for note in checks.notes:
-        _say(accelerator, f"note: {note}")
+
+@dataclass
+class _Trained:
+    """What the step loop leaves for the summary."""
+
+    losses: dict[int, float]
+    last_eval: dict
+    stop_at: int
+    elapsed: float
+    units_done: int
+
+
+def _train(run: _Run, metrics: Metrics, start_step: int, out_dir: Path) -> _Trained:
+    """The optimizer steps from ``start_step``: log, evaluate and checkpoint as the recipe asks."""
+    recipe, accelerator, objective = run.recipe, run.acc, run.obj
     progress = Progress(run.max_steps, start_step, recipe.progress_bar and accelerator.is_main_process, objective.unit)
     losses: dict[int, float] = {}
     last_eval: dict = {}
     stop_at = min(run.max_steps, recipe.stop_after_steps or run.max_steps)
     t_start = time.perf_counter()
-    units_done = 0
-    rate = 0.0
-    step = start_step
+    units_done, rate = 0, 0.0
     for step in range(start_step, stop_at):
         epoch, idx = run.sampler.batch(step)
         lr = run.schedulers[run.roles[0]].get_last_lr()[0]
         t0 = time.perf_counter()
-        out = run.step_gan(step, idx) if recipe.objective == "gan" else run.step_supervised(step, idx)
+        out = objective.train_step(run, step, idx)
         guard.check_params(run, step)  # an update that overflowed the weights stops the run before any save
         loss = accelerator.reduce(out["loss"].reshape(1), "mean").item()
         dt = time.perf_counter() - t0
@@ -419,64 +373,78 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
         done = step + 1
         info = {"epoch": epoch + 1, "loss": loss, "lr": lr, "rate": rate, "mem_label": mem_label, "mem_mb": mem_mb}
         if done % recipe.log_every == 0 or done == stop_at:
-            record = {
-                "step": done,
-                "epoch": round(done / run.sampler.steps_per_epoch, 4),
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": out["grad_norm"],
-                f"{objective.unit}_per_s": round(rate, 2),
-                "peak_mem_mb": round(mem_mb, 1),
-                "elapsed_s": round(time.perf_counter() - t_start, 3),
-            }
-            if "d_loss" in out:
-                record["d_loss"] = accelerator.reduce(out["d_loss"].reshape(1), "mean").item()
-            metrics.write(record)
+            metrics.write(_record(run, out, done, loss, lr, rate, mem_mb, time.perf_counter() - t_start))
         progress.update(done, info)
         if (recipe.eval_every and done % recipe.eval_every == 0) or done == run.max_steps:
             last_eval = run.evaluate()
             if last_eval:
                 metrics.write({"step": done, **last_eval})
                 scores = " · ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items())
-                progress.write(f"eval @ step {done}: {scores}{run.eval_protocol()}")
+                progress.write(f"eval @ step {done}: {scores}{objective.eval_protocol(run)}")
         stopping = done == stop_at and stop_at < run.max_steps
         if (recipe.save_every and done % recipe.save_every == 0 and done < run.max_steps) or stopping:
-            state = {
-                "epoch": epoch,
-                "samples_seen": done * run.global_batch,
-                "data_position": {"epoch": epoch, "batch_in_epoch": step % run.sampler.steps_per_epoch + 1},
-                "data_fingerprint": data.fingerprint,
-                "recipe": to_yaml(recipe),
-            }
-            with fsdp.full_state(run.models, run.optimizers, saving=True) as optimizers:
-                path = checkpoint.save(
-                    accelerator,
-                    out_dir / "checkpoints",
-                    done,
-                    run.models,
-                    optimizers,
-                    run.schedulers,
-                    state,
-                    recipe.keep_checkpoints,
-                    run.save_adapters,
-                )
-            progress.write(f"checkpoint @ step {done}: {path}")
+            progress.write(f"checkpoint @ step {done}: {_checkpoint(run, out_dir, done, epoch, step)}")
     progress.close()
-    elapsed = time.perf_counter() - t_start
+    return _Trained(losses, last_eval, stop_at, time.perf_counter() - t_start, units_done)
+
+
+def _record(run: _Run, out: dict, done: int, loss: float, lr: float, rate: float, mem_mb: float, elapsed: float):
+    """One metrics.jsonl line for step ``done``."""
+    record = {
+        "step": done,
+        "epoch": round(done / run.sampler.steps_per_epoch, 4),
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": out["grad_norm"],
+        f"{run.obj.unit}_per_s": round(rate, 2),
+        "peak_mem_mb": round(mem_mb, 1),
+        "elapsed_s": round(elapsed, 3),
+    }
+    if "d_loss" in out:
+        record["d_loss"] = run.acc.reduce(out["d_loss"].reshape(1), "mean").item()
+    return record
+
+
+def _checkpoint(run: _Run, out_dir: Path, done: int, epoch: int, step: int) -> Path:
+    """Save a resumable checkpoint after step ``done``; returns its path."""
+    state = {
+        "epoch": epoch,
+        "samples_seen": done * run.global_batch,
+        "data_position": {"epoch": epoch, "batch_in_epoch": step % run.sampler.steps_per_epoch + 1},
+        "data_fingerprint": run.data.fingerprint,
+        "recipe": to_yaml(run.recipe),
+    }
+    with fsdp.full_state(run.models, run.optimizers, saving=True) as optimizers:
+        return checkpoint.save(
+            run.acc,
+            out_dir / "checkpoints",
+            done,
+            run.models,
+            optimizers,
+            run.schedulers,
+            state,
+            run.recipe.keep_checkpoints,
+            run.save_adapters,
+        )
+
+
+def _wrap_up(run: _Run, trained: _Trained, out_dir: Path, tokenizer, start_step: int) -> dict:
+    """Save the adapters (and samples, a merged export) unless stopped early; print the summary."""
+    recipe, accelerator = run.recipe, run.acc
     summary = {
-        "losses": losses,
-        "eval": last_eval,
-        "steps": stop_at,
+        "losses": trained.losses,
+        "eval": trained.last_eval,
+        "steps": trained.stop_at,
         "output_dir": str(out_dir),
-        "elapsed_s": elapsed,
-        "data_fingerprint": data.fingerprint,
+        "elapsed_s": trained.elapsed,
+        "data_fingerprint": run.data.fingerprint,
         "world_size": run.world,
         "local_bytes": fsdp.local_bytes(run.models[run.roles[0]]),  # this process's (shards of) parameters
     }
-    if stop_at < run.max_steps:
+    if trained.stop_at < run.max_steps:
         _say(
             accelerator,
-            f"stopped after step {stop_at} of {run.max_steps} (stop_after_steps); continue with: "
+            f"stopped after step {trained.stop_at} of {run.max_steps} (stop_after_steps); continue with: "
             f"qlora-kit finetune {out_dir / 'config.yaml'} resume=true stop_after_steps=null",
         )
         return summary
@@ -484,12 +452,13 @@ def finetune(recipe: Recipe, *, dry_run: bool = False) -> dict:
         if accelerator.is_main_process:
             run.save_adapters(out_dir)
     if accelerator.is_main_process:
-        if recipe.objective != "causal_lm":
-            summary["samples"] = _save_samples(recipe, run, out_dir / "samples.png")
+        if run.obj.makes_samples:
+            summary["samples"] = run.obj.save_samples(run, out_dir / "samples.png")
         if recipe.merge_adapter:
-            _export_merged(recipe, run, out_dir / "merged", tokenizer)
+            _export_merged(run, out_dir / "merged", tokenizer)
     accelerator.wait_for_everyone()
-    _say(accelerator, _summary(recipe, run, losses, last_eval, elapsed, units_done, start_step, out_dir))
+    t = trained
+    _say(accelerator, run_summary(recipe, run, t.losses, t.last_eval, t.elapsed, t.units_done, start_step, out_dir))
     return summary
 
 
@@ -515,293 +484,13 @@ def _changed_keys(saved_yaml: str | None, recipe: Recipe) -> list[str]:
     return sorted(k for k in now if k not in _RUN_ONLY_KEYS and k in saved and saved[k] != now[k])
 
 
-def compact_yaml(recipe: Recipe, width: int = 110) -> str:
-    """The resolved recipe as ``key: value`` pairs (dotted for ``lora.*``), a few per line, wrapped near ``width``
-    columns; the description is left out (the banner shows it). config.yaml holds the same values as YAML."""
-    import yaml
-
-    from ..recipe import to_dict
-
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}.")
-            elif k != "description":
-                text = yaml.safe_dump(v, default_flow_style=True, width=10**6).strip()
-                yield f"{prefix}{k}: {text.removesuffix(chr(10) + '...').strip()}"
-
-    lines, line = [], ""
-    for item in flat(to_dict(recipe)):  # whole pairs per line, never split inside one
-        if line and len(line) + 3 + len(item) > width:
-            lines.append(line)
-            line = ""
-        line = f"{line} · {item}" if line else f"  {item}"
-    return "\n".join([*lines, line] if line else lines)
-
-
 def _units(objective, recipe: Recipe, run: _Run) -> int:
     """Tokens (or images) one optimizer step processes over all processes."""
     per_example = recipe.seq_len if objective.unit == "tokens" else 1
     return run.global_batch * per_example
 
 
-@torch.no_grad()
-def _save_samples(recipe: Recipe, run: _Run, path: Path, n: int = 16) -> str | None:
-    """A 4 x 4 grid of generated images (fixed seed): DDPM sampling for diffusion, G(z) for GANs."""
-    try:
-        from PIL import Image
-    except ImportError:
-        return None
-    shape = (recipe.image_channels, recipe.image_size, recipe.image_size)
-    if recipe.objective == "gan":
-        gen = run.models["generator"].eval()
-        z = torch.randn((n, recipe.latent_dim), generator=torch.Generator().manual_seed(0)).to(run.device)
-        images = gen(z).float().clamp(-1, 1)
-        gen.train()
-    else:
-        model = run.models["model"].eval()
-        images = run.obj.sample(model, n, shape, run.device, seed=0).float()
-        model.train()
-    grid = images.reshape(4, 4, *shape).permute(0, 3, 1, 4, 2).reshape(4 * shape[1], 4 * shape[2], shape[0])
-    pixels = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
-    img = Image.fromarray(pixels[..., 0] if shape[0] == 1 else pixels)
-    scale = max(1, 128 // img.width)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
-    return str(path)
-
-
-def _export_merged(recipe: Recipe, run: _Run, directory: Path, tokenizer=None) -> None:
+def _export_merged(run: _Run, directory: Path, tokenizer=None) -> None:
     from .export import merge_and_save
 
     merge_and_save(run.models.get("model") or run.models["generator"], directory, tokenizer, overwrite=True)
-
-
-# ----- banner, summary, dry run ----------------------------------------------------------------------------
-def _size_line(built) -> str:
-    kinds = " + ".join(f"{k} {fmt_bytes(v)}" for k, v in built.bytes_by_kind.items())
-    return (
-        f"base {fmt_bytes(built.bytes_float)} float -> {fmt_bytes(built.bytes_now)} ({kinds}) "
-        f"+ {fmt_bytes(built.bytes_trainable)} trainable"
-    )
-
-
-def _quant_desc(recipe: Recipe) -> str:
-    if recipe.quantization == "none":
-        return "not quantized (LoRA on the float base)"
-    if recipe.quantization in ("nf4", "fp4"):
-        dq = ", double quant" if recipe.double_quant else ""
-        return f"{recipe.quantization} (blocks of {recipe.blocksize}{dq})"
-    if recipe.quantization == "int4":
-        return f"int4 (groups of {recipe.group_size})"
-    return recipe.quantization
-
-
-def _lora_desc(recipe: Recipe) -> str:
-    lo = recipe.lora
-    tm = lo.target_modules if isinstance(lo.target_modules, str) else ",".join(lo.target_modules)
-    extra = "".join([" rslora" if lo.use_rslora else "", " dora" if lo.use_dora else ""])
-    return f"LoRA r={lo.r} alpha={lo.alpha:g} dropout={lo.dropout:g} on {tm}{extra}"
-
-
-def _banner(recipe: Recipe, run: _Run, built, data, resume_from, start_step: int) -> str:
-    acc = run.acc
-    per_step = run.global_batch * (recipe.seq_len if run.obj.unit == "tokens" else 1)
-    devices = f"{acc.device.type} x {run.world}" + (
-        f" ({torch.cuda.get_device_name(acc.device)})" if acc.device.type == "cuda" else ""
-    )
-    lines = [
-        ("model", f"{built.description} · {fmt_count(built.n_params)} params · {_quant_desc(recipe)}"),
-        ("size", f"{_size_line(built)} · {built.quantized_layers} quantized layers"),
-        (
-            "adapters",
-            f"{_lora_desc(recipe)} · {built.lora_layers} layers · {fmt_count(built.n_trainable)} trainable "
-            f"({100 * built.n_trainable / max(1, built.n_params):.2f}%)",
-        ),
-        ("data", data.summary),
-        (
-            "steps",
-            f"{run.max_steps} = {run.max_steps / run.sampler.steps_per_epoch:.2g} epochs "
-            f"({run.sampler.steps_per_epoch} steps each{', set by max_steps' if recipe.max_steps else ''}) · "
-            f"batch {recipe.batch_size} x "
-            f"{recipe.grad_accum_steps} accum x {run.world} proc = {run.global_batch} "
-            f"({fmt_count(per_step)} {run.obj.unit}) per step",
-        ),
-        (
-            "optimizer",
-            f"{run.opt_desc} lr {recipe.learning_rate:g} · {recipe.lr_schedule}, warmup {recipe.warmup_steps}"
-            f" · clip {recipe.max_grad_norm} · wd {recipe.weight_decay:g}"
-            + (" · gradient checkpointing" if recipe.gradient_checkpointing else ""),
-        ),
-        (
-            "devices",
-            f"{devices} · precision {acc.mixed_precision} · compute {_compute(recipe)}" + fsdp.banner_note(run.models),
-        ),
-        ("output", f"{run.recipe.output_dir} (config.yaml, metrics.jsonl, checkpoints/, adapter/)"),
-    ]
-    if resume_from is not None:
-        lines.append(("resume", f"from {resume_from} (step {start_step})"))
-    return banner(lines, f"qlora-kit finetune · {recipe.objective} · {recipe.description or recipe.model}")
-
-
-def _compute(recipe: Recipe) -> str:
-    from .build import compute_dtype
-
-    return str(compute_dtype(recipe)).replace("torch.", "")
-
-
-def _summary(recipe, run, losses, last_eval, elapsed, units_done, start_step, out_dir) -> str:
-    steps = len(losses)
-    vals = list(losses.values())
-    tail = vals[-max(1, min(10, len(vals) // 5)) :]
-    label, mem = peak_memory(run.device)
-    lines = [
-        (
-            "train loss",
-            f"{vals[0]:.4f} (step {start_step + 1}) -> {sum(tail) / len(tail):.4f} (mean of the last {len(tail)} steps)"
-            if vals
-            else "no steps run",
-        ),
-    ]
-    if last_eval:
-        lines.append(("eval", " · ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items()) + run.eval_protocol()))
-    adapter = out_dir / "adapter"
-    lines += [
-        ("adapter", f"{adapter} (PEFT format: adapter_config.json + adapter_model.safetensors)"),
-        ("metrics", str(out_dir / "metrics.jsonl")),
-    ]
-    if recipe.merge_adapter:
-        lines.append(("merged", str(out_dir / "merged")))
-    if recipe.objective != "causal_lm" and (out_dir / "samples.png").is_file():
-        lines.append(("samples", f"{out_dir / 'samples.png'} (16 generated images, fixed seed)"))
-    if recipe.objective == "causal_lm":
-        lines.append(("next", f"qlora-kit eval {out_dir}  ·  qlora-kit merge {out_dir} --output {out_dir / 'merged'}"))
-    title = (
-        f"done · {steps} steps in {elapsed:.1f} s · {fmt_rate(units_done / max(elapsed, 1e-9))} "
-        f"{run.obj.unit}/s · peak {label} {mem:.0f} MB"
-    )
-    return banner(lines, title)
-
-
-def dry_run_report(recipe: Recipe, checks=None) -> dict:
-    """``--dry-run``: the resolved config, parameter counts, trainable share, quantized size and a rough
-    peak-memory estimate, without loading weights of hub / local models or training."""
-    from ..recipe import BUILTIN_MODELS
-    from .build import (
-        attach_lora,
-        compute_dtype,
-        count_params,
-        estimate_quantized_bytes,
-        load_base,
-        lora_config,
-        quant_config,
-        vocab_for_builtin,
-    )
-
-    dtype = compute_dtype(recipe)
-    quant_config(recipe, dtype)  # checks the format is available
-    builtin = recipe.model in BUILTIN_MODELS
-    vocab = None
-    if builtin and recipe.objective == "causal_lm" and recipe.tokenizer not in ("auto", "bytes"):
-        from ..data import build_tokenizer
-
-        vocab = vocab_for_builtin(recipe, build_tokenizer(recipe))
-    bases = load_base(recipe, dtype=dtype, meta=not builtin, vocab_size=vocab)
-    a = torch.empty((), dtype=dtype).element_size()
-    total = trainable = qbytes = fbytes = qlayers = 0
-    act = 0
-    for role, model in bases.items():
-        if not builtin:
-            model.to(dtype)
-        if recipe.objective != "causal_lm" and builtin:
-            act += _activation_bytes_by_hooks(model, recipe, role) * (a / 4)
-        q, f, n = estimate_quantized_bytes(model, recipe)
-        full_d = role == "discriminator" and recipe.discriminator == "full"
-        if full_d:
-            q, f, n = (
-                0,
-                q + f
-                if recipe.quantization == "none"
-                else sum(p.numel() * p.element_size() for p in model.parameters()),
-                0,
-            )
-        qbytes, fbytes, qlayers = qbytes + q, fbytes + f, qlayers + n
-        t_all, _ = count_params(model)
-        if full_d:
-            t_train = t_all
-        else:
-            attach_lora(model, lora_config(recipe, model), recipe)
-            _, t_train = count_params(model)
-        total += t_all
-        trainable += t_train
-    if recipe.objective == "causal_lm":
-        act = _lm_activation_bytes(bases["model"], recipe, a)
-    optimizer_bytes = trainable * (4 + 4 + 8)  # fp32 adapter, its gradient, two AdamW moments
-    peak = qbytes + fbytes + optimizer_bytes + act
-    print(to_yaml(recipe, header=f"resolved recipe ({recipe.output_dir})"), end="")
-    lines = [
-        (
-            "parameters",
-            f"{total:,} ({fmt_count(total)}) · trainable {trainable:,} ({100 * trainable / max(total, 1):.3f}%)",
-        ),
-        (
-            "quantized",
-            f"{_quant_desc(recipe)} · {qlayers} layers · weights {fmt_bytes(qbytes)} quantized + "
-            f"{fmt_bytes(fbytes)} float = {fmt_bytes(qbytes + fbytes)}",
-        ),
-        (
-            "peak memory",
-            f"~{fmt_bytes(peak)} per process (weights {fmt_bytes(qbytes + fbytes)} + adapters and "
-            f"AdamW {fmt_bytes(optimizer_bytes)} + activations ~{fmt_bytes(act)}; a rough estimate)",
-        ),
-    ] + (checks.lines if checks is not None else [])
-    print(banner(lines, "dry run: nothing trained, nothing written"))
-    for note in checks.notes if checks is not None else []:
-        print(f"note: {note}")
-    return {
-        "dry_run": True,
-        "params": total,
-        "trainable": trainable,
-        "quantized_bytes": qbytes,
-        "float_bytes": fbytes,
-        "quantized_layers": qlayers,
-        "peak_bytes": peak,
-    }
-
-
-def _lm_activation_bytes(model: nn.Module, recipe: Recipe, a: int) -> int:
-    """Rough activation memory of a decoder LM step: with checkpointing only each layer's input is kept,
-    plus one layer recomputed in full; logits (fp32, with their gradient) on top."""
-    cfg = getattr(model, "config", None)
-    h = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
-    ffn = getattr(cfg, "intermediate_size", None) or 4 * h
-    vocab = getattr(cfg, "vocab_size", 0)
-    tokens = recipe.batch_size * recipe.seq_len
-    per_layer = tokens * (12 * h + 3 * ffn) * a
-    body = layers * tokens * h * a + per_layer if recipe.gradient_checkpointing else layers * per_layer
-    return int(body + 3 * tokens * vocab * 4)
-
-
-@torch.no_grad()
-def _activation_bytes_by_hooks(model: nn.Module, recipe: Recipe, role: str) -> int:
-    """Sum of every leaf module's output size for one batch (float32), doubled for their gradients."""
-    total = 0
-
-    def hook(_m, _i, out):
-        nonlocal total
-        if isinstance(out, torch.Tensor):
-            total += out.numel() * out.element_size()
-
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    try:
-        b = recipe.batch_size
-        if role == "generator":
-            model(torch.zeros(b, recipe.latent_dim))
-        else:
-            x = torch.zeros(b, recipe.image_channels, recipe.image_size, recipe.image_size)
-            model(x) if role == "discriminator" else model(x, torch.zeros(b, dtype=torch.long))
-    finally:
-        for h in handles:
-            h.remove()
-    return 2 * total

@@ -63,8 +63,10 @@ def preflight(recipe: Recipe, *, dry_run: bool = False) -> PreflightResult:
             if not dry_run:
                 raise
             result.notes.append(f"{e}; the run will need it")
-    if recipe.objective != "causal_lm":
-        return result
+    from .objectives import objective_class
+
+    if not objective_class(recipe.objective).language_model:
+        return result  # what follows checks tokenized text
     from ..data import build_tokenizer
 
     try:
@@ -129,7 +131,7 @@ def clip_seq_len(recipe: Recipe, say=print) -> Recipe:
 
 # ----- data --------------------------------------------------------------------------------------------------
 class _Rows:
-    """The few rows :func:`qlora_kit.data._text_rows` needs, so the preflight reports its exact messages."""
+    """The few rows :func:`qlora_kit.data.text_rows` needs, so the preflight reports its exact messages."""
 
     def __init__(self, columns: list[str], rows: list[dict]):
         self.column_names, self._rows = columns, rows
@@ -206,7 +208,7 @@ def _whole_json(path: Path):
 
 def _first_text(recipe: Recipe) -> tuple[str | None, str, int | None]:
     """(first training text formatted as the run will, where it comes from, documents available)."""
-    from ..data import _text_rows, stdlib_files
+    from ..data import stdlib_files, text_rows
 
     if recipe.dataset == "stdlib":
         root, train, _ = stdlib_files(None)
@@ -217,7 +219,7 @@ def _first_text(recipe: Recipe) -> tuple[str | None, str, int | None]:
         return None, repr(recipe.dataset), None
     columns, row, count = peek
     where = f"dataset {recipe.dataset!r}"
-    texts = _text_rows(_Rows(columns, [row] if row is not None else []), recipe, where)
+    texts = text_rows(_Rows(columns, [row] if row is not None else []), recipe, where)
     if row is None:  # columns known, no rows: the loader says "holds no examples"
         return None, where, count
     return (texts[0] if texts else ""), f"{recipe.dataset} row 1", count
@@ -229,9 +231,9 @@ def _example(recipe: Recipe, result: PreflightResult) -> None:
         name = getattr(recipe, key)
         peek = peek_rows(name) if name is not None else None
         if peek is not None and peek[1] is not None:
-            from ..data import _text_rows
+            from ..data import text_rows
 
-            _text_rows(_Rows(peek[0], [peek[1]]), recipe, "the evaluation data")
+            text_rows(_Rows(peek[0], [peek[1]]), recipe, "the evaluation data")
     if recipe.max_documents is not None and count is not None and count > recipe.max_documents:
         result.notes.append(
             f"max_documents={recipe.max_documents} uses {recipe.max_documents} of the {count:,} documents in "
