@@ -28,6 +28,7 @@ import qlora_kit
 from qlora_kit import ptq
 from qlora_kit.configs import Int4WeightConfig, Int8WeightConfig
 from qlora_kit.eval.perplexity import windows_of
+from qlora_kit.nn.geometry import to_2d
 from qlora_kit.nn.quantized import QuantizedLayer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -456,7 +457,7 @@ def test_layer_rows_times_the_2d_weight_view_is_the_layer(layer, shape):
     y = layer(x)
     rows = ptq.layer_rows(layer, x)
     w2d = ptq.weight_2d(layer)
-    assert w2d.shape == qlora_kit.nn.quantized.quantized_class_for(layer)._to_2d(layer, layer.weight).shape
+    assert w2d.shape == to_2d(qlora_kit.nn.quantized.quantized_class_for(layer), layer.weight).shape  # the format view
     ref = y.movedim(1, -1).reshape(-1, y.shape[1])
     torch.testing.assert_close(rows @ w2d.t() + layer.bias, ref, rtol=0, atol=1e-12)
 

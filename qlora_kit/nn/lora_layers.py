@@ -32,15 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._dispatch import use_triton
-from .quantized import (
-    QuantConv1D,
-    QuantConvTranspose2d,
-    QuantEmbedding,
-    QuantizedLayer,
-    QuantLinear,
-    _QuantConvNd,
-    is_transformers_conv1d,
-)
+from .geometry import CONV1D, CONV_TRANSPOSE, from_2d, geometry_of, shape_2d, to_2d
+from .quantized import QuantConv1D, QuantConvTranspose2d, QuantEmbedding, QuantizedLayer, QuantLinear
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -61,22 +54,29 @@ class LoraFactor(nn.Module):
         return f"shape={tuple(self.weight.shape)}"
 
 
+# LoRA kind of each layer geometry: Conv1D is linear-like (its forward is x W^T + b on the 2-D view)
+_KIND_OF_GEOMETRY = {
+    "linear": "linear",
+    "conv1d": "linear",
+    "conv": "conv",
+    "conv_transpose": "conv_transpose",
+    "embedding": "embedding",
+}
+
+
 def lora_kind(module: nn.Module) -> str | None:
-    """The LoRA kind of a supported base layer ("linear", "conv", "conv_transpose", "embedding"), else None."""
-    if isinstance(module, (nn.Linear, QuantLinear, QuantConv1D)) or is_transformers_conv1d(module):
-        return "linear"
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, _QuantConvNd)):
-        return "conv"
-    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, QuantConvTranspose2d)):
-        return "conv_transpose"
-    if isinstance(module, (nn.Embedding, QuantEmbedding)):
-        return "embedding"
-    return None
+    """The LoRA kind of a supported base layer ("linear", "conv", "conv_transpose", "embedding"), else None.
+
+    Every layer with a geometry (``geometry.py``): Linear, transformers Conv1D, Conv1d/2d/3d,
+    ConvTranspose1d/2d/3d, Embedding, their subclasses and the quantized layers.
+    """
+    geom = geometry_of(module)
+    return None if geom is None else _KIND_OF_GEOMETRY[geom.name]
 
 
 def _is_conv1d_layout(base: nn.Module) -> bool:
-    """transformers' Conv1D stores its weight as (in, out)."""
-    return is_transformers_conv1d(base) or isinstance(base, QuantConv1D)
+    """transformers' Conv1D (float or quantized) stores its weight as (in, out)."""
+    return geometry_of(base) is CONV1D
 
 
 class LoraLayer(nn.Module):
@@ -156,10 +156,16 @@ class LoraLayer(nn.Module):
         return int(lora_a.shape[0])
 
     def _w_to_2d(self, w: torch.Tensor) -> torch.Tensor:
-        return w
+        """The base weight (float layout) as (output channels x reduction): the geometry table's view."""
+        return to_2d(self.base_layer, w)
 
     def _w_from_2d(self, w2d: torch.Tensor) -> torch.Tensor:
-        return w2d
+        return from_2d(self.base_layer, w2d, self._base_shape())
+
+    def _base_shape(self) -> tuple[int, ...]:
+        """The base weight's shape in the float layer's layout (without dequantizing)."""
+        base = self.base_layer
+        return base.logical_weight_shape() if isinstance(base, QuantizedLayer) else tuple(base.weight.shape)
 
     def _a(self, name: str) -> torch.Tensor:
         return self.lora_A[name].weight
@@ -458,22 +464,12 @@ class LoraLinear(LoraLayer):
     kind = "linear"
 
     def _dims(self):
-        base = self.base_layer
-        if isinstance(base, QuantConv1D):
-            return base.nx, base.nf
-        if is_transformers_conv1d(base):
-            return base.weight.shape[0], base.weight.shape[1]
-        return base.in_features, base.out_features
+        fan_out, fan_in = shape_2d(self.base_layer, self._base_shape())
+        return fan_in, fan_out
 
     def _factor_shapes(self, r):
         fan_in, fan_out = self._dims()
         return (r, fan_in), (fan_out, r)
-
-    def _w_to_2d(self, w):
-        return w.t() if _is_conv1d_layout(self.base_layer) else w
-
-    def _w_from_2d(self, w2d):
-        return w2d.t() if _is_conv1d_layout(self.base_layer) else w2d
 
     def _lora_forward(self, name, x, *args, **kwargs):
         return F.linear(F.linear(x, self._a(name)), self._b(name))
@@ -550,13 +546,6 @@ class LoraConv(LoraLayer):
         base = self.base_layer
         return (r, base.in_channels, *base.kernel_size), (base.out_channels, r // self.groups) + (1,) * self._nd()
 
-    def _w_to_2d(self, w):
-        return w.reshape(w.shape[0], -1)
-
-    def _w_from_2d(self, w2d):
-        base = self.base_layer
-        return w2d.reshape(base.out_channels, base.in_channels // self.groups, *base.kernel_size)
-
     def _channel_view(self, t, like):
         return t.reshape((1, -1) + (1,) * (like.dim() - 2))
 
@@ -594,20 +583,13 @@ class LoraConvTranspose(LoraLayer):
         base = self.base_layer
         return (base.in_channels, r, *base.kernel_size), (base.out_channels, r) + (1,) * self._nd()
 
-    def _w_to_2d(self, w):  # (in, out, *k) -> (out, in * k)
-        return w.transpose(0, 1).reshape(w.shape[1], -1)
-
-    def _w_from_2d(self, w2d):
-        base = self.base_layer
-        return w2d.reshape(base.out_channels, base.in_channels, *base.kernel_size).transpose(0, 1)
-
-    def a_2d(self, name):
-        return self._a(name).transpose(0, 1).reshape(self.r[name], -1)
+    def a_2d(self, name):  # A [in, r, *k] is a transposed-conv weight with r output channels
+        return to_2d(CONV_TRANSPOSE, self._a(name))
 
     def _set_a_2d(self, name, a2d):
         a = self._a(name)
         with torch.no_grad():
-            a.copy_(a2d.reshape(a.shape[1], a.shape[0], *a.shape[2:]).transpose(0, 1))
+            a.copy_(from_2d(CONV_TRANSPOSE, a2d, a.shape))
 
     def _channel_view(self, t, like):
         return t.reshape((1, -1) + (1,) * (like.dim() - 2))
@@ -642,7 +624,8 @@ class LoraEmbedding(LoraLayer):
     def _b(self, name):
         return self.lora_embedding_B[name]
 
-    def _w_to_2d(self, w):  # (num, dim) -> (dim, num): output channels are the embedding dims
+    # LoRA's output channels are the embedding dims: the transpose of the table's one-row-per-token view
+    def _w_to_2d(self, w):  # (num, dim) -> (dim, num)
         return w.t()
 
     def _w_from_2d(self, w2d):

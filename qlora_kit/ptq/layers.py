@@ -14,15 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.quantized import QuantizedLayer, is_transformers_conv1d, quantized_class_for
+from ..nn.geometry import from_2d, is_linear, to_2d
+from ..nn.quantized import QuantizedLayer, quantized_class_for
 from ..registry import format_for_config
 
 FilterFn = Callable[[nn.Module, str], bool]
-
-
-def is_linear(module: nn.Module) -> bool:
-    """nn.Linear (or a subclass) or transformers' Conv1D: a layer computing x W^T + b on its 2-D view."""
-    return isinstance(module, nn.Linear) or is_transformers_conv1d(module)
 
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)
@@ -103,26 +99,14 @@ def warn_rtn(algorithm: str, names: list[str], why: str) -> None:
 
 def weight_2d(module: nn.Module) -> torch.Tensor:
     """The (out, reduction) view of a layer's weight, as the core formats see it (a view, not a copy)."""
-    w = module.weight
-    if is_transformers_conv1d(module):
-        return w.t()
-    if isinstance(module, nn.ConvTranspose2d):
-        return w.transpose(0, 1).reshape(w.shape[1], -1)
-    return w.reshape(w.shape[0], -1)
+    return to_2d(module, module.weight)
 
 
 def set_weight_2d(module: nn.Module, w2d: torch.Tensor) -> None:
     """Write a (out, reduction) matrix (the :func:`weight_2d` view) back into a layer's weight, in place."""
     w = module.weight
-    if is_transformers_conv1d(module):
-        w2d = w2d.t()
-    elif isinstance(module, nn.ConvTranspose2d):
-        i, o, kh, kw = w.shape
-        w2d = w2d.reshape(o, i, kh, kw).transpose(0, 1)
-    else:
-        w2d = w2d.reshape(w.shape)
     with torch.no_grad():
-        w.copy_(w2d.to(w.dtype))
+        w.copy_(from_2d(module, w2d, w.shape).to(w.dtype))
 
 
 def layer_from_qweight(module: nn.Module, qweight: nn.Module, fmt_config) -> QuantizedLayer:
