@@ -259,4 +259,36 @@ def quantized_class_for(module: nn.Module) -> type[QuantizedLayer] | None:
     return None
 
 
+def float_layer_like(base: QuantizedLayer, weight: torch.Tensor) -> nn.Module:
+    """A float layer of the kind ``base`` replaces, holding ``weight`` (float layout) and base's bias: the inverse
+    of :func:`quantized_class_for` (LoRA merges without requantizing, ``hf.py`` dequantizes models with it)."""
+    bias = base.bias
+    with torch.device("meta"):
+        if isinstance(base, (QuantLinear,)):
+            layer = nn.Linear(base.in_features, base.out_features, bias=bias is not None)
+        elif isinstance(base, QuantConv1D):
+            from transformers.pytorch_utils import Conv1D
+
+            layer = Conv1D(base.nf, base.nx)
+        elif isinstance(base, QuantEmbedding):
+            layer = nn.Embedding(base.num_embeddings, base.embedding_dim, padding_idx=base.padding_idx)
+        else:
+            cls = base.float_cls
+            kwargs = dict(
+                stride=base.stride,
+                padding=base.padding,
+                dilation=base.dilation,
+                groups=base.groups,
+                bias=bias is not None,
+                padding_mode=base.padding_mode,
+            )
+            if isinstance(base, QuantConvTranspose2d):
+                kwargs["output_padding"] = base.output_padding
+            layer = cls(base.in_channels, base.out_channels, base.kernel_size, **kwargs)
+    layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    if getattr(layer, "bias", None) is not None or bias is not None:
+        layer.bias = None if bias is None else nn.Parameter(bias.detach().to(weight.dtype).clone(), requires_grad=False)
+    return layer
+
+
 from . import smooth as _smooth  # noqa: E402, F401  (registers the SmoothQuant layers in LAYER_CLASSES)
