@@ -13,6 +13,7 @@ setup(
         "qlora_kit",
         "qlora_kit.formats",
         "qlora_kit.nn",
+        "qlora_kit.ptq",
         "qlora_kit.train",
         "qlora_kit.eval",
         "qlora_kit.kernels",

@@ -1,4 +1,4 @@
-"""PTQ algorithms (qlora_kit/ptq.py): configs, numerics shared with the core formats, the calibration protocol,
+"""PTQ algorithms (qlora_kit/ptq/): configs, numerics shared with the core formats, the calibration protocol,
 and the issue's bars where they can be measured quickly.
 
 Measured on a tiny Llama (hidden 128, 2 layers, 250 steps on stdlib bytes; CPU, fp32), int4 g128:
@@ -28,6 +28,7 @@ import qlora_kit
 from qlora_kit import ptq
 from qlora_kit.configs import Int4WeightConfig, Int8WeightConfig
 from qlora_kit.eval.perplexity import windows_of
+from qlora_kit.nn.geometry import to_2d
 from qlora_kit.nn.quantized import QuantizedLayer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -82,7 +83,7 @@ def test_configs_are_frozen_and_exported():
         cfg.group_size = 64
     assert ptq.AWQConfig(weight_format="nf4", group_size=256).format_config().blocksize == 256
     assert isinstance(ptq.GPTQConfig(bits=8).format_config(), Int8WeightConfig)
-    assert qlora_kit.registry.quantize_handler(cfg) is ptq._run_hqq
+    assert qlora_kit.registry.quantize_handler(cfg) is ptq.hqq._run_hqq
 
 
 @pytest.mark.parametrize("config", [ptq.GPTQConfig(), ptq.AWQConfig(), ptq.SmoothQuantConfig()])
@@ -257,13 +258,13 @@ def test_awq_folds_only_where_the_function_is_preserved():
     groups = {}
 
     def process(scope):
-        gs = ptq._collect_groups(scope, 64, keep_samples=False)
-        ptq._valid_producers(scope, gs)
+        gs = ptq.collect_groups(scope, 64, keep_samples=False)
+        ptq.valid_producers(scope, gs)
         groups.update({tuple(f.split(".")[-1] for f, _ in g.linears): g.producer and g.producer[0] for g in gs})
         before = scope.run()[0]
         for g in gs:
             if g.producer is not None:
-                ptq._fold_scale(g, torch.rand(g.channels) + 0.5)
+                ptq.fold_scale(g, torch.rand(g.channels) + 0.5)
         assert torch.allclose(scope.run()[0], before, rtol=1e-4, atol=1e-5)
 
     ptq.calibrate(llama, ptq.select_targets(llama, None), [torch.randint(0, 256, (2, 8))], None, process, "t")
@@ -456,7 +457,7 @@ def test_layer_rows_times_the_2d_weight_view_is_the_layer(layer, shape):
     y = layer(x)
     rows = ptq.layer_rows(layer, x)
     w2d = ptq.weight_2d(layer)
-    assert w2d.shape == qlora_kit.nn.quantized.quantized_class_for(layer)._to_2d(layer, layer.weight).shape
+    assert w2d.shape == to_2d(qlora_kit.nn.quantized.quantized_class_for(layer), layer.weight).shape  # the format view
     ref = y.movedim(1, -1).reshape(-1, y.shape[1])
     torch.testing.assert_close(rows @ w2d.t() + layer.bias, ref, rtol=0, atol=1e-12)
 
@@ -512,12 +513,12 @@ def test_awq_folds_conv_scales_into_batchnorm_through_relu_and_changes_the_weigh
     found = {}
 
     def process(scope):
-        gs = ptq._collect_groups(scope, 64, keep_samples=True)
-        ptq._valid_producers(scope, gs)
+        gs = ptq.collect_groups(scope, 64, keep_samples=True)
+        ptq.valid_producers(scope, gs)
         found.update({g.linears[0][0]: g.producer and g.producer[0] for g in gs})
         before = scope.run()[0]
         for g in gs:
-            ptq._fold_scale(g, torch.rand(g.channels) + 0.5)
+            ptq.fold_scale(g, torch.rand(g.channels) + 0.5)
         torch.testing.assert_close(scope.run()[0], before, rtol=1e-4, atol=1e-5)
 
     probe = copy.deepcopy(gen)

@@ -26,7 +26,8 @@ from torch import nn
 
 from ..formats.base import get_format
 from ..kernels.reference import quant_int as _qi
-from .quantized import QUANTIZED_CLASS, QuantConv1D, is_transformers_conv1d
+from .geometry import from_2d, is_transformers_conv1d, to_2d
+from .quantized import QUANTIZED_CLASS, QuantConv1D
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -99,12 +100,12 @@ class FakeQuantMixin:
     out_dtype: torch.dtype
     float_cls: type
 
-    # layout hooks (float layout <-> the format's 2-D view), as in the quantized layers
+    # layout (float layout <-> the format's 2-D view): the geometry table, as in the quantized layers
     def _to_2d(self, w: torch.Tensor) -> torch.Tensor:
-        return w.reshape(w.shape[0], -1)
+        return to_2d(self, w)
 
     def _from_2d(self, w2d: torch.Tensor) -> torch.Tensor:
-        return w2d.reshape(self.weight.shape)
+        return from_2d(self, w2d, self.weight.shape)
 
     @property
     def learnable(self) -> bool:
@@ -160,13 +161,6 @@ class FakeQuantConv2d(_FakeQuantConvNd, nn.Conv2d):
 class FakeQuantConvTranspose2d(FakeQuantMixin, nn.ConvTranspose2d):
     """``nn.ConvTranspose2d`` with a fake-quantized weight (mirrors ``QuantConvTranspose2d``)."""
 
-    def _to_2d(self, w):
-        return w.transpose(0, 1).reshape(w.shape[1], -1)
-
-    def _from_2d(self, w2d):
-        i, o, kh, kw = self.weight.shape
-        return w2d.reshape(o, i, kh, kw).transpose(0, 1)
-
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         output_padding = self._output_padding(
             x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation
@@ -187,12 +181,6 @@ class FakeQuantConvTranspose2d(FakeQuantMixin, nn.ConvTranspose2d):
 
 class FakeQuantEmbedding(FakeQuantMixin, nn.Embedding):
     """``nn.Embedding`` with a fake-quantized table (mirrors ``QuantEmbedding``)."""
-
-    def _to_2d(self, w):
-        return w
-
-    def _from_2d(self, w2d):
-        return w2d
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.fake_weight()
@@ -217,12 +205,6 @@ def _fake_conv1d_class() -> type:
     if not _CONV1D_FAKE:
         from transformers.pytorch_utils import Conv1D
 
-        def _to_2d(self, w):
-            return w.t()
-
-        def _from_2d(self, w2d):
-            return w2d.t()
-
         def forward(self, x):
             cd = self.compute_dtype
             return F.linear(x.to(cd), self.fake_weight_2d(cd), self._bias(cd)).to(x.dtype)
@@ -231,8 +213,6 @@ def _fake_conv1d_class() -> type:
             "FakeQuantConv1D",
             (FakeQuantMixin, Conv1D),
             {
-                "_to_2d": _to_2d,
-                "_from_2d": _from_2d,
                 "forward": forward,
                 "__module__": __name__,
                 "__doc__": "transformers ``Conv1D`` with a fake-quantized weight (mirrors ``QuantConv1D``).",

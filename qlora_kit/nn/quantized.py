@@ -1,7 +1,8 @@
 """Quantized versions of nn.Linear, transformers' Conv1D, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding.
 
 Each holds its weight as a format object (``.qweight``, see ``qlora_kit/formats``) that sees a 2-D
-(output channels x rest) view of the weight; the layer reshapes to and from the float layout. Weights are
+(output channels x rest) view of the weight; the layer's ``geometry`` (``geometry.py``) maps the float layout
+to and from that view. Weights are
 frozen parameters of the format object; ``.weight`` is a light view that dequantizes when read (see
 ``weight_view.py``); gradients flow to the input (QLoRA trains adapters on top). Linear-like layers call the
 ``qlora_kit`` custom ops (fused Triton matmuls on CUDA, PyTorch references on the CPU); convolutions and
@@ -15,13 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats.base import get_format
+from .geometry import CONV, CONV1D, CONV_TRANSPOSE, EMBEDDING, LINEAR, Geometry, is_transformers_conv1d
 
 _CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
-
-
-def is_transformers_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 style Conv1D or a subclass (checked by name, so transformers need not be imported)."""
-    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)
 
 
 def _linear(layer: QuantizedLayer, x: torch.Tensor) -> torch.Tensor:
@@ -43,6 +40,8 @@ class QuantizedLayer(nn.Module):
     """Common body: a frozen quantized weight, an optional frozen bias, and a compute dtype."""
 
     float_cls: type | None = None
+    geometry: Geometry = LINEAR
+    weight_shape: tuple[int, ...]  # the float layer's weight shape
 
     def __init__(self, qweight: nn.Module, bias: torch.Tensor | None, quant_config, out_dtype: torch.dtype):
         super().__init__()
@@ -52,12 +51,12 @@ class QuantizedLayer(nn.Module):
         self.out_dtype = out_dtype
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
-    # layout hooks, one pair per layer type
+    # layout: the float weight <-> the format's 2-D view, from the geometry table
     def _to_2d(self, w: torch.Tensor) -> torch.Tensor:
-        return w
+        return self.geometry.to_2d(w)
 
     def _from_2d(self, w2d: torch.Tensor) -> torch.Tensor:
-        return w2d
+        return self.geometry.from_2d(w2d, self.weight_shape)
 
     @classmethod
     def _mirror(cls, module: nn.Module) -> dict:
@@ -66,7 +65,7 @@ class QuantizedLayer(nn.Module):
     @classmethod
     def from_float(cls, module: nn.Module, quant_config, format_name: str, *, tensor_name: str = "weight"):
         """Quantize ``module``'s weight into a new layer of this class."""
-        attrs = cls._mirror(module)
+        attrs = {**cls._mirror(module), "weight_shape": tuple(module.weight.shape)}
         layer = cls.__new__(cls)
         for k, v in attrs.items():
             object.__setattr__(layer, k, v)
@@ -81,7 +80,7 @@ class QuantizedLayer(nn.Module):
     @classmethod
     def empty_like_float(cls, module: nn.Module, quant_config, format_meta: dict):
         """A layer with empty buffers shaped for ``format_meta``, ready for ``load_state_dict``."""
-        attrs = cls._mirror(module)
+        attrs = {**cls._mirror(module), "weight_shape": tuple(module.weight.shape)}
         layer = cls.__new__(cls)
         qweight = get_format(format_meta["format"]).from_metadata(format_meta)
         bias = getattr(module, "bias", None)
@@ -104,7 +103,7 @@ class QuantizedLayer(nn.Module):
 
     def logical_weight_shape(self) -> tuple[int, ...]:
         """The float layer's weight shape (e.g. (in, out) for Conv1D, (out, in / groups, kh, kw) for Conv2d)."""
-        return tuple(self._from_2d(torch.empty(self.qweight.shape, device="meta")).shape)
+        return tuple(self.weight_shape)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight in the float layer's layout and shape, in ``dtype`` (default: the compute dtype)."""
@@ -140,16 +139,12 @@ class QuantLinear(QuantizedLayer):
 class QuantConv1D(QuantizedLayer):
     """Quantized transformers ``Conv1D`` (GPT-2): weight (nx, nf) stored transposed as (nf, nx)."""
 
+    geometry = CONV1D
+
     @classmethod
     def _mirror(cls, module):
         nx = module.weight.shape[0]
         return {"nf": module.nf, "nx": nx, "in_features": nx, "out_features": module.nf}
-
-    def _to_2d(self, w):
-        return w.t()
-
-    def _from_2d(self, w2d):
-        return w2d.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _linear(self, x)
@@ -158,18 +153,13 @@ class QuantConv1D(QuantizedLayer):
 class _QuantConvNd(QuantizedLayer):
     """Shared by Conv1d / Conv2d: weight (out, in / groups, *kernel) seen as (out, rest)."""
 
+    geometry = CONV
+
     @classmethod
     def _mirror(cls, module):
         attrs = {k: getattr(module, k) for k in _CONV_ATTRS}
-        attrs["weight_shape"] = tuple(module.weight.shape)
         attrs["_reversed_padding_repeated_twice"] = getattr(module, "_reversed_padding_repeated_twice", None)
         return attrs
-
-    def _to_2d(self, w):
-        return w.reshape(w.shape[0], -1)
-
-    def _from_2d(self, w2d):
-        return w2d.reshape(self.weight_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantize_weight()
@@ -193,20 +183,13 @@ class QuantConvTranspose2d(QuantizedLayer):
     """Quantized ``nn.ConvTranspose2d``: weight (in, out / groups, kh, kw) seen as (out / groups, in * kh * kw)."""
 
     float_cls = nn.ConvTranspose2d
+    geometry = CONV_TRANSPOSE
 
     @classmethod
     def _mirror(cls, module):
         attrs = {k: getattr(module, k) for k in _CONV_ATTRS}
         attrs["output_padding"] = module.output_padding
-        attrs["weight_shape"] = tuple(module.weight.shape)
         return attrs
-
-    def _to_2d(self, w):
-        return w.transpose(0, 1).reshape(w.shape[1], -1)
-
-    def _from_2d(self, w2d):
-        i, o, kh, kw = self.weight_shape
-        return w2d.reshape(o, i, kh, kw).transpose(0, 1)
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         output_padding = nn.ConvTranspose2d._output_padding(
@@ -230,6 +213,7 @@ class QuantEmbedding(QuantizedLayer):
     """Quantized ``nn.Embedding``: the table (num_embeddings, embedding_dim), one row per token."""
 
     float_cls = nn.Embedding
+    geometry = EMBEDDING
 
     @classmethod
     def _mirror(cls, module):
@@ -273,6 +257,38 @@ def quantized_class_for(module: nn.Module) -> type[QuantizedLayer] | None:
         if isinstance(module, float_cls):
             return quantized_cls
     return None
+
+
+def float_layer_like(base: QuantizedLayer, weight: torch.Tensor) -> nn.Module:
+    """A float layer of the kind ``base`` replaces, holding ``weight`` (float layout) and base's bias: the inverse
+    of :func:`quantized_class_for` (LoRA merges without requantizing, ``hf.py`` dequantizes models with it)."""
+    bias = base.bias
+    with torch.device("meta"):
+        if isinstance(base, (QuantLinear,)):
+            layer = nn.Linear(base.in_features, base.out_features, bias=bias is not None)
+        elif isinstance(base, QuantConv1D):
+            from transformers.pytorch_utils import Conv1D
+
+            layer = Conv1D(base.nf, base.nx)
+        elif isinstance(base, QuantEmbedding):
+            layer = nn.Embedding(base.num_embeddings, base.embedding_dim, padding_idx=base.padding_idx)
+        else:
+            cls = base.float_cls
+            kwargs = dict(
+                stride=base.stride,
+                padding=base.padding,
+                dilation=base.dilation,
+                groups=base.groups,
+                bias=bias is not None,
+                padding_mode=base.padding_mode,
+            )
+            if isinstance(base, QuantConvTranspose2d):
+                kwargs["output_padding"] = base.output_padding
+            layer = cls(base.in_channels, base.out_channels, base.kernel_size, **kwargs)
+    layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    if getattr(layer, "bias", None) is not None or bias is not None:
+        layer.bias = None if bias is None else nn.Parameter(bias.detach().to(weight.dtype).clone(), requires_grad=False)
+    return layer
 
 
 from . import smooth as _smooth  # noqa: E402, F401  (registers the SmoothQuant layers in LAYER_CLASSES)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantized import LAYER_CLASSES, QuantConv1D, QuantizedLayer, QuantLinear, _linear
+from .quantized import LAYER_CLASSES, QuantConv1D, QuantizedLayer, QuantLinear
 
 
 class _Smoothed:
@@ -32,7 +32,7 @@ class _Smoothed:
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(self, x / self.smooth_scale.to(x.dtype))
+        return super().forward(x / self.smooth_scale.to(x.dtype))  # QuantLinear / QuantConv1D's forward
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         w2d = self.qweight.dequantize(torch.float32) / self.smooth_scale[None, :]
