@@ -24,7 +24,7 @@ QUICK_TIME_HELP = (
 
 
 def run_bench(*, quick: bool, device: str, suites=SUITES, cache_dir=None, log=print, partial_path=None) -> dict:
-    """Run the comparison and return the results dictionary (see the module docstring).
+    """Run the comparison and return the results dictionary (see :mod:`qlora_kit.bench`).
 
     Progress lines carry an ETA; with ``partial_path`` each finished part is saved there and a rerun with the
     same settings reuses it (see :mod:`qlora_kit.bench.progress`).

@@ -109,6 +109,7 @@ def bnb_dequantized(kind: str):
 
 
 def one_line(e: BaseException) -> str:
+    """``"ErrorType: first line of the message"`` (at most 200 characters), for a note under a table."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
@@ -262,6 +263,11 @@ class Section:
 def run_method(
     method: Method, float_model: nn.Module, ctx: dict, device: str, evaluate: Callable[[nn.Module], dict], log
 ) -> tuple[dict, nn.Module]:
+    """Apply ``method`` to a copy of ``float_model`` and measure it: (row, the model it made).
+
+    The row holds ``evaluate(model)``'s values, the quantization time, the peak memory of copying, quantizing
+    and evaluating, and the weights' size and bits per quantized parameter (when ``method.sized``).
+    """
     row = {"method": method.name, "family": method.family}
     with PeakMemory(device) as peak:
         model = copy.deepcopy(float_model)
