@@ -25,14 +25,15 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from benchmarks.harness import environment, format_variants, write_results
+    from benchmarks.harness import environment, write_results
     from benchmarks.shapes import LINEAR_SHAPES
 except ImportError:  # run as a script
-    from harness import environment, format_variants, write_results
+    from harness import environment, write_results
     from shapes import LINEAR_SHAPES
 
 import qlora_kit
 from qlora_kit import ops, registry
+from qlora_kit.bench.formats import format_variants
 
 # every registered weight format (blocks of 64 with double quant, groups of 128): "ours-nf4-dq", "ours-int8", ...
 OURS = {

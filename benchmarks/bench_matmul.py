@@ -32,24 +32,16 @@ try:
         Skip,
         copy_bandwidth_gbps,
         environment,
-        format_variants,
         run_providers,
         time_ms,
         write_results,
     )
     from benchmarks.shapes import linear_cases
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from harness import (
-        Provider,
-        Skip,
-        copy_bandwidth_gbps,
-        environment,
-        format_variants,
-        run_providers,
-        time_ms,
-        write_results,
-    )
+    from harness import Provider, Skip, copy_bandwidth_gbps, environment, run_providers, time_ms, write_results
     from shapes import linear_cases
+
+from qlora_kit.bench.formats import format_variants
 
 # provider suffix -> (format, config kwargs, activation mode): every registered weight format (blocks of 64
 # with double quant, groups of 128), then the dynamic-activation modes

@@ -21,11 +21,6 @@ from pathlib import Path
 
 import torch
 
-try:
-    from benchmarks.harness import format_variants
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from harness import format_variants
-
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -70,6 +65,7 @@ def bench(fn, device: str, reps: int) -> float:
 def providers(w: torch.Tensor):
     """(format, provider, quantize_fn, dequantize_fn) for ours and bitsandbytes."""
     from qlora_kit import registry
+    from qlora_kit.bench.formats import format_variants
 
     # every registered weight format, with and without double quantization where it has it (as bitsandbytes'
     # rows below), groups of 128

@@ -135,3 +135,16 @@ def test_rtn_rows_follow_the_weight_format_registry():
     assert [n.split()[0] for n in rtn] == [f for f in registry.format_names() if registry.get_format(f).available()]
     # the rows the committed comparison and its checked bars name
     assert {"int8 RTN", "fp8 RTN", "nf4 RTN", "int4 g128 RTN"} <= set(rtn)
+
+
+def test_benchmark_format_lists_come_from_the_registry():
+    from qlora_kit import registry
+    from qlora_kit.bench.formats import format_variants
+
+    variants = format_variants(blocksize=64, group_size=128)
+    assert [fmt for _, fmt, _ in variants] == list(registry.format_names())
+    labels = {label: opts for label, _, opts in variants}
+    assert labels["nf4-dq"] == {"blocksize": 64, "double_quant": True}
+    assert labels["int4-g128"] == {"group_size": 128} and labels["int8"] == {}
+    both = [label for label, fmt, _ in format_variants(double_quant=(False, True)) if fmt == "nf4"]
+    assert both == ["nf4", "nf4-dq"]

@@ -46,14 +46,13 @@ def rtn_configs(cd: torch.dtype) -> dict[str, object]:
     """One round-to-nearest row per registered weight format: blocks of 64 with double quantization for the
     block formats, groups of 128 for the grouped ones (the group size is in the row's name: "int4 g128 RTN")."""
     from .. import registry
+    from .formats import format_variants
 
     out = {}
-    for name in registry.format_names():
-        if not registry.get_format(name).available():
-            continue
-        cfg = registry.weight_config(name, compute_dtype=cd, blocksize=64, double_quant=True, group_size=128)
-        group = getattr(cfg, "group_size", None)
-        out[f"{name} g{group} RTN" if group else f"{name} RTN"] = cfg
+    for _, name, opts in format_variants(blocksize=64, group_size=128):
+        if registry.get_format(name).available():
+            group = f" g{opts['group_size']}" if "group_size" in opts else ""
+            out[f"{name}{group} RTN"] = registry.weight_config(name, compute_dtype=cd, **opts)
     return out
 
 
