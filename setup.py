@@ -16,6 +16,7 @@ setup(
         "qlora_kit.ptq",
         "qlora_kit.train",
         "qlora_kit.eval",
+        "qlora_kit.bench",
         "qlora_kit.kernels",
         "qlora_kit.kernels.reference",
         "qlora_kit.recipes",

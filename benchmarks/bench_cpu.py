@@ -32,16 +32,13 @@ except ImportError:  # run as a script
     from shapes import LINEAR_SHAPES
 
 import qlora_kit
-from qlora_kit import ops
-from qlora_kit.configs import FP4Config, FP8WeightConfig, Int4WeightConfig, Int8WeightConfig, NF4Config
-from qlora_kit.formats.base import get_format
+from qlora_kit import ops, registry
+from qlora_kit.bench.formats import format_variants
 
+# every registered weight format (blocks of 64 with double quant, groups of 128): "ours-nf4-dq", "ours-int8", ...
 OURS = {
-    "ours-nf4-dq": ("nf4", NF4Config(blocksize=64, double_quant=True)),
-    "ours-fp4-dq": ("fp4", FP4Config(blocksize=64, double_quant=True)),
-    "ours-int4-g128": ("int4", Int4WeightConfig(group_size=128)),
-    "ours-int8": ("int8", Int8WeightConfig()),
-    "ours-fp8": ("fp8", FP8WeightConfig()),
+    f"ours-{label}": (fmt, registry.weight_config(fmt, **opts))
+    for label, fmt, opts in format_variants(blocksize=64, group_size=128)
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -73,7 +70,7 @@ def layer_providers(w: torch.Tensor, dtype) -> dict:
         wd = w.to(dtype)
         out["float-bf16"] = lambda x: F.linear(x, wd)
     for name, (fmt, config) in OURS.items():
-        qw = get_format(fmt).from_float(w, config)
+        qw = registry.get_format(fmt).from_float(w, config)
         out[name] = lambda x, qw=qw: ops.quantized_linear(x, qw)
     q8 = torch.round(w / (w.abs().amax(1, keepdim=True) / 127)).to(torch.int8)
     s8 = (w.abs().amax(1) / 127).to(dtype)

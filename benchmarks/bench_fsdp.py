@@ -86,12 +86,17 @@ def shape_of(config) -> LlamaShape:
 
 
 def format_meta(quantization: str, shape: tuple[int, int], blocksize=64, double_quant=True, group_size=128):
+    """Metadata of a ``quantization`` weight of ``shape`` with the knobs its format's config has."""
+    options = {"blocksize": blocksize, "double_quant": double_quant, "group_size": group_size}
     meta = {"format": quantization, "shape": list(shape)}
-    if quantization in ("nf4", "fp4"):
-        meta.update(blocksize=blocksize, double_quant=double_quant)
-    elif quantization == "int4":
-        meta["group_size"] = group_size
-    return meta
+    return meta | {k: v for k, v in options.items() if k in _config_fields(quantization)}
+
+
+def _config_fields(quantization: str) -> dict:
+    """The fields of the weight config of registered format ``quantization`` (what the format's metadata holds)."""
+    from qlora_kit import registry
+
+    return registry.weight_config(quantization).__dataclass_fields__
 
 
 def chunk_rows(rows: int, world: int, rank: int) -> int:
@@ -183,7 +188,7 @@ def table(m: LlamaShape, args, recipe) -> tuple[str, bool]:
     fits = gpu <= args.gpu_mem * GIB
     lines = [
         f"### {args.model} · {args.gpus} x {args.gpu_mem:g} GiB · {recipe.quantization}"
-        + (" + double quant" if recipe.double_quant and recipe.quantization in ("nf4", "fp4") else "")
+        + (" + double quant" if recipe.double_quant and "double_quant" in _config_fields(recipe.quantization) else "")
         + f" · LoRA r={recipe.lora.r} all-linear ({p['lora_params'] / 1e6:.0f}M params)"
         + (" · CPU offload" if args.cpu_offload else ""),
         "",

@@ -162,16 +162,11 @@ def _inputs(case, device, dtype):
 
 
 def _quant_config(base: str, dtype):
-    """The weight-only quantization config of a base: "nf4", "int8" (per channel) or "int4" (groups of 128)."""
-    import qlora_kit
+    """The weight-only config of a base: any registered weight format ("nf4", "int8" per channel, "int4" in
+    groups of 128, ...), its config's defaults otherwise."""
+    from qlora_kit import registry
 
-    if base == "nf4":
-        return qlora_kit.NF4Config(compute_dtype=dtype)
-    if base == "int8":
-        return qlora_kit.Int8WeightConfig(compute_dtype=dtype)
-    if base == "int4":
-        return qlora_kit.Int4WeightConfig(group_size=128, compute_dtype=dtype)
-    raise ValueError(f"unknown base {base!r}; use nf4, int8 or int4")
+    return registry.weight_config(base, compute_dtype=dtype, group_size=128)
 
 
 def provider_ours(device, dtype, *, base: str, fused: bool, force: str | None, dense: str | None = None):
@@ -280,11 +275,13 @@ def add_floor_ratios(rows: list[dict]) -> None:
     ``vs_nf4_matmul`` (the issue's target, <= 1.10) on NF4 rows only; ``vs_base_matmul`` on int8 / int4
     rows. Float bases have no quantized matmul to compare with and get neither.
     """
+    from qlora_kit import registry
+
     for row in rows:
         base = row.get("base")
         if not row["provider"].startswith("ours-fused") or row["status"] != "ok" or row["level"] != "layer":
             continue
-        if base not in ("nf4", "int8", "int4"):
+        if base not in registry.format_names():
             continue
         floor = next((r for r in rows if r["provider"] == f"{base}-matmul" and r["status"] == "ok"
                       and all(r[k] == row[k] for k in ("layer", "mode", "m"))), None)  # fmt: skip

@@ -41,21 +41,13 @@ except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     from harness import Provider, Skip, copy_bandwidth_gbps, environment, run_providers, time_ms, write_results
     from shapes import linear_cases
 
-OURS = {  # provider suffix -> (format, config kwargs, activation mode)
-    "nf4-dq": ("nf4", {"blocksize": 64, "double_quant": True}, None),
-    "fp4-dq": ("fp4", {"blocksize": 64, "double_quant": True}, None),
-    "int4-g128": ("int4", {"group_size": 128}, None),
-    "int8": ("int8", {}, None),
-    "fp8": ("fp8", {}, None),
+from qlora_kit.bench.formats import format_variants
+
+# provider suffix -> (format, config kwargs, activation mode): every registered weight format (blocks of 64
+# with double quant, groups of 128), then the dynamic-activation modes
+OURS = {label: (fmt, opts, None) for label, fmt, opts in format_variants(blocksize=64, group_size=128)} | {
     "w8a8-dyn": ("int8", {}, "int8"),
     "fp8-dyn": ("fp8", {}, "fp8"),
-}
-CONFIG_NAMES = {
-    "nf4": "NF4Config",
-    "fp4": "FP4Config",
-    "int4": "Int4WeightConfig",
-    "int8": "Int8WeightConfig",
-    "fp8": "FP8WeightConfig",
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -68,15 +60,13 @@ def float_weight(n: int, k: int, device: str, dtype: torch.dtype) -> torch.Tenso
 
 @functools.lru_cache(maxsize=8)
 def our_weight(fmt: str, config_items: tuple, n: int, k: int, device: str, dtype: torch.dtype):
-    import qlora_kit
-    from qlora_kit.formats.base import get_format
+    from qlora_kit import registry
 
     try:
-        __import__(f"qlora_kit.formats.{fmt}")
-        cls = get_format(fmt)
-    except (ImportError, ValueError):
+        cls = registry.get_format(fmt)
+    except ValueError:
         raise Skip(f"weight format {fmt!r} is not available in this tree") from None
-    config = getattr(qlora_kit, CONFIG_NAMES[fmt])(compute_dtype=dtype, **dict(config_items))
+    config = registry.weight_config(fmt, compute_dtype=dtype, **dict(config_items))
     return cls.from_float(float_weight(n, k, device, dtype), config)
 
 
@@ -199,11 +189,11 @@ def tune(cases, formats, dtype, table_path, log=print):
     """Time every candidate plan of our kernels per (format, case); write the fastest into the table."""
     from qlora_kit.kernels import matmul_4bit as mm
 
-    from qlora_kit import ops
+    from qlora_kit import ops, registry
 
     device_name = mm.device_key(torch.device("cuda"))
     measured = []
-    for fmt in [f for f in ("nf4", "fp4", "int4", "int8", "fp8") if f in formats]:
+    for fmt in [f for f in registry.format_names() if f in formats]:
         suffix = next(s for s, (f, _, act) in OURS.items() if f == fmt and act is None)
         config = tuple(sorted(OURS[suffix][1].items()))
         for case in cases:
@@ -213,7 +203,8 @@ def tune(cases, formats, dtype, table_path, log=print):
                 log(f"tune {fmt}: skipped ({e})")
                 break
             x = _inputs(case, "cuda", dtype)
-            luts = ("memory", "registers") if fmt in ("nf4", "fp4") else ("memory",)
+            code_table = bool(getattr(registry.get_format(fmt), "quant_type", ""))  # NF4 / FP4: 16-entry table
+            luts = ("memory", "registers") if code_table else ("memory",)
             plans = [mm.MatmulPlan("dequant")] + [mm.MatmulPlan("gemm", 1, lut) for lut in luts]
             if case["m"] <= 64:
                 plans += [mm.MatmulPlan("gemv", s, lut) for s in (1, 2, 4, 8) for lut in luts]
@@ -254,11 +245,17 @@ def tune(cases, formats, dtype, table_path, log=print):
 
 
 def main(argv=None):
+    from qlora_kit import registry
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small shapes and M in {1, 16} (CPU smoke run)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    parser.add_argument("--formats", default="nf4,fp4,int4,int8,fp8", help="comma-separated weight formats")
+    parser.add_argument(
+        "--formats",
+        default=",".join(registry.format_names()),
+        help="comma-separated weight formats (default: all registered)",
+    )
     parser.add_argument("--models", default=None, help="comma-separated models from shapes.py")
     parser.add_argument("--m", default=None, help="comma-separated row counts (default: the registry's)")
     parser.add_argument(

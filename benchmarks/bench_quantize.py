@@ -64,22 +64,13 @@ def bench(fn, device: str, reps: int) -> float:
 
 def providers(w: torch.Tensor):
     """(format, provider, quantize_fn, dequantize_fn) for ours and bitsandbytes."""
-    import qlora_kit
-    from qlora_kit.formats.base import get_format
+    from qlora_kit import registry
+    from qlora_kit.bench.formats import format_variants
 
-    configs = {
-        "nf4": qlora_kit.NF4Config(double_quant=False),
-        "nf4-dq": qlora_kit.NF4Config(double_quant=True),
-        "fp4": qlora_kit.FP4Config(double_quant=False),
-        "int8": qlora_kit.Int8WeightConfig(),
-        "int4": qlora_kit.Int4WeightConfig(group_size=128),
-        "fp8": qlora_kit.FP8WeightConfig(),
-    }
-    for name, config in configs.items():
-        try:
-            fmt = get_format(name.split("-")[0])
-        except ValueError:
-            continue
+    # every registered weight format, with and without double quantization where it has it (as bitsandbytes'
+    # rows below), groups of 128
+    for name, fmt_name, options in format_variants(double_quant=(False, True), group_size=128):
+        fmt, config = registry.get_format(fmt_name), registry.weight_config(fmt_name, **options)
         q = fmt.from_float(w, config)
         yield name, "qlora-kit", (lambda f=fmt, c=config: f.from_float(w, c)), (lambda q=q: q.dequantize(w.dtype))
     try:

@@ -54,7 +54,7 @@ def _version(module: str) -> str | None:
 
 def git_commit() -> str:
     """Short commit of the working tree ("+dirty" when it has uncommitted changes), or "unknown"."""
-    from qlora_kit.report import git_commit as commit
+    from qlora_kit.bench.measure import git_commit as commit
 
     return commit()
 

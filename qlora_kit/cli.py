@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--batches", type=_positive_int, help="at most this many batches (default: the run's eval_batches)"
             )
             c.set_defaults(func=_cmd_eval)
-    # listed here for `qlora-kit --help`; main() hands their arguments to qlora_kit.report's own parsers
+    # listed here for `qlora-kit --help`; main() hands their arguments to qlora_kit.bench's own parsers
     for name, helptext in _PASSTHROUGH_HELP.items():
         sub.add_parser(name, help=helptext, add_help=False)
     return p
@@ -414,10 +414,10 @@ _PASSTHROUGH_HELP = {
 
 
 def _run_passthrough(command: str, argv: list[str]) -> int:
-    """``bench`` / ``report``: qlora_kit.report's own argparse main, its SystemExit turned into the exit code."""
-    from . import report
+    """``bench`` / ``report``: qlora_kit.bench's own argparse main, its SystemExit turned into the exit code."""
+    from . import bench
 
-    fn = report.main_bench if command == "bench" else report.main_report
+    fn = bench.main_bench if command == "bench" else bench.main_report
     # their parsers are plain argparse (usage dump + error); report usage errors in one line like ours
     plain_error = argparse.ArgumentParser.error
     argparse.ArgumentParser.error = _Parser.error

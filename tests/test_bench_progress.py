@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_kit.bench_progress import BenchProgress, default_out, fmt_duration
+from qlora_kit.bench.progress import BenchProgress, default_out, fmt_duration
 
 PARTS = [("lm", "Llama LM"), ("minilm", "all-MiniLM-L6-v2"), ("images", "image generators")]
 KEY = {"quick": True, "device": "cpu", "suites": ["images", "lm", "minilm"], "commit": "abc", "torch": "x"}
@@ -82,9 +82,82 @@ def test_default_out_is_outside_the_source_tree(monkeypatch):
 
 
 def test_help_states_the_measured_quick_time_and_the_default_out(capsys):
+    from qlora_kit.bench import QUICK_TIME_HELP
     from qlora_kit.cli import main
-    from qlora_kit.report import QUICK_TIME_HELP
 
     assert main(["bench", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert QUICK_TIME_HELP in text and "~/.cache/qlora_kit/bench" in text
+
+
+# ----- bench runs from an installed package (issue 12) ---------------------------------------------------------
+def test_setup_installs_every_package_under_qlora_kit():
+    """A wheel holds only the packages setup.py lists: one left out (qlora_kit.bench) breaks `qlora-kit bench`."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    call = next(
+        n
+        for n in ast.walk(ast.parse((root / "setup.py").read_text()))
+        if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup"
+    )
+    kw = {k.arg: k.value for k in call.keywords}
+    listed = set(ast.literal_eval(kw["packages"]))
+    dirs = {str(v) for v in ast.literal_eval(kw["package_dir"]).values()}
+    on_disk = {
+        ".".join(p.parent.relative_to(root).parts)
+        for p in (root / "qlora_kit").rglob("__init__.py")
+        if "__pycache__" not in p.parts
+    }
+    assert on_disk <= listed, on_disk - listed
+    assert all((root / d / "__init__.py").is_file() for d in dirs)
+
+
+def test_bench_reads_nothing_from_the_source_checkout():
+    """The reference models and the report code are modules of the package, not files beside it."""
+    import qlora_kit
+    from qlora_kit.bench import command, reference_models
+
+    package = Path(qlora_kit.__file__).resolve().parent
+    assert Path(reference_models.__file__).resolve().parent == package / "bench"
+    for path in (package / "bench").glob("*.py"):
+        text = path.read_text()
+        assert "parents[1]" not in text and "spec_from_file_location" not in text, path.name
+    assert command.run_bench.__module__ == "qlora_kit.bench.command"
+
+
+def test_rtn_rows_follow_the_weight_format_registry():
+    from qlora_kit import registry
+    from qlora_kit.bench.methods import methods_for
+
+    names = [m.name for m in methods_for("cpu", [], peers=False)]
+    rtn = [n for n in names if n.endswith(" RTN")]
+    assert [n.split()[0] for n in rtn] == [f for f in registry.format_names() if registry.get_format(f).available()]
+    # the rows the committed comparison and its checked bars name
+    assert {"int8 RTN", "fp8 RTN", "nf4 RTN", "int4 g128 RTN"} <= set(rtn)
+
+
+def test_benchmark_format_lists_come_from_the_registry():
+    from qlora_kit import registry
+    from qlora_kit.bench.formats import format_variants
+
+    variants = format_variants(blocksize=64, group_size=128)
+    assert [fmt for _, fmt, _ in variants] == list(registry.format_names())
+    labels = {label: opts for label, _, opts in variants}
+    assert labels["nf4-dq"] == {"blocksize": 64, "double_quant": True}
+    assert labels["int4-g128"] == {"group_size": 128} and labels["int8"] == {}
+    both = [label for label, fmt, _ in format_variants(double_quant=(False, True)) if fmt == "nf4"]
+    assert both == ["nf4", "nf4-dq"]
+
+
+def test_a_suite_whose_packages_are_missing_stops_before_running(monkeypatch, capsys):
+    """An installed qlora-kit without the test extras: one sentence naming the package, nothing trained."""
+    from qlora_kit.bench import command
+    from qlora_kit.cli import main
+
+    monkeypatch.setattr(command, "SUITE_NEEDS", {"images": (("no_such_module_q", "no-such-package"),)})
+    monkeypatch.setattr(command, "run_bench", lambda **kw: pytest.fail("ran without its packages"))
+    assert main(["bench", "--quick", "--device", "cpu", "--suites", "lm,images"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install no-such-package" in err[0] and "--suites lm" in err[0]
+    assert command.missing_packages(["lm"]) == []

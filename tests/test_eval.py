@@ -7,20 +7,17 @@ size; PSNR of a known MSE; Frechet distance of shifted Gaussians), not against t
 import copy
 import json
 import math
-import sys
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import qlora_kit
+from qlora_kit.bench import Section, main_report, render_markdown, svg_plot, write_report
+from qlora_kit.bench import reference_models as rm
+from qlora_kit.bench.lm import lm_bars
 from qlora_kit.eval import embeddings, images, lm_eval_bridge, perplexity
-from qlora_kit.report import Section, lm_bars, main_report, render_markdown, svg_plot, write_report
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import reference_models as rm  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -81,6 +78,22 @@ def test_oracle_model_has_perplexity_one():
 def test_perplexity_rejects_empty_documents():
     with pytest.raises(ValueError, match="no window"):
         perplexity.perplexity(_ConstantLM(), [torch.tensor([5])], context=8)
+
+
+def test_qlora_kit_eval_and_the_report_score_perplexity_the_same_way():
+    """One scoring (window_nll): `qlora-kit eval` over packed blocks equals the report's perplexity() over the same
+    windows, and both equal the model's own mean next-token loss."""
+    from qlora_kit.data import Split
+    from qlora_kit.train.export import perplexity as eval_perplexity
+
+    model = qlora_kit.models.tiny_llama().eval()
+    blocks = torch.randint(0, 256, (5, 32), generator=torch.Generator().manual_seed(3))
+    shown = eval_perplexity(model, Split(blocks), batch_size=2)
+    report = perplexity.perplexity(model, list(blocks), context=32, batch_size=2)
+    assert shown["perplexity"] == pytest.approx(report.ppl, rel=1e-12) and shown["tokens"] == report.tokens
+    with torch.no_grad():
+        hf_loss = float(model(input_ids=blocks, labels=blocks).loss)
+    assert shown["loss"] == pytest.approx(hf_loss, rel=1e-5)
 
 
 def test_psnr_known_values():
@@ -357,26 +370,27 @@ def test_main_report_rewrites_from_json_and_rejects_bad_files(tmp_path, capsys):
 
 
 def test_peer_rows_follow_what_is_installed_and_a_failing_peer_is_a_note():
-    from qlora_kit import report
+    from qlora_kit.bench import methods
+    from qlora_kit.bench.measure import installed_version
 
     missing = []
-    names = [m.name for m in report.methods_for("cpu", missing)]
+    names = [m.name for m in methods.methods_for("cpu", missing)]
     for lib, row in (("torchao", "torchao int8 (peer)"), ("optimum-quanto", "quanto int8 (peer)")):
-        installed = report._version(lib) is not None
+        installed = installed_version(lib) is not None
         assert (row in names) == installed and (lib in missing) == (not installed)
-    if report._version("torchao"):  # torchao's int8 weight-only really runs and stays close to float
+    if installed_version("torchao"):  # torchao's int8 weight-only really runs and stays close to float
         model = qlora_kit.models.tiny_llama()
         ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             ref = model(ids).logits
-            out = report._torchao("int8", "cpu")(copy.deepcopy(model), {})(ids).logits
+            out = methods._torchao("int8", "cpu")(copy.deepcopy(model), {})(ids).logits
         assert not torch.equal(out, ref) and float((out - ref).norm() / ref.norm()) < 0.02
 
     def broken(model, ctx):
         raise RuntimeError("no kernel for this device\nmore detail")
 
     section = Section("s", "t", [], [("method", "method", "s")])
-    methods = [report.Method("float", "float", None), report.Method("x (peer)", "peer", broken)]
-    report._run_rows(section, methods, nn.Linear(4, 4), {}, "cpu", lambda m: {}, lambda *a: None)
+    rows = [methods.Method("float", "float", None), methods.Method("x (peer)", "peer", broken)]
+    methods.run_rows(section, rows, nn.Linear(4, 4), {}, "cpu", lambda m: {}, lambda *a: None)
     assert [r["method"] for r in section.rows] == ["float"]
     assert section.notes == ["x (peer): not run here: RuntimeError: no kernel for this device"]

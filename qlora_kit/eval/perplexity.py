@@ -6,6 +6,11 @@ it holds at least 2 tokens); windows never overlap and never span two documents.
 token but the first is predicted from the tokens before it in that window, so each token is scored once
 with between 1 and ``context - 1`` tokens of history. Perplexity = exp(total NLL / scored tokens).
 
+One scoring for every perplexity the project prints: :func:`window_nll` scores a batch of windows;
+:func:`perplexity` (the method comparison of ``qlora-kit bench``) feeds it the windows of each held-out
+document, and ``qlora-kit eval`` (:func:`qlora_kit.train.export.perplexity`) feeds it the held-out blocks
+of ``seq_len`` tokens the data pipeline packed, the windows the training-time evaluation scores.
+
 Example:
     >>> docs = [torch.tensor(list(open(p, "rb").read())) for p in held_out_files]
     >>> perplexity(model, docs, context=128).ppl
@@ -91,6 +96,25 @@ def _accepts_input_ids(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
+def window_nll(model: nn.Module, ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL and scored-token count of a batch of equal-length windows.
+
+    Every token but the first of each window is predicted from the tokens before it in that window; the
+    logits are scored in fp32 and summed in float64 (thousands of tokens).
+
+    Args:
+        model: a causal LM (see :func:`perplexity`).
+        ids: token ids (B, T) on the model's device, T >= 2.
+
+    Returns:
+        (total NLL in nats, number of scored tokens B * (T - 1)).
+    """
+    logits = _logits(model, ids).float()
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    return float(nll.double().sum()), ids[:, 1:].numel()
+
+
+@torch.no_grad()
 def perplexity(
     model: nn.Module,
     docs: Sequence[torch.Tensor],
@@ -131,13 +155,9 @@ def perplexity(
     for length in sorted(by_len, reverse=True):
         group = by_len[length]
         for i in range(0, len(group), batch_size):
-            ids = torch.stack(group[i : i + batch_size]).to(device)
-            logits = _logits(model, ids).float()
-            nll = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
-            )
-            total += float(nll.double().sum())  # summed in float64: thousands of tokens
-            count += ids[:, 1:].numel()
+            nll, scored = window_nll(model, torch.stack(group[i : i + batch_size]).to(device))
+            total += nll
+            count += scored
     model.train(was_training)
     mean = total / count
     return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens=count, windows=len(wins), context=context)

@@ -59,15 +59,16 @@ def model_with_adapter(recipe: Recipe, adapter_dir: str | Path | None, *, quanti
 
 @torch.no_grad()
 def perplexity(model: nn.Module, split, batch_size: int, max_batches: int | None = None) -> dict:
-    """Token-weighted mean next-token loss and perplexity of ``model`` over packed blocks ``split``."""
+    """Token-weighted mean next-token loss and perplexity of ``model`` over packed blocks ``split``: the blocks are
+    the windows of :func:`qlora_kit.eval.perplexity.window_nll`, the scoring ``qlora-kit bench`` uses."""
+    from ..eval.perplexity import window_nll
+
     device = next(model.parameters()).device
     n = len(split) if max_batches is None else min(len(split), max_batches * batch_size)
     total, count = 0.0, 0
     for lo in range(0, n, batch_size):
-        batch = split.get(list(range(lo, min(lo + batch_size, n)))).to(device)
-        loss = model(input_ids=batch, labels=batch).loss.float().item()
-        k = batch.shape[0] * (batch.shape[1] - 1)
-        total, count = total + loss * k, count + k
+        nll, k = window_nll(model, split.get(list(range(lo, min(lo + batch_size, n)))).to(device))
+        total, count = total + nll, count + k
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count, "sequences": n}
 

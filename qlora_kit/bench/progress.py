@@ -1,10 +1,10 @@
-"""Progress, ETA and resume for ``qlora-kit bench`` (the measuring itself is :mod:`qlora_kit.report`).
+"""Progress, ETA and resume for ``qlora-kit bench`` (the measuring itself is :mod:`qlora_kit.bench`).
 
 The comparison runs in parts (the Llama LM, the QLoRA adapters, MiniLM, the image generators). Every log
 line carries the elapsed time and an estimate of what is left, for the part and for the whole run; each
 part's results are saved to ``<out>/<stem>.partial.json`` as soon as the part finishes, so a run that was
 killed resumes at the first unfinished part (reference models are cached by
-``benchmarks/reference_models.py`` as soon as each is trained). The partial file is removed when the run
+:mod:`qlora_kit.bench.reference_models` as soon as each is trained). The partial file is removed when the run
 completes; its key (quick, device, suites, commit, torch) must match, or it is ignored.
 
 Estimates: each part's duration in the last completed run with the same (device, quick), kept in
