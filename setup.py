@@ -1,6 +1,6 @@
 """qlora-kit: quantization and parameter-efficient fine-tuning with Triton kernels."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="qlora-kit",
@@ -9,14 +9,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
+    # every package under qlora_kit/ (a new subpackage is installed without editing this list), plus the folders
+    # installed under it
     packages=[
-        "qlora_kit",
-        "qlora_kit.formats",
-        "qlora_kit.nn",
-        "qlora_kit.ptq",
-        "qlora_kit.train",
-        "qlora_kit.eval",
-        "qlora_kit.bench",
+        *find_packages(include=["qlora_kit", "qlora_kit.*"]),
         "qlora_kit.kernels",
         "qlora_kit.kernels.reference",
         "qlora_kit.recipes",
