@@ -281,7 +281,11 @@ def quantized_linear(x: Tensor, qweight, bias: Tensor | None = None, *, activati
     Example:
         >>> y = quantized_linear(x, layer.qweight, layer.bias)
     """
-    return qweight.linear(x, bias, activation=activation)
+    linear = getattr(qweight, "linear", None)
+    if linear is None:
+        name = getattr(qweight, "name", type(qweight).__name__)
+        raise ValueError(f"quantized_linear does not support weight format {name!r}: its class has no linear()")
+    return linear(x, bias, activation=activation)
 
 
 def int8_dynamic_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
