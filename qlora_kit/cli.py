@@ -232,13 +232,9 @@ def _cmd_quantize(args) -> int:
     types = {}
     for m in layers:
         types[type(m).__name__] = types.get(type(m).__name__, 0) + 1
-    fmt_desc = args.format + (
-        f" (blocks of {config.blocksize}{', double quant' if config.double_quant else ''})"
-        if args.format in ("nf4", "fp4")
-        else f" (groups of {config.group_size})"
-        if args.format == "int4"
-        else ""
-    )
+    from .registry import get_format
+
+    fmt_desc = get_format(args.format).describe(config)
     lines = [
         ("model", f"{args.model} ({type(model).__name__})"),
         ("format", f"{fmt_desc}, compute {args.compute_dtype}"),

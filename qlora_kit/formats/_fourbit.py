@@ -31,6 +31,17 @@ class Blockwise4bitWeight(nn.Module):
     def available(cls) -> bool:
         return True
 
+    @classmethod
+    def describe(cls, config) -> str:
+        return f"{cls.name} (blocks of {config.blocksize}{', double quant' if config.double_quant else ''})"
+
+    @classmethod
+    def nbytes_for(cls, shape, config) -> int:
+        n = math.prod(shape)
+        blocks = math.ceil(n / config.blocksize)
+        scales = blocks + 4 * math.ceil(blocks / 256) + 4 if config.double_quant else 4 * blocks
+        return (n + 1) // 2 + scales
+
     def __init__(self, shape, blocksize: int, double_quant: bool):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)

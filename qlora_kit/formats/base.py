@@ -15,6 +15,8 @@ Contract (each format class, one file each, no implementation inheritance beyond
   (``compute_dtype``, ``blocksize``, ``double_quant``, ``group_size``; each format takes the ones it has).
 - ``available()``: whether this installation can hold the format (fp8 needs torch's float8 dtypes).
 - ``linear(x, bias, activation=None)``: y = x W^T + bias through the format's ``qlora_kit.ops`` custom op.
+- ``describe(config)``: the format with its settings in words ("nf4 (blocks of 64, double quant)").
+- ``nbytes_for(shape, config)``: bytes a (rows, cols) matrix takes, from its shape alone (memory estimates).
 - ``from_float(w, config, *, tensor_name="weight")``: quantize a 2-D float matrix. NaN or Inf in
   ``w`` raises ValueError naming ``tensor_name``.
 - ``dequantize(dtype)``: the 2-D matrix back in ``dtype``.

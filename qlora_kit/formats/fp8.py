@@ -51,6 +51,15 @@ class FP8Weight(nn.Module):
     def available(cls) -> bool:
         return hasattr(torch, "float8_e4m3fn")
 
+    @classmethod
+    def describe(cls, config) -> str:
+        return cls.name
+
+    @classmethod
+    def nbytes_for(cls, shape, config) -> int:
+        """One byte per weight and an fp32 scale per row."""
+        return shape[0] * shape[1] + 4 * shape[0]
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None) -> torch.Tensor:
         """y = x W^T + bias: fp8 weight-only through ``qlora_kit::matmul_channelwise``, or with
         ``activation="fp8"`` the per-token dynamic fp8 rowwise op."""

@@ -55,6 +55,16 @@ class Int4Weight(nn.Module):
     def available(cls) -> bool:
         return True
 
+    @classmethod
+    def describe(cls, config) -> str:
+        return f"int4 (groups of {config.group_size})"
+
+    @classmethod
+    def nbytes_for(cls, shape, config) -> int:
+        """Two codes per byte per row, a bf16 scale and zero per group."""
+        rows, cols = shape
+        return rows * ((cols + 1) // 2) + 4 * rows * math.ceil(cols / config.group_size)
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None) -> torch.Tensor:
         """y = x W^T + bias through the ``qlora_kit::matmul_int4`` custom op (weight-only)."""
         from .. import ops

@@ -51,6 +51,15 @@ class Int8Weight(nn.Module):
     def available(cls) -> bool:
         return True
 
+    @classmethod
+    def describe(cls, config) -> str:
+        return cls.name
+
+    @classmethod
+    def nbytes_for(cls, shape, config) -> int:
+        """One byte per weight and an fp32 scale per row."""
+        return shape[0] * shape[1] + 4 * shape[0]
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None) -> torch.Tensor:
         """y = x W^T + bias: W8A16 through ``qlora_kit::matmul_channelwise``, or with ``activation="int8"`` the
         per-token dynamic W8A8 op."""

@@ -196,6 +196,12 @@ def estimate_quantized_bytes(model: nn.Module, recipe: Recipe) -> tuple[int, int
     all_bytes = sum(t.numel() * t.element_size() for t in weight_tensors(model))
     if recipe.quantization == "none":
         return 0, all_bytes, 0
+    from ..nn.geometry import shape_2d
+    from ..registry import get_format, weight_config
+
+    fmt = get_format(recipe.quantization)
+    options = dict(blocksize=recipe.blocksize, double_quant=recipe.double_quant, group_size=recipe.group_size)
+    config = weight_config(recipe.quantization, **options)
     keep = default_filter(model)
     qbytes = removed = layers = 0
     done: list[str] = []
@@ -206,23 +212,8 @@ def estimate_quantized_bytes(model: nn.Module, recipe: Recipe) -> tuple[int, int
             continue
         done.append(fqn)
         w = module.weight
-        n = w.numel()
-        if isinstance(module, nn.ConvTranspose2d):
-            rows = w.shape[1]
-        elif type(module).__name__ == "Conv1D":
-            rows = w.shape[1]
-        else:
-            rows = w.shape[0]
-        cols = n // rows
-        if recipe.quantization in ("nf4", "fp4"):
-            blocks = -(-n // recipe.blocksize)
-            scales = blocks + 4 * -(-blocks // 256) + 4 if recipe.double_quant else 4 * blocks
-            qbytes += -(-n // 2) + scales
-        elif recipe.quantization == "int4":
-            qbytes += rows * -(-cols // 2) + 4 * rows * -(-cols // recipe.group_size)
-        else:  # int8, fp8: one byte per weight + an fp32 scale per row
-            qbytes += n + 4 * rows
-        removed += n * w.element_size()
+        qbytes += fmt.nbytes_for(shape_2d(module, w.shape), config)
+        removed += w.numel() * w.element_size()
         layers += 1
     return qbytes, all_bytes - removed, layers
 

@@ -46,12 +46,10 @@ def quant_desc(recipe: Recipe) -> str:
     """The recipe's quantization in words (``nf4 (blocks of 64, double quant)``)."""
     if recipe.quantization == "none":
         return "not quantized (LoRA on the float base)"
-    if recipe.quantization in ("nf4", "fp4"):
-        dq = ", double quant" if recipe.double_quant else ""
-        return f"{recipe.quantization} (blocks of {recipe.blocksize}{dq})"
-    if recipe.quantization == "int4":
-        return f"int4 (groups of {recipe.group_size})"
-    return recipe.quantization
+    from ..registry import get_format, weight_config
+
+    options = dict(blocksize=recipe.blocksize, double_quant=recipe.double_quant, group_size=recipe.group_size)
+    return get_format(recipe.quantization).describe(weight_config(recipe.quantization, **options))
 
 
 def lora_desc(recipe: Recipe) -> str:
