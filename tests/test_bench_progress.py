@@ -70,6 +70,18 @@ def test_every_line_carries_elapsed_time_and_eta_and_timings_feed_the_next_run(t
     assert total == pytest.approx(sum(nxt.estimates[name] for name, _ in PARTS))
 
 
+def test_a_part_past_its_estimate_says_so_instead_of_zero_left(tmp_path):
+    lines = []
+    progress = _bench(tmp_path, lines)
+    progress.estimates["lm"] = 0.0  # any time spent is past the estimate
+
+    def part(log):
+        log("  step")
+
+    progress.run("lm", part)
+    assert "this part past its ~0:00 estimate" in lines[1] and "this part ~" not in lines[1]
+
+
 def test_fmt_duration():
     assert (fmt_duration(0), fmt_duration(61.4), fmt_duration(3725)) == ("0:00", "1:01", "1:02:05")
 

@@ -28,9 +28,11 @@ PARTS = (
     ("minilm", "all-MiniLM-L6-v2", "minilm"),
     ("images", "image generators", "images"),
 )
-# rough priors (seconds) for `bench --quick --device cpu` from an empty cache on 2 CPU cores, used until a run
-# has measured its own: the LM part includes training the reference LM (900-1100 s of CPU time, measured)
-QUICK_CPU_SECONDS = {"lm": 780.0, "adapters": 60.0, "minilm": 90.0, "images": 240.0}
+# priors (seconds) for `bench --quick --device cpu` from an empty cache on 2 CPU cores, used until a run has
+# measured its own. Measured 2026-12-02 (823 s in all, load 1-7): the LM part 136 s (training the reference LM:
+# 65 s of it), adapters 21 s, MiniLM 56 s, images 610 s (training the UNet and the DCGAN reference models, then
+# the methods); rounded up.
+QUICK_CPU_SECONDS = {"lm": 150.0, "adapters": 30.0, "minilm": 60.0, "images": 620.0}
 
 
 def default_out() -> Path:
@@ -137,10 +139,22 @@ class BenchProgress:
         part_left = max(speed * self.estimates[name] - (time.perf_counter() - start), 0.0)
         return part_left, part_left + rest
 
+    def _overrun(self) -> float | None:
+        """The current part's estimate when it has already run longer than that, else None."""
+        if self.current is None:
+            return None
+        name, start = self.current
+        estimate = self._speed() * self.estimates[name]
+        return estimate if time.perf_counter() - start > estimate else None
+
     def _stamp(self) -> str:
         part_left, total_left = self.left()
         elapsed = fmt_duration(time.perf_counter() - self.t0)
-        here = f" · this part ~{fmt_duration(part_left)}" if part_left is not None else ""
+        overrun = self._overrun()
+        if overrun is not None:  # say so, instead of a "~0:00 left" that stays on screen for minutes
+            here = f" · this part past its ~{fmt_duration(overrun)} estimate"
+        else:
+            here = f" · this part ~{fmt_duration(part_left)}" if part_left is not None else ""
         return f"[{elapsed} elapsed{here} · eta ~{fmt_duration(total_left)}]"
 
     # ----- running -------------------------------------------------------------------------------------
