@@ -47,7 +47,7 @@ def byte_tokenizer():
     """A ``PreTrainedTokenizerFast`` whose token ids are the UTF-8 bytes of the text (vocabulary 256).
 
     Byte 0 doubles as the end-of-text / padding token (it never occurs in source files). The reference
-    language model in ``benchmarks/reference_models.py`` is trained on exactly these ids.
+    language model in ``qlora_kit/bench/reference_models.py`` is trained on exactly these ids.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
