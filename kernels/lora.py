@@ -41,6 +41,7 @@ import triton.language as tl
 from . import matmul_4bit as mm4
 from . import matmul_int as mi
 from .planner import (
+    LowRank,
     MatmulPlan,
     dot_plan,
     dot_precision,
@@ -53,7 +54,7 @@ from .planner import (
 from .quant_int import launch_dequantize_int4
 from .reference.lora import IntQuantMeta, PackedInt
 from .reference.matmul import Packed4bit, Quant4bitMeta
-from .tiles import LowRank, grouped_pids, low_rank
+from .tiles import grouped_pids, low_rank
 
 __all__ = ["IntQuantMeta", "LoraMeta", "Packed4bit", "PackedInt", "Quant4bitMeta", "lora_linear"]
 

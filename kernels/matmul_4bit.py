@@ -27,27 +27,25 @@ import triton
 import triton.language as tl
 
 from .planner import (
+    LowRank,
     MatmulPlan,
     assume_arch,
+    dense_product,
     device_arch,
     dot_plan,
-    dot_precision,
     flatten_rows,
     force_path,
     interpreting,
+    launch_forward,
+    launch_grad,
     launch_tiles,
     plan_matmul,
     scratch_buffer,
-    split_k_output,
 )
 from .reference.matmul import Packed4bit, Quant4bitMeta
 from .reference.quant_4bit import DYNAMIC_MAP, code_table
 from .tiles import (
-    LowRank,
-    dense_product,
-    grouped_pids,
-    k_slice,
-    lora_args,
+    forward_tile,
     mac_pair,
     store_forward,
     store_grad_pair,
@@ -194,12 +192,8 @@ def _forward_kernel(
     # loads in flight). gemv (USE_DOT=False): the decoded tile is reused for BLOCK_M rows by
     # broadcast-multiply-reduce; gemm (USE_DOT=True): the tile, cast to x's dtype, feeds tl.dot as its even
     # and odd column halves. With ALIGNED the gemv scales its row sums instead of every element.
-    pid_m, pid_n = grouped_pids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = (offs_m < M)[:, None]
-    x_row = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    k_start, k_end = k_slice(K, SPLIT_K, BLOCK_K)
+    offs_m, offs_n, m_ok, x_row, k_start, k_end = forward_tile(x_ptr, M, N, K, stride_xm, SPLIT_K, BLOCK_M, BLOCK_N,
+                                                               BLOCK_K, GROUP_M)  # fmt: skip
     j = tl.arange(0, SUB_K // 2)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -247,48 +241,16 @@ def _grad_input_kernel(
 
 @triton.jit
 def _dequant_kernel(
-    out_ptr,
-    packed_ptr,
-    absmax_ptr,
-    dmap_ptr,
-    nested_ptr,
-    offset_ptr,
-    code_ptr,
-    N,
-    K,
-    k_half,
-    nblocks,
-    BLOCKSIZE: tl.constexpr,
-    DOUBLE_QUANT: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    LUT_REGISTERS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+    out_ptr, packed_ptr, absmax_ptr, dmap_ptr, nested_ptr, offset_ptr, code_ptr, N, K, k_half, nblocks,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
+    LUT_REGISTERS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
     # W[n-block, k-block] in the output dtype; even/odd halves interleaved back with join + reshape.
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
-    c0, c1, s0, s1 = _load_tile(
-        packed_ptr,
-        absmax_ptr,
-        dmap_ptr,
-        nested_ptr,
-        offset_ptr,
-        code_ptr,
-        offs_n,
-        k0,
-        N,
-        K,
-        k_half,
-        nblocks,
-        BLOCKSIZE,
-        DOUBLE_QUANT,
-        EVEN_K,
-        ALIGNED,
-        LUT_REGISTERS,
-        BLOCK_K,
-    )
+    c0, c1, s0, s1 = _load_tile(packed_ptr, absmax_ptr, dmap_ptr, nested_ptr, offset_ptr, code_ptr, offs_n, k0, N, K,
+                                k_half, nblocks, BLOCKSIZE, DOUBLE_QUANT, EVEN_K, ALIGNED, LUT_REGISTERS,
+                                BLOCK_K)  # fmt: skip
     w = tl.reshape(tl.join(c0 * s0, c1 * s1), (BLOCK_N, BLOCK_K))
     offs_k = k0 + tl.arange(0, BLOCK_K)
     out = out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
@@ -321,24 +283,6 @@ def _weight_consts(meta: Quant4bitMeta, lut: str) -> dict:
         ALIGNED=k % meta.blocksize == 0,
         LUT_REGISTERS=lut == "registers",
     )
-
-
-def _forward(x2, w: Packed4bit, bias, plan: MatmulPlan, low: LowRank | None) -> torch.Tensor:
-    M, K = x2.shape
-    N = w.meta.shape[0]
-    tiles = launch_tiles(plan.path, M, w.meta.blocksize, device_arch(x2.device), w.meta.quant_type, K % 2 == 0,
-                         x2.element_size(), lora=low is not None)  # fmt: skip
-    split_k = max(1, min(plan.split_k, triton.cdiv(K, tiles["BLOCK_K"])))
-    out = split_k_output(x2, N, split_k)
-    lora, lora_consts = lora_args(low, out, use_dot=plan.path == "gemm")
-    grid = (triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"]), split_k)
-    _forward_kernel[grid](
-        x2, out, bias if bias is not None else out, *_weight_args(w),
-        M, N, K, K // 2, w.meta.nblocks, x2.stride(0), out.stride(0), *lora,
-        HAS_BIAS=bias is not None, USE_DOT=plan.path == "gemm", DOT_PRECISION=dot_precision(x2.dtype),
-        SPLIT_K=split_k, GROUP_M=8, **tiles, **lora_consts, **_weight_consts(w.meta, plan.lut),
-    )  # fmt: skip
-    return out.to(x2.dtype)
 
 
 def dequantize_packed_4bit(w: Packed4bit, dtype: torch.dtype, *, reuse: bool = False) -> torch.Tensor:
@@ -395,7 +339,10 @@ def matmul_4bit(
     if x2.shape[0] == 0:
         out = x2.new_zeros((0, N))
     elif plan.path in ("gemv", "gemm"):
-        out = _forward(x2, w, bias, plan, lora)
+        tiles = launch_tiles(plan.path, x2.shape[0], w.meta.blocksize, device_arch(x2.device), w.meta.quant_type,
+                             K % 2 == 0, x2.element_size(), lora=lora is not None)  # fmt: skip
+        out = launch_forward(_forward_kernel, x2, N, _weight_args(w), (K // 2, w.meta.nblocks), bias, plan, lora, tiles,
+                             **_weight_consts(w.meta, plan.lut))  # fmt: skip
     else:
         out = dense_product(x2, dequantize_packed_4bit(w, x2.dtype, reuse=True), bias, lora)
     return out.reshape(*x.shape[:-1], N)
@@ -419,12 +366,6 @@ def matmul_4bit_grad_input(
     else:
         tiles = launch_tiles("grad", M, w.meta.blocksize, device_arch(g2.device), w.meta.quant_type,
                              elem_bytes=g2.element_size(), lora=lora is not None)  # fmt: skip
-        tiles.pop("SUB_K")
-        out = g2.new_empty((M, K))
-        low, lora_consts = lora_args(lora, out)
-        grid = (triton.cdiv(M, tiles["BLOCK_M"]), triton.cdiv(K, tiles["BLOCK_K"]))
-        _grad_input_kernel[grid](
-            g2, out, *_weight_args(w), M, N, K, K // 2, w.meta.nblocks, g2.stride(0), out.stride(0), *low,
-            DOT_PRECISION=dot_precision(g2.dtype), **tiles, **lora_consts, **_weight_consts(w.meta, plan.lut),
-        )  # fmt: skip
+        out = launch_grad(_grad_input_kernel, g2, K, _weight_args(w), (K // 2, w.meta.nblocks), lora, tiles,
+                          **_weight_consts(w.meta, plan.lut))  # fmt: skip
     return out.reshape(*grad_out.shape[:-1], K)

@@ -22,25 +22,23 @@ import triton
 import triton.language as tl
 
 from .planner import (
+    LowRank,
     MatmulPlan,
+    dense_product,
     device_arch,
     dot_plan,
-    dot_precision,
     flatten_rows,
+    launch_forward,
+    launch_grad,
     launch_tiles,
     plan_matmul,
     scratch_buffer,
-    split_k_output,
     triton_has_fp8,
 )
 from .quant_int import launch_dequantize_int4
 from .tiles import (
-    LowRank,
-    dense_product,
-    grouped_pids,
+    forward_tile,
     int4_tile,
-    k_slice,
-    lora_args,
     mac_pair,
     store_forward,
     store_grad,
@@ -70,12 +68,8 @@ def _int4_forward_kernel(
     # y = x W^T (+ bias + s (x_d A^T) B^T) over K-slice pid_k, BLOCK_K columns per step as independent
     # SUB_K-wide tiles; gemv sums x * (q - zero) per row and scales the row sums, gemm feeds
     # (q - zero) * scale to tl.dot.
-    pid_m, pid_n = grouped_pids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = (offs_m < M)[:, None]
-    x_row = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    k_start, k_end = k_slice(K, SPLIT_K, BLOCK_K)
+    offs_m, offs_n, m_ok, x_row, k_start, k_end = forward_tile(x_ptr, M, N, K, stride_xm, SPLIT_K, BLOCK_M, BLOCK_N,
+                                                               BLOCK_K, GROUP_M)  # fmt: skip
     j = tl.arange(0, SUB_K // 2)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -125,14 +119,10 @@ def _cw_forward_kernel(
 ):  # fmt: skip
     # y = (x q^T) * scale[None, :] (+ bias + s (x_d A^T) B^T): the codes are exact in x's dtype, so the
     # row scale is applied once, before the epilogue
-    pid_m, pid_n = grouped_pids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = (offs_m < M)[:, None]
+    offs_m, offs_n, m_ok, x_row, k_start, k_end = forward_tile(x_ptr, M, N, K, stride_xm, SPLIT_K, BLOCK_M, BLOCK_N,
+                                                               BLOCK_K, GROUP_M)  # fmt: skip
     n_ok = offs_n < N
-    x_row = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     q_row = q_ptr + offs_n.to(tl.int64)[:, None] * K
-    k_start, k_end = k_slice(K, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -192,24 +182,6 @@ def _check_int4(packed, scale, zero, k: int, group_size: int) -> None:
         raise ValueError(f"int4 scale and zero must have shape ({n}, {ngroups}) for K={k} and group_size={group_size}")
 
 
-def _int4_forward(x2, packed, scale, zero, group_size: int, bias, plan: MatmulPlan, low: LowRank | None):
-    m, k = x2.shape
-    n = packed.shape[0]
-    tiles = launch_tiles(plan.path, m, group_size, device_arch(x2.device), "int4", elem_bytes=x2.element_size(),
-                         lora=low is not None)  # fmt: skip
-    split_k = max(1, min(plan.split_k, triton.cdiv(k, tiles["BLOCK_K"])))
-    out = split_k_output(x2, n, split_k)
-    lora, lora_consts = lora_args(low, out, use_dot=plan.path == "gemm")
-    grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(n, tiles["BLOCK_N"]), split_k)
-    _int4_forward_kernel[grid](
-        x2, out, bias if bias is not None else out, packed, scale, zero,
-        m, n, k, packed.shape[1], scale.shape[1], x2.stride(0), out.stride(0), *lora,
-        HAS_BIAS=bias is not None, GROUP_SIZE=group_size, USE_DOT=plan.path == "gemm",
-        DOT_PRECISION=dot_precision(x2.dtype), SPLIT_K=split_k, GROUP_M=8, **tiles, **lora_consts,
-    )  # fmt: skip
-    return out.to(x2.dtype)
-
-
 def _dequantize_int4(packed, scale, zero, k: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
     # the "dequant" path: W decoded into the reused scratch buffer (consume it before the next call)
     out = scratch_buffer(packed.shape[0], k, dtype, packed.device)
@@ -243,7 +215,10 @@ def matmul_int4(
     if m == 0 or plan.path == "dequant":
         out = dense_product(x2, _dequantize_int4(packed, scale, zero, k, group_size, x2.dtype), bias, lora)
     else:
-        out = _int4_forward(x2, packed, scale, zero, group_size, bias, plan, lora)
+        tiles = launch_tiles(plan.path, m, group_size, device_arch(x2.device), "int4", elem_bytes=x2.element_size(),
+                             lora=lora is not None)  # fmt: skip
+        out = launch_forward(_int4_forward_kernel, x2, n, (packed, scale, zero), (packed.shape[1], scale.shape[1]),
+                             bias, plan, lora, tiles, GROUP_SIZE=group_size)  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -264,14 +239,8 @@ def matmul_int4_grad_input(
     else:
         tiles = launch_tiles("grad", m, group_size, device_arch(g2.device), "int4", elem_bytes=g2.element_size(),
                              lora=lora is not None)  # fmt: skip
-        tiles.pop("SUB_K")
-        out = g2.new_empty((m, k))
-        low, lora_consts = lora_args(lora, out)
-        grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"]))
-        _int4_grad_kernel[grid](
-            g2, out, packed, scale, zero, m, n, k, packed.shape[1], scale.shape[1], g2.stride(0), out.stride(0), *low,
-            GROUP_SIZE=group_size, DOT_PRECISION=dot_precision(g2.dtype), **tiles, **lora_consts,
-        )  # fmt: skip
+        out = launch_grad(_int4_grad_kernel, g2, k, (packed, scale, zero), (packed.shape[1], scale.shape[1]), lora,
+                          tiles, GROUP_SIZE=group_size)  # fmt: skip
     return out.reshape(*grad_out.shape[:-1], k)
 
 
@@ -290,14 +259,17 @@ def dequantize_channelwise(qdata: torch.Tensor, scale: torch.Tensor, dtype: torc
     return w.mul_(scale.float()[:, None])
 
 
-def _channelwise_plan(qdata, x2, plan: MatmulPlan | None, uses_dot: bool | None) -> MatmulPlan:
+def _channelwise_inputs(x, qdata, scale, plan: MatmulPlan | None, grad: bool):
+    # (x as rows, fp32 scale, plan, operand kind): shared checks and planning of forward and grad_input
+    _check_channelwise(qdata, scale)
     n, k = qdata.shape
+    x2 = flatten_rows(x, n if grad else k, "grad_out" if grad else "x")
     fmt = "int8" if qdata.dtype == torch.int8 else "fp8"
     plan = plan or plan_matmul(fmt, x2.device, x2.shape[0], n, k)
-    plan = dot_plan(plan, x2.dtype, x2.device, plan.path == "gemm" if uses_dot is None else uses_dot)
+    plan = dot_plan(plan, x2.dtype, x2.device, grad or plan.path == "gemm")
     if fmt == "fp8" and not triton_has_fp8(x2.device):
         plan = MatmulPlan("dequant")
-    return plan
+    return x2, scale.float().contiguous(), plan, fmt
 
 
 def matmul_channelwise(
@@ -316,52 +288,28 @@ def matmul_channelwise(
     Returns:
         (..., N) in x's dtype.
     """
-    _check_channelwise(qdata, scale)
-    n, k = qdata.shape
-    x2 = flatten_rows(x, k, "x")
-    m = x2.shape[0]
-    plan = _channelwise_plan(qdata, x2, plan, None)
-    scale = scale.float().contiguous()
+    x2, scale, plan, weight = _channelwise_inputs(x, qdata, scale, plan, grad=False)
+    n, m = qdata.shape[0], x2.shape[0]
     if m == 0 or plan.path == "dequant":
-        return dense_product(x2, dequantize_channelwise(qdata, scale, x2.dtype), bias, lora).reshape(*x.shape[:-1], n)
-    weight = "int8" if qdata.dtype == torch.int8 else "fp8"
-    tiles = launch_tiles(plan.path, m, 128, device_arch(x2.device), weight, elem_bytes=x2.element_size(),
-                         lora=lora is not None)  # fmt: skip
-    tiles.pop("SUB_K")  # no quantization blocks along K: one tile per step
-    split_k = max(1, min(plan.split_k, triton.cdiv(k, tiles["BLOCK_K"])))
-    out = split_k_output(x2, n, split_k)
-    low, lora_consts = lora_args(lora, out, use_dot=plan.path == "gemm")
-    grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(n, tiles["BLOCK_N"]), split_k)
-    _cw_forward_kernel[grid](
-        x2, out, bias if bias is not None else out, qdata, scale, m, n, k, x2.stride(0), out.stride(0), *low,
-        HAS_BIAS=bias is not None, USE_DOT=plan.path == "gemm", DOT_PRECISION=dot_precision(x2.dtype),
-        SPLIT_K=split_k, GROUP_M=8, **tiles, **lora_consts,
-    )  # fmt: skip
-    return out.to(x2.dtype).reshape(*x.shape[:-1], n)
+        out = dense_product(x2, dequantize_channelwise(qdata, scale, x2.dtype), bias, lora)
+    else:
+        tiles = launch_tiles(plan.path, m, 128, device_arch(x2.device), weight, elem_bytes=x2.element_size(),
+                             lora=lora is not None)  # fmt: skip
+        tiles.pop("SUB_K")  # no quantization blocks along K: one tile per step
+        out = launch_forward(_cw_forward_kernel, x2, n, (qdata, scale), (), bias, plan, lora, tiles)
+    return out.reshape(*x.shape[:-1], n)
 
 
 def matmul_channelwise_grad_input(
     grad_out, qdata, scale, *, plan: MatmulPlan | None = None, lora: LowRank | None = None
 ) -> torch.Tensor:
     """dx = grad_out @ (qdata * scale[:, None]) (+ s * L Rm) from the codes; in grad_out's dtype."""
-    _check_channelwise(qdata, scale)
-    n, k = qdata.shape
-    g2 = flatten_rows(grad_out, n, "grad_out")
-    m = g2.shape[0]
-    plan = _channelwise_plan(qdata, g2, plan, True)
-    scale = scale.float().contiguous()
+    g2, scale, plan, weight = _channelwise_inputs(grad_out, qdata, scale, plan, grad=True)
+    k, m = qdata.shape[1], g2.shape[0]
     if m == 0 or plan.path == "dequant":
         out = dense_product(g2, dequantize_channelwise(qdata, scale, g2.dtype), None, lora, grad_input=True)
     else:
-        weight = "int8" if qdata.dtype == torch.int8 else "fp8"
         tiles = launch_tiles("grad", m, 128, device_arch(g2.device), weight, elem_bytes=g2.element_size(),
                              lora=lora is not None)  # fmt: skip
-        tiles.pop("SUB_K")
-        out = g2.new_empty((m, k))
-        low, lora_consts = lora_args(lora, out)
-        grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"]))
-        _cw_grad_kernel[grid](
-            g2, out, qdata, scale, m, n, k, g2.stride(0), out.stride(0), *low,
-            DOT_PRECISION=dot_precision(g2.dtype), **tiles, **lora_consts,
-        )  # fmt: skip
+        out = launch_grad(_cw_grad_kernel, g2, k, (qdata, scale), (), lora, tiles)
     return out.reshape(*grad_out.shape[:-1], k)

@@ -9,7 +9,8 @@ without one):
     "gemm":    dequantized tiles feed ``tl.dot``.
     "dequant": dequantize once into a reused buffer, then ``torch.matmul`` (cuBLAS) -- large M.
 Tile sizes per path come from :func:`launch_tiles`, measured against spills and shared memory with
-``benchmarks/gpu_compile_check.py`` on sm_80 / sm_89 / sm_90a.
+``benchmarks/gpu_compile_check.py`` on sm_80 / sm_89 / sm_90a. :func:`launch_forward` / :func:`launch_grad`
+launch any format's kernel with an optional LoRA epilogue (:class:`LowRank`, added as s * L Rm).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ import torch
 import triton
 
 __all__ = [
+    "LowRank",
     "MatmulPlan",
     "assume_arch",
     "default_plan",
+    "dense_product",
     "device_arch",
     "dot_plan",
     "dot_precision",
@@ -36,7 +39,10 @@ __all__ = [
     "fma_dot",
     "force_path",
     "interpreting",
+    "launch_forward",
+    "launch_grad",
     "launch_tiles",
+    "lora_args",
     "plan_matmul",
     "scratch_buffer",
     "split_k_output",
@@ -320,3 +326,85 @@ def scratch_buffer(n: int, k: int, dtype: torch.dtype, device: torch.device) -> 
     if buf is None or buf.numel() < n * k:
         buf = _BUFFERS[key] = torch.empty(n * k, device=device, dtype=dtype)
     return buf[: n * k].view(n, k)
+
+
+# ------------------------------------------------------------------------------------------- launches
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """The LoRA update s * L @ Rm that a matmul kernel adds in its epilogue.
+
+    Attributes:
+        left: L [M, r] (x_d A^T in the forward, dY B for grad_input), in the activation dtype.
+        right: Rm [r, P] (B^T in the forward, A for grad_input); any strides (a transposed view is fine).
+        scale: s.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    scale: float
+
+
+def lora_args(low: LowRank | None, dummy: torch.Tensor, use_dot: bool = True) -> tuple[tuple, dict]:
+    """(l_ptr, r_ptr, R, stride_lm, stride_lr, stride_rr, stride_rp, lora_scale) and the HAS_LORA / BLOCK_R
+    constexprs for a kernel's epilogue; without ``low``, placeholders (``dummy``: any tensor)."""
+    if low is None:
+        return (dummy, dummy, 1, 0, 0, 0, 0, 0.0), dict(HAS_LORA=False, BLOCK_R=16)
+    left, right = low.left, low.right
+    r = left.shape[1]
+    # tl.dot needs every dimension >= 16 (r is padded); the gemv reduces over r in chunks of at most 16
+    block_r = max(16, triton.next_power_of_2(r)) if use_dot else min(16, triton.next_power_of_2(r))
+    args = (left, right, r, left.stride(0), left.stride(1), right.stride(0), right.stride(1), float(low.scale))
+    return args, dict(HAS_LORA=True, BLOCK_R=block_r)
+
+
+def dense_product(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, low: LowRank | None, grad_input: bool = False
+) -> torch.Tensor:
+    """The "dequant" path with a dense (just decoded) W [N, K]: x W^T + bias, or x W for grad_input, by
+    cuBLAS; a LoRA update is added with one addmm (an extra pass over the output)."""
+    if grad_input:
+        out = torch.matmul(x, w)
+    else:
+        out = torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    if low is not None:
+        out.addmm_(low.left.to(x.dtype), low.right.to(x.dtype), alpha=low.scale)
+    return out
+
+
+def launch_forward(kernel, x2, n: int, weight: tuple, sizes: tuple, bias, plan: MatmulPlan, low: LowRank | None,
+                   tiles: dict, **consts) -> torch.Tensor:  # fmt: skip
+    """y [M, n] = x2 W^T (+ bias) (+ s L Rm) by a format's forward ``kernel`` on the "gemv" / "gemm" plan.
+
+    Every forward kernel takes (x, out, bias, *weight pointers, M, N, K, *weight sizes, stride_xm, stride_om,
+    *LoRA epilogue arguments) and the constexprs HAS_BIAS, HAS_LORA, USE_DOT, DOT_PRECISION, SPLIT_K, GROUP_M,
+    the ``tiles`` (:func:`launch_tiles`) and its own ``consts``.
+    """
+    m, k = x2.shape
+    split_k = max(1, min(plan.split_k, triton.cdiv(k, tiles["BLOCK_K"])))
+    out = split_k_output(x2, n, split_k)
+    lora, lora_consts = lora_args(low, out, use_dot=plan.path == "gemm")
+    grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(n, tiles["BLOCK_N"]), split_k)
+    kernel[grid](
+        x2, out, bias if bias is not None else out, *weight, m, n, k, *sizes, x2.stride(0), out.stride(0), *lora,
+        HAS_BIAS=bias is not None, USE_DOT=plan.path == "gemm", DOT_PRECISION=dot_precision(x2.dtype),
+        SPLIT_K=split_k, GROUP_M=8, **tiles, **lora_consts, **consts,
+    )  # fmt: skip
+    return out.to(x2.dtype)
+
+
+def launch_grad(kernel, g2, k: int, weight: tuple, sizes: tuple, low: LowRank | None, tiles: dict,
+                **consts) -> torch.Tensor:  # fmt: skip
+    """dx [M, k] = g2 W (+ s L Rm) by a format's grad_input ``kernel``: arguments (g, out, *weight pointers,
+    M, N, K, *weight sizes, stride_gm, stride_om, *LoRA epilogue arguments), one program per (m, k) block."""
+    m, n = g2.shape
+    tiles = {key: v for key, v in tiles.items() if key != "SUB_K"}  # the transposed product: one tile per step
+    out = g2.new_empty((m, k))
+    lora, lora_consts = lora_args(low, out)
+    grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"]))
+    kernel[grid](
+        g2, out, *weight, m, n, k, *sizes, g2.stride(0), out.stride(0), *lora,
+        DOT_PRECISION=dot_precision(g2.dtype), **tiles, **lora_consts, **consts,
+    )  # fmt: skip
+    return out

@@ -14,21 +14,16 @@ q[n, 2j + 1] = packed[n, j] & 15, W = (q - zero) * scale per group (:func:`int4_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
 import triton
 import triton.language as tl
 
 __all__ = [
-    "LowRank",
     "cast_rne",
-    "dense_product",
     "grouped_pids",
     "int4_pair",
     "int4_tile",
-    "k_slice",
-    "lora_args",
+    "low_rank",
+    "forward_tile",
     "mac_pair",
     "store_forward",
     "store_grad",
@@ -94,11 +89,17 @@ def grouped_pids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
-def k_slice(K, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[k_start, k_end) of K-slice program_id(1); slices are whole multiples of BLOCK_K."""
+def forward_tile(x_ptr, M, N, K, stride_xm, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+    """What a forward program owns: rows offs_m, columns offs_n (grouped order), the row mask [BM, 1], x's
+    row pointers [BM, 1] and its K-slice [k_start, k_end) (program_id(1); whole multiples of BLOCK_K)."""
+    pid_m, pid_n = grouped_pids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_start = tl.program_id(1) * k_per_split
-    return k_start, tl.minimum(k_start + k_per_split, K)
+    x_row = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    return offs_m, offs_n, (offs_m < M)[:, None], x_row, k_start, tl.minimum(k_start + k_per_split, K)
 
 
 @triton.jit
@@ -224,48 +225,3 @@ def store_grad_pair(acc0, acc1, out_ptr, offs_m, k_even, M, K, stride_om, l_ptr,
                stride_rp, lora_scale, HAS_LORA, PRECISION, BLOCK_R)  # fmt: skip
     store_grad(acc1, out_ptr, offs_m, k_even + 1, M, K, stride_om, l_ptr, r_ptr, R, stride_lm, stride_lr, stride_rr,
                stride_rp, lora_scale, HAS_LORA, PRECISION, BLOCK_R)  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------- host side
-
-
-@dataclass(frozen=True)
-class LowRank:
-    """The LoRA update s * L @ Rm that a matmul kernel adds in its epilogue.
-
-    Attributes:
-        left: L [M, r] (x_d A^T in the forward, dY B for grad_input), in the activation dtype.
-        right: Rm [r, P] (B^T in the forward, A for grad_input); any strides (a transposed view is fine).
-        scale: s.
-    """
-
-    left: torch.Tensor
-    right: torch.Tensor
-    scale: float
-
-
-def lora_args(low: LowRank | None, dummy: torch.Tensor, use_dot: bool = True) -> tuple[tuple, dict]:
-    """(l_ptr, r_ptr, R, stride_lm, stride_lr, stride_rr, stride_rp, lora_scale) and the HAS_LORA / BLOCK_R
-    constexprs for a kernel's epilogue; without ``low``, placeholders (``dummy``: any tensor)."""
-    if low is None:
-        return (dummy, dummy, 1, 0, 0, 0, 0, 0.0), dict(HAS_LORA=False, BLOCK_R=16)
-    left, right = low.left, low.right
-    r = left.shape[1]
-    # tl.dot needs every dimension >= 16 (r is padded); the gemv reduces over r in chunks of at most 16
-    block_r = max(16, triton.next_power_of_2(r)) if use_dot else min(16, triton.next_power_of_2(r))
-    args = (left, right, r, left.stride(0), left.stride(1), right.stride(0), right.stride(1), float(low.scale))
-    return args, dict(HAS_LORA=True, BLOCK_R=block_r)
-
-
-def dense_product(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, low: LowRank | None, grad_input: bool = False
-) -> torch.Tensor:
-    """The "dequant" path with a dense (just decoded) W [N, K]: x W^T + bias, or x W for grad_input, by
-    cuBLAS; a LoRA update is added with one addmm (an extra pass over the output)."""
-    if grad_input:
-        out = torch.matmul(x, w)
-    else:
-        out = torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
-    if low is not None:
-        out.addmm_(low.left.to(x.dtype), low.right.to(x.dtype), alpha=low.scale)
-    return out
