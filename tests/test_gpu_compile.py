@@ -39,7 +39,9 @@ def test_every_kernel_is_reached_on_every_target():
     rows = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith("sm_")]
     by_target = {t: {r[1] for r in rows if r[0] == t} for t in ("sm_80", "sm_89", "sm_90a")}
     kernels = set(next(ln for ln in proc.stdout.splitlines() if ln.startswith("# kernels:")).split()[2:])
-    assert len(kernels) >= 20
+    assert len(kernels) >= 18
+    # the fused LoRA runs the base matmul kernels with their LoRA epilogue: no quantized copies in lora.py
+    assert {k for k in kernels if k.startswith("lora.")} == {"lora._float_kernel"}
     assert by_target["sm_90a"] == kernels, kernels - by_target["sm_90a"]
     # sm_80 has no e4m3 conversion in Triton: the project never launches the fp8 activation kernels there
     assert by_target["sm_89"] == kernels
