@@ -32,7 +32,6 @@ tiles again.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -52,24 +51,21 @@ from .planner import (
     triton_has_fp8,
 )
 from .quant_int import launch_dequantize_int4
-from .reference.lora import IntQuantMeta, PackedInt
+from .reference.lora import IntQuantMeta, LoraMeta, PackedInt, check_lora_inputs
 from .reference.matmul import Packed4bit, Quant4bitMeta
 from .tiles import grouped_pids, low_rank
 
-__all__ = ["IntQuantMeta", "LoraMeta", "Packed4bit", "PackedInt", "Quant4bitMeta", "lora_linear"]
-
-
-@dataclass(frozen=True)
-class LoraMeta:
-    """The non-tensor inputs of the fused LoRA linear.
-
-    Attributes:
-        scale: the LoRA scale s (alpha / r, or alpha / sqrt(r) with rsLoRA).
-        dropout: True when a separate ``x_dropped`` is passed (dropout active).
-    """
-
-    scale: float
-    dropout: bool = False
+__all__ = [
+    "IntQuantMeta",
+    "LoraMeta",
+    "Packed4bit",
+    "PackedInt",
+    "Quant4bitMeta",
+    "lora_backward",
+    "lora_forward",
+    "lora_grad_input",
+    "lora_linear",
+]
 
 
 # ------------------------------------------------------------------------------------------ float base
@@ -259,14 +255,47 @@ def _join_weight(kind, tensors: tuple):
     return cls(meta=meta, **dict(zip(fields, tensors, strict=True)))
 
 
+def lora_forward(x, x_dropped, lora_a, lora_b, bias, base, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, xa) for 2-D x [M, K]: xa = x_d A^T [M, r] (once per row), y = x W^T + bias + s * xa B^T fused.
+
+    ``base``: float weight [N, K] (frozen), :class:`Packed4bit` or :class:`PackedInt` (checked by the caller).
+    """
+    xa = x_dropped @ lora_a.t().to(x.dtype)
+    if isinstance(base, (Packed4bit, PackedInt)):
+        return _quant_forward(x, base, bias, xa, lora_b, scale), xa
+    return _dense_gemm(x, base, False, (xa, lora_b), bias, scale), xa
+
+
+def lora_grad_input(grad_out, base, low: tuple | None, scale: float) -> torch.Tensor:
+    """dX = dY W (+ s * G A fused in the epilogue when ``low`` = (G [M, r], A [r, K])), from 2-D dY."""
+    if isinstance(base, (Packed4bit, PackedInt)):
+        return _quant_grad_input(grad_out, base, low, scale)
+    return _dense_gemm(grad_out, base, True, low, None, scale)
+
+
+def lora_backward(grad_out, x_dropped, xa, lora_a, lora_b, base, meta: LoraMeta, needs_x: bool,
+                  grad_input=lora_grad_input) -> tuple:  # fmt: skip
+    """(dX, dX_d, dA, dB) of the fused LoRA linear (module docstring), ``grad_out`` 2-D.
+
+    dX (when ``needs_x``) comes from ``grad_input(dY, base, low, scale)`` (:func:`lora_grad_input`, or the
+    same behind a custom op), with s G A fused in unless dropout sends it to x_d (dX_d); else None.
+    """
+    grad_out = grad_out.contiguous()
+    g = grad_out @ lora_b.to(grad_out.dtype)  # [M, r]
+    grad_x = grad_x_dropped = None
+    if needs_x:
+        grad_x = grad_input(grad_out, base, None if meta.dropout else (g, lora_a), meta.scale)
+        if meta.dropout:
+            grad_x_dropped = meta.scale * (g @ lora_a.to(g.dtype))
+    grad_a = (meta.scale * (g.t() @ x_dropped.to(g.dtype))).to(lora_a.dtype)
+    grad_b = (meta.scale * (grad_out.t() @ xa.to(grad_out.dtype))).to(lora_b.dtype)
+    return grad_x, grad_x_dropped, grad_a, grad_b
+
+
 class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_dropped, lora_a, lora_b, bias, base, meta):
-        xa = x_dropped @ lora_a.t().to(x.dtype)  # [M, r], once per row
-        if isinstance(base, (Packed4bit, PackedInt)):
-            y = _quant_forward(x, base, bias, xa, lora_b, meta.scale)
-        else:
-            y = _dense_gemm(x, base, False, (xa, lora_b), bias, meta.scale)
+        y, xa = lora_forward(x, x_dropped, lora_a, lora_b, bias, base, meta.scale)
         ctx.w_kind, saved = _split_weight(base)
         ctx.meta = meta
         ctx.bias_grad = bias is not None and bias.requires_grad
@@ -277,24 +306,12 @@ class _LoraLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        meta = ctx.meta
         x_dropped, xa, lora_a, lora_b, *saved = ctx.saved_tensors
         base = _join_weight(ctx.w_kind, tuple(saved))
-        grad_out = grad_out.contiguous()
-        g = grad_out @ lora_b.to(grad_out.dtype)  # [M, r]
-        low = None if meta.dropout else (g, lora_a)
-        grad_x = grad_x_dropped = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            if ctx.w_kind is None:
-                grad_x = _dense_gemm(grad_out, base, True, low, None, meta.scale)
-            else:
-                grad_x = _quant_grad_input(grad_out, base, low, meta.scale)
-            if meta.dropout:
-                grad_x_dropped = meta.scale * (g @ lora_a.to(g.dtype))
-        grad_a = (meta.scale * (g.t() @ x_dropped.to(g.dtype))).to(lora_a.dtype)
-        grad_b = (meta.scale * (grad_out.t() @ xa.to(grad_out.dtype))).to(lora_b.dtype)
+        needs_x = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grads = lora_backward(grad_out, x_dropped, xa, lora_a, lora_b, base, ctx.meta, needs_x)
         grad_bias = grad_out.sum(0).to(ctx.bias_dtype) if ctx.bias_grad else None
-        return grad_x, grad_x_dropped, grad_a, grad_b, grad_bias, None, None
+        return *grads, grad_bias, None, None
 
 
 def lora_linear(
@@ -329,21 +346,7 @@ def lora_linear(
         >>> w = PackedInt(q.qdata, q.scale, IntQuantMeta(q.shape, "int8"))
         >>> y = lora_linear(x, w, None, A, B, LoraMeta(scale=2.0))
     """
-    if meta.dropout != (x_dropped is not None):
-        raise ValueError("fused LoRA: pass x_dropped exactly when meta.dropout is True")
-    if isinstance(base, (Packed4bit, PackedInt)):
-        base.check()
-        n, k = base.meta.shape
-    else:
-        if base.requires_grad:
-            raise ValueError("fused LoRA: the base weight must be frozen (requires_grad=False)")
-        n, k = base.shape
-    r = lora_a.shape[0]
-    if x.shape[-1] != k or tuple(lora_a.shape) != (r, k) or tuple(lora_b.shape) != (n, r):
-        raise ValueError(
-            f"fused LoRA: shapes disagree: input features {x.shape[-1]}, base weight {(n, k)}, "
-            f"A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)} (need A [r, {k}] and B [{n}, r])"
-        )
+    n, k = check_lora_inputs(x, base, lora_a, lora_b, meta, x_dropped)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
     xd2 = x2 if x_dropped is None else x_dropped.reshape(-1, k)

@@ -114,6 +114,44 @@ class PackedInt(NamedTuple):
         return dequantize_channelwise(self.qdata, self.scale, dtype)
 
 
+@dataclass(frozen=True)
+class LoraMeta:
+    """The non-tensor inputs of the fused LoRA linear.
+
+    Attributes:
+        scale: the LoRA scale s (alpha / r, or alpha / sqrt(r) with rsLoRA).
+        dropout: True when a separate ``x_dropped`` is passed (dropout active).
+    """
+
+    scale: float
+    dropout: bool = False
+
+
+def check_lora_inputs(x, base, lora_a, lora_b, meta: LoraMeta, x_dropped) -> tuple[int, int]:
+    """(N, K) of the base weight after checking a fused LoRA linear's inputs (``kernels/lora.py``).
+
+    Raises:
+        ValueError: shapes disagree, the base weight requires grad or its buffers do not match its
+            metadata, or x_dropped does not match meta.
+    """
+    if meta.dropout != (x_dropped is not None):
+        raise ValueError("fused LoRA: pass x_dropped exactly when meta.dropout is True")
+    if isinstance(base, (Packed4bit, PackedInt)):
+        base.check()
+        n, k = base.meta.shape
+    else:
+        if base.requires_grad:
+            raise ValueError("fused LoRA: the base weight must be frozen (requires_grad=False)")
+        n, k = base.shape
+    r = lora_a.shape[0]
+    if x.shape[-1] != k or tuple(lora_a.shape) != (r, k) or tuple(lora_b.shape) != (n, r):
+        raise ValueError(
+            f"fused LoRA: shapes disagree: input features {x.shape[-1]}, base weight {(n, k)}, "
+            f"A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)} (need A [r, {k}] and B [{n}, r])"
+        )
+    return n, k
+
+
 def dense_weight(base, dtype: torch.dtype) -> torch.Tensor:
     """The base weight W [N, K] in ``dtype`` for a float tensor, a :class:`Packed4bit` or a :class:`PackedInt`."""
     if isinstance(base, Packed4bit):
