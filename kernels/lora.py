@@ -314,15 +314,9 @@ class _LoraLinearFn(torch.autograd.Function):
         return *grads, grad_bias, None, None
 
 
-def lora_linear(
-    x: torch.Tensor,
-    base: torch.Tensor | Packed4bit | PackedInt,
-    bias: torch.Tensor | None,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    meta: LoraMeta,
-    x_dropped: torch.Tensor | None = None,
-) -> torch.Tensor:
+def lora_linear(x: torch.Tensor, base: torch.Tensor | Packed4bit | PackedInt, bias: torch.Tensor | None,
+                lora_a: torch.Tensor, lora_b: torch.Tensor, meta: LoraMeta,
+                x_dropped: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Fused y = x W^T + bias + s * (x_d A^T) B^T over a frozen float or quantized base, with autograd.
 
     Args:

@@ -46,6 +46,8 @@ from .reference.matmul import Packed4bit, Quant4bitMeta
 from .reference.quant_4bit import DYNAMIC_MAP, code_table
 from .tiles import (
     forward_tile,
+    grad_mac_pair,
+    grad_tile,
     mac_pair,
     store_forward,
     store_grad_pair,
@@ -220,10 +222,7 @@ def _grad_input_kernel(
 ):  # fmt: skip
     # dx = dy W (+ s (dY B) A), the transposed product: program (pid_m, pid_k) owns dx[m-block, k-block] and
     # reduces over N; even and odd output columns are accumulated separately and stored with stride 2.
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    k0 = tl.program_id(1) * BLOCK_K
-    m_ok = (offs_m < M)[:, None]
-    g_row = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
+    offs_m, k0, m_ok, g_row = grad_tile(g_ptr, M, stride_gm, BLOCK_M, BLOCK_K)
     acc0 = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -231,12 +230,9 @@ def _grad_input_kernel(
         c0, c1, s0, s1 = _load_tile(packed_ptr, absmax_ptr, dmap_ptr, nested_ptr, offset_ptr, code_ptr, offs_n, k0,
                                     N, K, k_half, nblocks, BLOCKSIZE, DOUBLE_QUANT, EVEN_K, ALIGNED, LUT_REGISTERS,
                                     BLOCK_K)  # fmt: skip
-        g = tl.load(g_row + offs_n[None, :], mask=m_ok & (offs_n < N)[None, :], other=0.0)
-        acc0 = tl.dot(g, (c0 * s0).to(g.dtype), acc0, input_precision=DOT_PRECISION)
-        acc1 = tl.dot(g, (c1 * s1).to(g.dtype), acc1, input_precision=DOT_PRECISION)
-    k_even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-    store_grad_pair(acc0, acc1, out_ptr, offs_m, k_even, M, K, stride_om, l_ptr, r_ptr, R, stride_lm, stride_lr,
-                    stride_rr, stride_rp, lora_scale, HAS_LORA, DOT_PRECISION, BLOCK_R)  # fmt: skip
+        acc0, acc1 = grad_mac_pair(acc0, acc1, g_row, m_ok, offs_n, N, c0, c1, s0, s1, DOT_PRECISION)
+    store_grad_pair(acc0, acc1, out_ptr, offs_m, k0, M, K, stride_om, l_ptr, r_ptr, R, stride_lm, stride_lr, stride_rr,
+                    stride_rp, lora_scale, HAS_LORA, DOT_PRECISION, BLOCK_K, BLOCK_R)  # fmt: skip
 
 
 @triton.jit

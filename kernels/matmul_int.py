@@ -38,6 +38,8 @@ from .planner import (
 from .quant_int import launch_dequantize_int4
 from .tiles import (
     forward_tile,
+    grad_mac_pair,
+    grad_tile,
     int4_tile,
     mac_pair,
     store_forward,
@@ -61,22 +63,22 @@ def _int4_forward_kernel(
     x_ptr, out_ptr, bias_ptr, packed_ptr, scale_ptr, zero_ptr,
     M, N, K, k_bytes, ngroups, stride_xm, stride_om,
     l_ptr, r_ptr, R, stride_lm, stride_lr, stride_rr, stride_rp, lora_scale,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, GROUP_SIZE: tl.constexpr, USE_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # y = x W^T (+ bias + s (x_d A^T) B^T) over K-slice pid_k, BLOCK_K columns per step as independent
     # SUB_K-wide tiles; gemv sums x * (q - zero) per row and scales the row sums, gemm feeds
     # (q - zero) * scale to tl.dot.
     offs_m, offs_n, m_ok, x_row, k_start, k_end = forward_tile(x_ptr, M, N, K, stride_xm, SPLIT_K, BLOCK_M, BLOCK_N,
                                                                BLOCK_K, GROUP_M)  # fmt: skip
-    j = tl.arange(0, SUB_K // 2)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        for ks in tl.static_range(0, BLOCK_K, SUB_K):
+        for ks in tl.static_range(0, BLOCK_K, SUB_K):  # one group per tile: (q - zero) and the row scale s
             d0, d1, s = int4_tile(packed_ptr, scale_ptr, zero_ptr, offs_n, k0 + ks, N, K, k_bytes, ngroups,
                                   GROUP_SIZE, SUB_K)  # fmt: skip
-            acc = mac_pair(acc, x_row, m_ok, k0 + ks + 2 * j, K, d0, d1, s, s, True, USE_DOT, DOT_PRECISION, BLOCK_N)
+            k_even = k0 + ks + 2 * tl.arange(0, SUB_K // 2)
+            acc = mac_pair(acc, x_row, m_ok, k_even, K, d0, d1, s, s, True, USE_DOT, DOT_PRECISION, BLOCK_N)
     store_forward(acc, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, tl.program_id(1), l_ptr, r_ptr, R,
                   stride_lm, stride_lr, stride_rr, stride_rp, lora_scale, HAS_BIAS, HAS_LORA, USE_DOT, SPLIT_K,
                   DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)  # fmt: skip
@@ -87,25 +89,19 @@ def _int4_grad_kernel(
     g_ptr, out_ptr, packed_ptr, scale_ptr, zero_ptr,
     M, N, K, k_bytes, ngroups, stride_gm, stride_om,
     l_ptr, r_ptr, R, stride_lm, stride_lr, stride_rr, stride_rp, lora_scale,
-    HAS_LORA: tl.constexpr, GROUP_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, HAS_LORA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     # dx[m-block, k-block] = sum_n dy[m, n] W[n, k] (+ s (dY B) A); even / odd output columns accumulated apart
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    k0 = tl.program_id(1) * BLOCK_K
-    m_ok = (offs_m < M)[:, None]
-    g_row = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
+    offs_m, k0, m_ok, g_row = grad_tile(g_ptr, M, stride_gm, BLOCK_M, BLOCK_K)
     acc0 = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
+    acc1 = tl.zeros_like(acc0)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         d0, d1, s = int4_tile(packed_ptr, scale_ptr, zero_ptr, offs_n, k0, N, K, k_bytes, ngroups, GROUP_SIZE, BLOCK_K)
-        g = tl.load(g_row + offs_n[None, :], mask=m_ok & (offs_n < N)[None, :], other=0.0)
-        acc0 = tl.dot(g, (d0 * s).to(g.dtype), acc0, input_precision=DOT_PRECISION)
-        acc1 = tl.dot(g, (d1 * s).to(g.dtype), acc1, input_precision=DOT_PRECISION)
-    k_even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-    store_grad_pair(acc0, acc1, out_ptr, offs_m, k_even, M, K, stride_om, l_ptr, r_ptr, R, stride_lm, stride_lr,
-                    stride_rr, stride_rp, lora_scale, HAS_LORA, DOT_PRECISION, BLOCK_R)  # fmt: skip
+        acc0, acc1 = grad_mac_pair(acc0, acc1, g_row, m_ok, offs_n, N, d0, d1, s, s, DOT_PRECISION)
+    store_grad_pair(acc0, acc1, out_ptr, offs_m, k0, M, K, stride_om, l_ptr, r_ptr, R, stride_lm, stride_lr, stride_rr,
+                    stride_rp, lora_scale, HAS_LORA, DOT_PRECISION, BLOCK_K, BLOCK_R)  # fmt: skip
 
 
 @triton.jit
@@ -147,11 +143,9 @@ def _cw_grad_kernel(
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     # dx[m-block, k-block] = sum_n dy[m, n] (q[n, k] * scale[n]) (+ s (dY B) A), W tiles decoded in registers
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_ok = (offs_m < M)[:, None]
+    offs_m, k0, m_ok, g_row = grad_tile(g_ptr, M, stride_gm, BLOCK_M, BLOCK_K)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
     k_ok = (offs_k < K)[None, :]
-    g_row = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)

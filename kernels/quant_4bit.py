@@ -157,15 +157,9 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
     return packed, absmax
 
 
-def dequantize_4bit(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    shape,
-    blocksize: int = 64,
-    quant_type: str = "nf4",
-    dtype: torch.dtype = torch.bfloat16,
-) -> torch.Tensor:
-    """Triton version of :func:`ref.dequantize_4bit`."""
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape, blocksize: int = 64, quant_type: str = "nf4",
+                    dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:  # fmt: skip
+    """Triton version of :func:`ref.dequantize_4bit` (same arguments)."""
     n = math.prod(shape)
     out = torch.empty(n, dtype=dtype, device=packed.device)
     if n == 0:

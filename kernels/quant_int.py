@@ -128,6 +128,21 @@ def _dequantize_rowwise_kernel(
 
 
 @triton.jit
+def _group_tile(total_groups, cols, ngroups, GROUP: tl.constexpr, GROUPS: tl.constexpr):
+    # GROUPS groups of this program (numbered row-major, like scale and zero) as [GROUPS, GROUP // 2]
+    # (even, odd) column pairs: group ids and mask, row and column offsets, and the two column masks
+    gid = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
+    g_mask = gid < total_groups
+    row = (gid // ngroups).to(tl.int64)[:, None]
+    g = (gid % ngroups)[:, None]
+    half = tl.arange(0, GROUP // 2)[None, :]
+    c_even = g * GROUP + 2 * half
+    m_even = g_mask[:, None] & (c_even < cols)
+    m_odd = g_mask[:, None] & (c_even + 1 < cols)
+    return gid, g_mask, row, g, half, c_even, m_even, m_odd
+
+
+@triton.jit
 def _quantize_int4_kernel(
     x_ptr,  # fp32 / fp16 / bf16 [rows, cols]
     packed_ptr,  # uint8 [rows, ceil(cols / 2)]
@@ -140,15 +155,8 @@ def _quantize_int4_kernel(
     GROUPS: tl.constexpr,  # groups per program (power of two)
     HAS_PARAMS: tl.constexpr,
 ):
-    gid = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
-    g_mask = gid < total_groups
-    row = (gid // ngroups).to(tl.int64)[:, None]
-    g = (gid % ngroups)[:, None]
-    half = tl.arange(0, GROUP // 2)[None, :]
-    c_even = g * GROUP + 2 * half  # [GROUPS, GROUP // 2]
+    gid, g_mask, row, g, half, c_even, m_even, m_odd = _group_tile(total_groups, cols, ngroups, GROUP, GROUPS)
     c_odd = c_even + 1
-    m_even = g_mask[:, None] & (c_even < cols)
-    m_odd = g_mask[:, None] & (c_odd < cols)
     x_even = tl.load(x_ptr + row * cols + c_even, mask=m_even, other=0.0).to(tl.float32)
     x_odd = tl.load(x_ptr + row * cols + c_odd, mask=m_odd, other=0.0).to(tl.float32)
     if HAS_PARAMS:
@@ -186,15 +194,8 @@ def _dequantize_int4_kernel(
     GROUP: tl.constexpr,
     GROUPS: tl.constexpr,
 ):
-    gid = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
-    g_mask = gid < total_groups
-    row = (gid // ngroups).to(tl.int64)[:, None]
-    g = (gid % ngroups)[:, None]
-    half = tl.arange(0, GROUP // 2)[None, :]
-    c_even = g * GROUP + 2 * half
+    gid, g_mask, row, g, half, c_even, m_even, m_odd = _group_tile(total_groups, cols, ngroups, GROUP, GROUPS)
     c_odd = c_even + 1
-    m_even = g_mask[:, None] & (c_even < cols)
-    m_odd = g_mask[:, None] & (c_odd < cols)
     byte = tl.load(packed_ptr + row * ((cols + 1) // 2) + g * (GROUP // 2) + half, mask=m_even, other=0)
     scale = tl.load(scale_ptr + gid, mask=g_mask, other=1.0).to(tl.float32)[:, None]
     zero = tl.load(zero_ptr + gid, mask=g_mask, other=0.0).to(tl.float32)[:, None]
@@ -346,15 +347,8 @@ def int4_quantize_with_params(
     """Triton version of :func:`ref.int4_quantize_with_params`: packed uint8 [rows, ceil(cols / 2)]."""
     ref.check_group_size(group_size)
     w = _check_weight(w)
+    ref.check_int4_params(w.shape, scale, zero, group_size)
     rows, cols = w.shape
-    expected = (rows, triton.cdiv(cols, group_size))
-    if tuple(scale.shape) != expected or tuple(zero.shape) != expected:
-        raise ValueError(
-            f"int4 scale and zero must have shape {expected} for a {tuple(w.shape)} weight with "
-            f"group_size={group_size}, got {tuple(scale.shape)} and {tuple(zero.shape)}"
-        )
-    if scale.numel() and not bool(((scale != 0) & torch.isfinite(scale)).all()):
-        raise ValueError("int4 scales must be nonzero and finite; replace zero scales with 1.0 before packing")
     packed = torch.empty(rows, (cols + 1) // 2, dtype=torch.uint8, device=w.device)
     _launch_int4_quantize(w, packed, scale.contiguous(), zero.contiguous(), group_size, True)
     return packed
@@ -382,15 +376,9 @@ def launch_dequantize_int4(packed, scale, zero, out: torch.Tensor, group_size: i
     return out
 
 
-def dequantize_int4(
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    cols: int,
-    group_size: int,
-    dtype: torch.dtype = torch.bfloat16,
-) -> torch.Tensor:
-    """Triton version of :func:`ref.dequantize_int4`: [rows, cols] in ``dtype``."""
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cols: int, group_size: int,
+                    dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:  # fmt: skip
+    """Triton version of :func:`ref.dequantize_int4` (same arguments): [rows, cols] in ``dtype``."""
     ref.check_group_size(group_size)
     _check_out_dtype(dtype)
     _check_device(packed)

@@ -24,6 +24,8 @@ __all__ = [
     "int4_tile",
     "low_rank",
     "forward_tile",
+    "grad_mac_pair",
+    "grad_tile",
     "mac_pair",
     "store_forward",
     "store_grad",
@@ -130,6 +132,24 @@ def mac_pair(acc, x_row, m_ok, k_even, K, c0, c1, s0, s1, ROW_SCALE: tl.constexp
     return acc
 
 
+@triton.jit
+def grad_tile(g_ptr, M, stride_gm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """What a grad_input program owns: rows offs_m, first column k0 of its K-block (program_id(1)), the row
+    mask [BM, 1] and dY's row pointers [BM, 1]; it reduces over N."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return offs_m, tl.program_id(1) * BLOCK_K, (offs_m < M)[:, None], g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
+
+
+@triton.jit
+def grad_mac_pair(acc0, acc1, g_row, m_ok, offs_n, N, c0, c1, s0, s1, PRECISION: tl.constexpr):
+    """acc0 += dY[:, offs_n] (c0 s0), acc1 += dY[:, offs_n] (c1 s1): the even / odd output columns of the
+    transposed product over one N-tile of a 4-bit weight (tiles [BN, BK / 2], cast to dY's dtype)."""
+    g = tl.load(g_row + offs_n[None, :], mask=m_ok & (offs_n < N)[None, :], other=0.0)
+    acc0 = tl.dot(g, (c0 * s0).to(g.dtype), acc0, input_precision=PRECISION)
+    acc1 = tl.dot(g, (c1 * s1).to(g.dtype), acc1, input_precision=PRECISION)
+    return acc0, acc1
+
+
 # ----------------------------------------------------------------------------------------- epilogues
 
 
@@ -217,10 +237,12 @@ def store_grad(acc, out_ptr, offs_m, offs_k, M, K, stride_om, l_ptr, r_ptr, R, s
 
 
 @triton.jit
-def store_grad_pair(acc0, acc1, out_ptr, offs_m, k_even, M, K, stride_om, l_ptr, r_ptr, R, stride_lm, stride_lr,
+def store_grad_pair(acc0, acc1, out_ptr, offs_m, k0, M, K, stride_om, l_ptr, r_ptr, R, stride_lm, stride_lr,
                     stride_rr, stride_rp, lora_scale, HAS_LORA: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_R: tl.constexpr):  # fmt: skip
-    """grad_input epilogue of the 4-bit layouts: even (acc0) and odd (acc1) columns, two stride-2 stores."""
+                    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+    """grad_input epilogue of the 4-bit layouts: even (acc0) and odd (acc1) columns of the K-block at k0,
+    two stride-2 stores."""
+    k_even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
     store_grad(acc0, out_ptr, offs_m, k_even, M, K, stride_om, l_ptr, r_ptr, R, stride_lm, stride_lr, stride_rr,
                stride_rp, lora_scale, HAS_LORA, PRECISION, BLOCK_R)  # fmt: skip
     store_grad(acc1, out_ptr, offs_m, k_even + 1, M, K, stride_om, l_ptr, r_ptr, R, stride_lm, stride_lr, stride_rr,

@@ -93,20 +93,9 @@ def _(x, x_dropped, lora_a, lora_b, bias, w0, w1, w2, w3, fmt, n, k, block, scal
 
 
 @torch.library.custom_op("qlora_kit::lora_grad_input", mutates_args=())
-def _lora_grad_input(
-    grad: Tensor,
-    g: Tensor | None,
-    lora_a: Tensor | None,
-    w0: Tensor,
-    w1: Tensor | None,
-    w2: Tensor | None,
-    w3: Tensor | None,
-    fmt: str,
-    n: int,
-    k: int,
-    block: int,
-    scale: float,
-) -> Tensor:
+def _lora_grad_input(grad: Tensor, g: Tensor | None, lora_a: Tensor | None, w0: Tensor, w1: Tensor | None,
+                     w2: Tensor | None, w3: Tensor | None, fmt: str, n: int, k: int, block: int,
+                     scale: float) -> Tensor:  # fmt: skip
     base = _weight(w0, w1, w2, w3, fmt, n, k, block)
     low = None if g is None else (g, lora_a)
     if use_triton(grad):
@@ -165,20 +154,21 @@ def lora_linear(
     backend), traceable by ``torch.compile``.
 
     Args:
-        x: input [..., K] (fp16 / bf16 / fp32: the compute dtype).
-        base: float weight [N, K] (frozen), a ``Packed4bit`` NF4/FP4 weight, or a ``PackedInt`` int8 / fp8
-            (per channel) or int4 (per group) weight.
-        bias: [N] or None.
-        lora_a: A [r, K]; lora_b: B [N, r] (any float dtype; their gradients come back in it).
-        meta: scale and dropout flag (:class:`LoraMeta`).
-        x_dropped: dropout(x) when ``meta.dropout``; otherwise None.
+        x: the input [..., K], in the compute dtype (fp16, bf16 or fp32).
+        base: the frozen base weight: float [N, K], ``Packed4bit`` (NF4 / FP4) or ``PackedInt`` (int8 / fp8 per
+            channel, int4 per group).
+        bias: the base layer's bias [N], or None.
+        lora_a: the adapter A [r, K]. Its gradient comes back in its own dtype.
+        lora_b: the adapter B [N, r]. Likewise.
+        meta: the LoRA scale and whether dropout is active (:class:`LoraMeta`).
+        x_dropped: dropout(x) exactly when ``meta.dropout``, else None.
 
     Returns:
-        y [..., N] in the dtype of ``x``.
+        y [..., N], in x's dtype.
 
     Raises:
-        ValueError: shapes disagree, the base weight requires grad or its buffers do not match its
-            metadata, or x_dropped does not match meta.
+        ValueError: from ``check_lora_inputs``: shapes that disagree, a base weight that requires grad or
+            whose buffers do not match its metadata, or x_dropped not matching meta.
     """
     n, k = ref.check_lora_inputs(x, base, lora_a, lora_b, meta, x_dropped)
     x2 = x.reshape(-1, k).contiguous()

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .matmul import Packed4bit, dequantize_channelwise, dequantize_int4, dequantize_packed_4bit
+from .matmul import Packed4bit, check_shape_2d, dequantize_channelwise, dequantize_int4, dequantize_packed_4bit
 
 INT_FORMATS = ("int8", "fp8", "int4")
 _CODE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "int4": torch.uint8}
@@ -55,10 +55,7 @@ class IntQuantMeta:
     group_size: int = 0
 
     def __post_init__(self):
-        shape = tuple(int(s) for s in self.shape)
-        if len(shape) != 2 or min(shape) < 1:
-            raise ValueError(f"IntQuantMeta.shape must be (N, K) with N, K >= 1, got {self.shape!r}")
-        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "shape", check_shape_2d(self))
         if self.fmt not in INT_FORMATS:
             raise ValueError(f"IntQuantMeta.fmt must be one of {list(INT_FORMATS)}, got {self.fmt!r}")
         g = self.group_size
