@@ -1,5 +1,7 @@
 """Triton helpers shared by the matmul kernel families: program order, K-slices, int4 decode, epilogues.
 
+Device side only; the host side of the epilogue (:class:`LowRank`, ``lora_args``) is in ``kernels/planner.py``.
+
 Math (x [M, K], W [N, K], fp32 accumulation):
     forward     acc[m, n] = sum_k x[m, k] W[n, k]          then + bias[n] + s * (L Rm)[m, n], store
     grad_input  acc[m, k] = sum_n dy[m, n] W[n, k]         then + s * (L Rm)[m, k], store
@@ -19,13 +21,13 @@ import triton.language as tl
 
 __all__ = [
     "cast_rne",
+    "forward_tile",
+    "grad_mac_pair",
+    "grad_tile",
     "grouped_pids",
     "int4_pair",
     "int4_tile",
     "low_rank",
-    "forward_tile",
-    "grad_mac_pair",
-    "grad_tile",
     "mac_pair",
     "store_forward",
     "store_grad",
