@@ -188,10 +188,11 @@ def metrics_fn(copy_gbps, dtype):
 def tune(cases, formats, dtype, table_path, log=print):
     """Time every candidate plan of our kernels per (format, case); write the fastest into the table."""
     from qlora_kit.kernels import matmul_4bit as mm
+    from qlora_kit.kernels import planner as pl
 
     from qlora_kit import ops, registry
 
-    device_name = mm.device_key(torch.device("cuda"))
+    device_name = pl.device_key(torch.device("cuda"))
     measured = []
     for fmt in [f for f in registry.format_names() if f in formats]:
         suffix = next(s for s, (f, _, act) in OURS.items() if f == fmt and act is None)
@@ -240,7 +241,7 @@ def tune(cases, formats, dtype, table_path, log=print):
     with open(table_path, "w", encoding="utf-8") as f:
         json.dump({"version": 1, "plans": plans}, f, indent=1)
         f.write("\n")
-    mm._read_table.cache_clear()
+    pl._read_table.cache_clear()
     log(f"wrote {len(measured)} measured plans to {table_path}")
 
 
@@ -277,9 +278,9 @@ def main(argv=None):
     cases = linear_cases(args.quick, args.models.split(",") if args.models else None, m_values)
 
     if args.tune:
-        from qlora_kit.kernels import matmul_4bit as mm
+        from qlora_kit.kernels import planner as pl
 
-        tune(cases, formats, dtype, args.table or mm.table_path())
+        tune(cases, formats, dtype, args.table or pl.table_path())
 
     copy_gbps = copy_bandwidth_gbps(args.device)
     print(f"device-to-device copy bandwidth: {copy_gbps:.1f} GB/s")

@@ -96,7 +96,7 @@ def load_kernels(repo: str | None) -> dict[str, types.ModuleType]:
         for f in os.listdir(pkg_dir)
         if f.endswith(".py") and "@triton.jit" in open(os.path.join(pkg_dir, f), encoding="utf-8").read()
     )
-    return {name: importlib.import_module(f"qlora_kit.kernels.{name}") for name in (*KERNEL_MODULES, *names)}
+    return {name: importlib.import_module(f"qlora_kit.kernels.{name}") for name in (*KERNEL_MODULES, "planner", *names)}
 
 
 def kernels_of(mods) -> dict[str, JITFunction]:
@@ -131,8 +131,9 @@ class Launch:
              sorted(self.options.items())], default=str)  # fmt: skip
 
     def tile_key(self) -> str:
-        """Kernel, operand types, tile sizes and launch options: what sizes the register and smem tiles."""
-        tiles = {k: v for k, v in self.constexprs.items() if k.startswith("BLOCK") or k == "SUB_K"}
+        """Kernel, operand types, tile sizes, launch options and the LoRA epilogue: what sizes the register
+        and smem tiles."""
+        tiles = {k: v for k, v in self.constexprs.items() if k.startswith("BLOCK") or k in ("SUB_K", "HAS_LORA")}
         pointers = {k: v for k, v in self.signature.items() if v.startswith("*")}
         return json.dumps([self.kernel, pointers, sorted(tiles.items()), sorted(self.options.items())])
 
@@ -192,7 +193,7 @@ class Recorder:
     def play(self, mods, arch: int, calls) -> None:
         """Run every (label, thunk) as the planner would plan it for ``arch``."""
         self.arch = arch
-        with self.intercepting(), mods["matmul_4bit"].assume_arch(arch):
+        with self.intercepting(), mods["planner"].assume_arch(arch):
             for label, thunk in calls:
                 self.call = label
                 try:
@@ -279,14 +280,15 @@ def calls(mods, dtypes: dict, arch: int, variations: bool = True) -> list[tuple[
     (``variations``, bf16 only) each flag the launchers set varied one at a time. fp8 activations are
     left out below sm_89, where the project refuses them (the fp8 *weight* paths stay: they fall back)."""
     q4, qi, aq, mm4, mi, lo = (mods[n] for n in KERNEL_MODULES)
+    pl = mods["planner"]
     W = _weights()
-    Plan = mm4.MatmulPlan
+    Plan = pl.MatmulPlan
     out: list[tuple[str, object]] = []
 
     def add(label, fn, *args, plan=None, interp=False, tf32=False, **kwargs):
         def thunk():
             with (
-                mm4.force_path(plan) if plan else contextlib.nullcontext(),
+                pl.force_path(plan) if plan else contextlib.nullcontext(),
                 _interpreter_flag() if interp else contextlib.nullcontext(),
                 _tf32() if tf32 else contextlib.nullcontext(),
             ):
@@ -381,7 +383,7 @@ def calls(mods, dtypes: dict, arch: int, variations: bool = True) -> list[tuple[
 def _variations(mods, W, add, lora) -> None:
     """Each flag a launcher sets, varied one at a time (bf16) at the smallest gemv and the largest tiles."""
     mm4, mi = mods["matmul_4bit"], mods["matmul_int"]
-    Plan, dt = mm4.MatmulPlan, torch.bfloat16
+    Plan, dt = mods["planner"].MatmulPlan, torch.bfloat16
     nf4, int4 = W.four_bit(), W.int4()
     fours = {"nf4 no-dq": W.four_bit(double_quant=False), "nf4 bs32": W.four_bit(blocksize=32),
              "nf4 bs128": W.four_bit(blocksize=128), "nf4 bs4096": W.four_bit(blocksize=4096),
@@ -410,6 +412,8 @@ def _variations(mods, W, add, lora) -> None:
         add(f"nf4 gemv lut={lut} M=1", mm4.matmul_4bit, _x(1, K, dt), nf4, plan=Plan("gemv", 1, lut))
         add(f"nf4 gemm lut={lut} M=128", mm4.matmul_4bit, _x(128, K, dt), nf4, plan=Plan("gemm", 1, lut))
         add(f"nf4 grad_input lut={lut} M=64", mm4.matmul_4bit_grad_input, _x(64, N, dt), nf4, plan=Plan("gemm", 1, lut))
+        add(f"lora nf4 gemv lut={lut} M=1", lora(nf4, 1, dt), plan=Plan("gemv", 1, lut))  # fused LoRA follows the plan
+        add(f"lora nf4 gemm lut={lut} M=128", lora(nf4, 128, dt), plan=Plan("gemm", 1, lut))
     for m, plan in ((1, Plan("gemv")), (128, Plan("gemm"))):
         add(f"nf4 {plan.path} M={m} bias", mm4.matmul_4bit, _x(m, K, dt), nf4, bias, plan=plan)
         add(f"int4 {plan.path} M={m} bias", mi.matmul_int4, _x(m, K, dt), int4.qdata, int4.scale, int4.zero, 128, bias,
@@ -420,7 +424,6 @@ def _variations(mods, W, add, lora) -> None:
         add(f"int4 g{gs} gemm M=128", mi.matmul_int4, _x(128, K, dt), w.qdata, w.scale, w.zero, gs, plan=Plan("gemm"))
         add(f"int4 g{gs} grad_input M=64", mi.matmul_int4_grad_input, _x(64, N, dt), w.qdata, w.scale, w.zero, K, gs,
             plan=Plan("gemm"))  # fmt: skip
-        add(f"int4 g{gs} dequantize", mi.dequantize_int4, w.qdata, w.scale, w.zero, K, gs, dt)
         add(f"lora int4 g{gs} gemm M=128", lora(w, 128, dt), plan=Plan("gemm"))
     for bname, base in (("float", W.dense().to(dt)), ("float^T", W.dense(K, N).to(dt).t()), ("nf4", nf4)):
         plan = None if bname.startswith("float") else Plan("gemm")

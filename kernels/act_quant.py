@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .matmul_4bit import device_arch, flatten_rows, interpreting, triton_has_fp8
+from .planner import device_arch, flatten_rows, interpreting, triton_has_fp8
 
 __all__ = [
     "fp8_dynamic_linear",

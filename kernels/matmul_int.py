@@ -9,8 +9,10 @@ Math (W of shape (N, K), activations fp16 / bf16 / fp32, fp32 accumulation):
 int4 tiles are loaded as (even, odd) column pairs from contiguous bytes; BLOCK_K divides group_size, so
 a tile lies in one group and its scale / zero are loaded once per row. Channelwise codes are exact in
 the activation dtype, so the forward multiplies x by the raw codes in ``tl.dot`` and applies the row
-scale once in the epilogue. Paths ("gemv", "gemm", "dequant") and their choice are shared with the
-4-bit kernels (:func:`qlora_kit.kernels.matmul_4bit.plan_matmul`, formats "int4" and "int8"/"fp8").
+scale once in the epilogue. Paths ("gemv", "gemm", "dequant") and tiles come from ``kernels/planner.py``
+(formats "int4" and "int8" / "fp8"); every kernel adds an optional LoRA update s * L Rm in its epilogue
+(``kernels/tiles.py``; the fused LoRA linear of ``kernels/lora.py``). The "dequant" path decodes int4 with
+``quant_int``'s dequantize kernel.
 """
 
 from __future__ import annotations
@@ -19,22 +21,34 @@ import torch
 import triton
 import triton.language as tl
 
-from .matmul_4bit import (
+from .planner import (
+    LowRank,
     MatmulPlan,
+    dense_product,
     device_arch,
     dot_plan,
-    dot_precision,
     flatten_rows,
-    interpreting,
+    launch_forward,
+    launch_grad,
     launch_tiles,
     plan_matmul,
     scratch_buffer,
-    split_k_output,
     triton_has_fp8,
+)
+from .quant_int import launch_dequantize_int4
+from .tiles import (
+    forward_tile,
+    grad_mac_pair,
+    grad_tile,
+    int4_tile,
+    mac_pair,
+    store_forward,
+    store_grad,
+    store_grad_pair,
 )
 
 __all__ = [
-    "dequantize_int4",
+    "dequantize_channelwise",
     "matmul_channelwise",
     "matmul_channelwise_grad_input",
     "matmul_int4",
@@ -45,210 +59,66 @@ __all__ = [
 
 
 @triton.jit
-def _nibble_to_f32(q):
-    # exact int 0..15 -> fp32 without a (quarter-rate) int->float convert: 2**23 + q has q in its mantissa
-    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-
-@triton.jit
-def _int4_tile(
-    packed_ptr, scale_ptr, zero_ptr, offs_n, k0, N, K, k_bytes, ngroups, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr
-):
-    # Tile of W at rows offs_n, columns k0 + 2j (d0) and k0 + 2j + 1 (d1), as q - zero in fp32, and the
-    # row scale s [BN, 1]: W = d * s. BLOCK_K divides GROUP_SIZE, so the tile lies in one group per row.
-    j = tl.arange(0, BLOCK_K // 2)
-    n_ok = offs_n < N
-    rows = offs_n.to(tl.int64)
-    mask = n_ok[:, None] & (k0 + 2 * j < K)[None, :]
-    byte = tl.load(packed_ptr + rows[:, None] * k_bytes + (k0 // 2 + j)[None, :], mask=mask, other=0).to(tl.int32)
-    g = tl.minimum(k0 // GROUP_SIZE, ngroups - 1)  # a tile past K must not read past the end
-    s = tl.load(scale_ptr + rows * ngroups + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    z = tl.load(zero_ptr + rows * ngroups + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    d0 = _nibble_to_f32(byte >> 4) - z
-    d1 = _nibble_to_f32(byte & 15) - z
-    return d0, d1, s
-
-
-@triton.jit
-def _grouped_pids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # program id -> (m-block, n-block), GROUP_M row blocks at a time so they share W tiles in L2
-    pid = tl.program_id(0)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    first_m = (pid // (GROUP_M * grid_n)) * GROUP_M
-    size_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
-    return first_m + (pid % (GROUP_M * grid_n)) % size_m, (pid % (GROUP_M * grid_n)) // size_m
-
-
-@triton.jit
 def _int4_forward_kernel(
-    x_ptr,
-    out_ptr,
-    bias_ptr,
-    packed_ptr,
-    scale_ptr,
-    zero_ptr,
-    M,
-    N,
-    K,
-    k_bytes,
-    ngroups,
-    stride_xm,
-    stride_om,
-    HAS_BIAS: tl.constexpr,
-    GROUP_SIZE: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SUB_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    # y = x W^T over K-slice pid_k, BLOCK_K columns per step as independent SUB_K-wide tiles; gemv sums
-    # x * (q - zero) per row and scales the row sums, gemm feeds (q - zero) * scale to tl.dot.
-    pid_m, pid_n = _grouped_pids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = (offs_m < M)[:, None]
-    x_row = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    j = tl.arange(0, SUB_K // 2)
+    x_ptr, out_ptr, bias_ptr, packed_ptr, scale_ptr, zero_ptr,
+    M, N, K, k_bytes, ngroups, stride_xm, stride_om,
+    l_ptr, r_ptr, R, stride_lm, stride_lr, stride_rr, stride_rp, lora_scale,
+    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # y = x W^T (+ bias + s (x_d A^T) B^T) over K-slice pid_k, BLOCK_K columns per step as independent
+    # SUB_K-wide tiles; gemv sums x * (q - zero) per row and scales the row sums, gemm feeds
+    # (q - zero) * scale to tl.dot.
+    offs_m, offs_n, m_ok, x_row, k_start, k_end = forward_tile(x_ptr, M, N, K, stride_xm, SPLIT_K, BLOCK_M, BLOCK_N,
+                                                               BLOCK_K, GROUP_M)  # fmt: skip
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        for ks in tl.static_range(0, BLOCK_K, SUB_K):
-            d0, d1, s = _int4_tile(
-                packed_ptr, scale_ptr, zero_ptr, offs_n, k0 + ks, N, K, k_bytes, ngroups, GROUP_SIZE, SUB_K
-            )
-            k_even = k0 + ks + 2 * j
-            x0 = tl.load(x_row + k_even[None, :], mask=m_ok & (k_even < K)[None, :], other=0.0)
-            x1 = tl.load(x_row + k_even[None, :] + 1, mask=m_ok & (k_even + 1 < K)[None, :], other=0.0)
-            if USE_DOT:
-                acc = tl.dot(x0, tl.trans((d0 * s).to(x0.dtype)), acc, input_precision=DOT_PRECISION)
-                acc = tl.dot(x1, tl.trans((d1 * s).to(x1.dtype)), acc, input_precision=DOT_PRECISION)
-            else:
-                part = tl.sum(
-                    x0.to(tl.float32)[:, None, :] * d0[None, :, :] + x1.to(tl.float32)[:, None, :] * d1[None, :, :],
-                    axis=2,
-                )
-                acc += part * tl.reshape(s, (BLOCK_N,))[None, :]
-    _store_output(acc, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, pid_k, HAS_BIAS, SPLIT_K)
-
-
-@triton.jit
-def _store_output(
-    acc, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr
-):
-    # epilogue: + bias (once, by the first K-slice), then store, or fp32 atomic add for split-K
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        acc += tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
-    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(out, acc, mask=mask)
+        for ks in tl.static_range(0, BLOCK_K, SUB_K):  # one group per tile: (q - zero) and the row scale s
+            d0, d1, s = int4_tile(packed_ptr, scale_ptr, zero_ptr, offs_n, k0 + ks, N, K, k_bytes, ngroups,
+                                  GROUP_SIZE, SUB_K)  # fmt: skip
+            k_even = k0 + ks + 2 * tl.arange(0, SUB_K // 2)
+            acc = mac_pair(acc, x_row, m_ok, k_even, K, d0, d1, s, s, True, USE_DOT, DOT_PRECISION, BLOCK_N)
+    store_forward(acc, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, tl.program_id(1), l_ptr, r_ptr, R,
+                  stride_lm, stride_lr, stride_rr, stride_rp, lora_scale, HAS_BIAS, HAS_LORA, USE_DOT, SPLIT_K,
+                  DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)  # fmt: skip
 
 
 @triton.jit
 def _int4_grad_kernel(
-    g_ptr,
-    out_ptr,
-    packed_ptr,
-    scale_ptr,
-    zero_ptr,
-    M,
-    N,
-    K,
-    k_bytes,
-    ngroups,
-    stride_gm,
-    stride_om,
-    GROUP_SIZE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    # dx[m-block, k-block] = sum_n dy[m, n] W[n, k]; even / odd output columns accumulated apart
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    k0 = tl.program_id(1) * BLOCK_K
-    k_even = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-    m_ok = (offs_m < M)[:, None]
-    g_row = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
+    g_ptr, out_ptr, packed_ptr, scale_ptr, zero_ptr,
+    M, N, K, k_bytes, ngroups, stride_gm, stride_om,
+    l_ptr, r_ptr, R, stride_lm, stride_lr, stride_rr, stride_rp, lora_scale,
+    GROUP_SIZE: tl.constexpr, HAS_LORA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    # dx[m-block, k-block] = sum_n dy[m, n] W[n, k] (+ s (dY B) A); even / odd output columns accumulated apart
+    offs_m, k0, m_ok, g_row = grad_tile(g_ptr, M, stride_gm, BLOCK_M, BLOCK_K)
     acc0 = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
+    acc1 = tl.zeros_like(acc0)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        d0, d1, s = _int4_tile(packed_ptr, scale_ptr, zero_ptr, offs_n, k0, N, K, k_bytes, ngroups, GROUP_SIZE, BLOCK_K)
-        g = tl.load(g_row + offs_n[None, :], mask=m_ok & (offs_n < N)[None, :], other=0.0)
-        acc0 = tl.dot(g, (d0 * s).to(g.dtype), acc0, input_precision=DOT_PRECISION)
-        acc1 = tl.dot(g, (d1 * s).to(g.dtype), acc1, input_precision=DOT_PRECISION)
-    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + k_even[None, :]
-    tl.store(out, acc0.to(out_ptr.dtype.element_ty), mask=m_ok & (k_even < K)[None, :])
-    tl.store(out + 1, acc1.to(out_ptr.dtype.element_ty), mask=m_ok & (k_even + 1 < K)[None, :])
-
-
-@triton.jit
-def _int4_dequant_kernel(
-    out_ptr,
-    packed_ptr,
-    scale_ptr,
-    zero_ptr,
-    N,
-    K,
-    k_bytes,
-    ngroups,
-    GROUP_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * BLOCK_K
-    d0, d1, s = _int4_tile(packed_ptr, scale_ptr, zero_ptr, offs_n, k0, N, K, k_bytes, ngroups, GROUP_SIZE, BLOCK_K)
-    w = tl.reshape(tl.join(d0 * s, d1 * s), (BLOCK_N, BLOCK_K))
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    out = out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
-    tl.store(out, w.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
+        d0, d1, s = int4_tile(packed_ptr, scale_ptr, zero_ptr, offs_n, k0, N, K, k_bytes, ngroups, GROUP_SIZE, BLOCK_K)
+        acc0, acc1 = grad_mac_pair(acc0, acc1, g_row, m_ok, offs_n, N, d0, d1, s, s, DOT_PRECISION)
+    store_grad_pair(acc0, acc1, out_ptr, offs_m, k0, M, K, stride_om, l_ptr, r_ptr, R, stride_lm, stride_lr, stride_rr,
+                    stride_rp, lora_scale, HAS_LORA, DOT_PRECISION, BLOCK_K, BLOCK_R)  # fmt: skip
 
 
 @triton.jit
 def _cw_forward_kernel(
-    x_ptr,
-    out_ptr,
-    bias_ptr,
-    q_ptr,
-    scale_ptr,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_om,
-    HAS_BIAS: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    # y = (x q^T) * scale[None, :]: the codes are exact in x's dtype, the row scale goes in the epilogue
-    pid_m, pid_n = _grouped_pids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = (offs_m < M)[:, None]
+    x_ptr, out_ptr, bias_ptr, q_ptr, scale_ptr,
+    M, N, K, stride_xm, stride_om,
+    l_ptr, r_ptr, R, stride_lm, stride_lr, stride_rr, stride_rp, lora_scale,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # y = (x q^T) * scale[None, :] (+ bias + s (x_d A^T) B^T): the codes are exact in x's dtype, so the
+    # row scale is applied once, before the epilogue
+    offs_m, offs_n, m_ok, x_row, k_start, k_end = forward_tile(x_ptr, M, N, K, stride_xm, SPLIT_K, BLOCK_M, BLOCK_N,
+                                                               BLOCK_K, GROUP_M)  # fmt: skip
     n_ok = offs_n < N
-    x_row = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     q_row = q_ptr + offs_n.to(tl.int64)[:, None] * K
-    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -260,31 +130,22 @@ def _cw_forward_kernel(
         else:
             acc += tl.sum(x.to(tl.float32)[:, None, :] * q.to(tl.float32)[None, :, :], axis=2)
     acc = acc * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-    _store_output(acc, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, pid_k, HAS_BIAS, SPLIT_K)
+    store_forward(acc, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, tl.program_id(1), l_ptr, r_ptr, R,
+                  stride_lm, stride_lr, stride_rr, stride_rp, lora_scale, HAS_BIAS, HAS_LORA, USE_DOT, SPLIT_K,
+                  DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)  # fmt: skip
 
 
 @triton.jit
 def _cw_grad_kernel(
-    g_ptr,
-    out_ptr,
-    q_ptr,
-    scale_ptr,
-    M,
-    N,
-    K,
-    stride_gm,
-    stride_om,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    # dx[m-block, k-block] = sum_n dy[m, n] (q[n, k] * scale[n]), W tiles dequantized in registers
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_ok = (offs_m < M)[:, None]
+    g_ptr, out_ptr, q_ptr, scale_ptr, M, N, K, stride_gm, stride_om,
+    l_ptr, r_ptr, R, stride_lm, stride_lr, stride_rr, stride_rp, lora_scale,
+    HAS_LORA: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    # dx[m-block, k-block] = sum_n dy[m, n] (q[n, k] * scale[n]) (+ s (dY B) A), W tiles decoded in registers
+    offs_m, k0, m_ok, g_row = grad_tile(g_ptr, M, stride_gm, BLOCK_M, BLOCK_K)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
     k_ok = (offs_k < K)[None, :]
-    g_row = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -293,8 +154,8 @@ def _cw_grad_kernel(
         s = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
         g = tl.load(g_row + offs_n[None, :], mask=m_ok & n_ok[None, :], other=0.0)
         acc = tl.dot(g, (q.to(tl.float32) * s[:, None]).to(g.dtype), acc, input_precision=DOT_PRECISION)
-    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_k[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok & k_ok)
+    store_grad(acc, out_ptr, offs_m, offs_k, M, K, stride_om, l_ptr, r_ptr, R, stride_lm, stride_lr, stride_rr,
+               stride_rp, lora_scale, HAS_LORA, DOT_PRECISION, BLOCK_R)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- launchers
@@ -315,24 +176,17 @@ def _check_int4(packed, scale, zero, k: int, group_size: int) -> None:
         raise ValueError(f"int4 scale and zero must have shape ({n}, {ngroups}) for K={k} and group_size={group_size}")
 
 
-def dequantize_int4(packed, scale, zero, k: int, group_size: int, dtype: torch.dtype, *, reuse: bool = False):
-    """The (N, K) int4 weight in ``dtype`` decoded by a Triton kernel (``reuse``: into the scratch buffer)."""
-    _check_int4(packed, scale, zero, k, group_size)
-    n = packed.shape[0]
-    if reuse:
-        out = scratch_buffer(n, k, dtype, packed.device)
-    else:
-        out = torch.empty((n, k), device=packed.device, dtype=dtype)
-    bn, bk = 32, min(64 if interpreting() else 128, group_size)
-    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
-    _int4_dequant_kernel[grid](
-        out, packed, scale, zero, n, k, packed.shape[1], scale.shape[1], GROUP_SIZE=group_size, BLOCK_N=bn, BLOCK_K=bk
-    )
+def _dequantize_int4(packed, scale, zero, k: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    # the "dequant" path: W decoded into the reused scratch buffer (consume it before the next call)
+    out = scratch_buffer(packed.shape[0], k, dtype, packed.device)
+    launch_dequantize_int4(packed, scale, zero, out, group_size)
     return out
 
 
-def matmul_int4(x, packed, scale, zero, group_size: int, bias=None, *, plan: MatmulPlan | None = None) -> torch.Tensor:
-    """y = x W^T + bias for an int4 per-group weight (W4A16), in x's dtype.
+def matmul_int4(
+    x, packed, scale, zero, group_size: int, bias=None, *, plan: MatmulPlan | None = None, lora: LowRank | None = None
+) -> torch.Tensor:
+    """y = x W^T + bias (+ s * L Rm) for an int4 per-group weight (W4A16), in x's dtype.
 
     Args:
         x: (..., K) fp16 / bf16 / fp32.
@@ -340,6 +194,7 @@ def matmul_int4(x, packed, scale, zero, group_size: int, bias=None, *, plan: Mat
         group_size: power of two >= 32.
         bias: optional (N,).
         plan: force a path ("gemv", "gemm", "dequant"); default from :func:`plan_matmul`.
+        lora: a LoRA update added in the epilogue (:class:`LowRank`; the fused LoRA linear).
 
     Returns:
         (..., N) in x's dtype.
@@ -352,43 +207,20 @@ def matmul_int4(x, packed, scale, zero, group_size: int, bias=None, *, plan: Mat
     plan = plan or plan_matmul("int4", x2.device, m, n, k)
     plan = dot_plan(plan, x2.dtype, x2.device, plan.path == "gemm")
     if m == 0 or plan.path == "dequant":
-        w = dequantize_int4(packed, scale, zero, k, group_size, x2.dtype, reuse=True)
-        out = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+        out = dense_product(x2, _dequantize_int4(packed, scale, zero, k, group_size, x2.dtype), bias, lora)
     else:
-        tiles = launch_tiles(plan.path, m, group_size, device_arch(x2.device), elem_bytes=x2.element_size())
-        split_k = max(1, min(plan.split_k, triton.cdiv(k, tiles["BLOCK_K"])))
-        out = split_k_output(x2, n, split_k)
-        grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(n, tiles["BLOCK_N"]), split_k)
-        _int4_forward_kernel[grid](
-            x2,
-            out,
-            bias if bias is not None else out,
-            packed,
-            scale,
-            zero,
-            m,
-            n,
-            k,
-            packed.shape[1],
-            scale.shape[1],
-            x2.stride(0),
-            out.stride(0),
-            HAS_BIAS=bias is not None,
-            GROUP_SIZE=group_size,
-            USE_DOT=plan.path == "gemm",
-            DOT_PRECISION=dot_precision(x2.dtype),
-            SPLIT_K=split_k,
-            GROUP_M=8,
-            **tiles,
-        )
-        out = out.to(x2.dtype)
+        tiles = launch_tiles(plan.path, m, group_size, device_arch(x2.device), "int4", elem_bytes=x2.element_size(),
+                             lora=lora is not None)  # fmt: skip
+        out = launch_forward(_int4_forward_kernel, x2, n, (packed, scale, zero), (packed.shape[1], scale.shape[1]),
+                             bias, plan, lora, tiles, GROUP_SIZE=group_size)  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
 
 
 def matmul_int4_grad_input(
-    grad_out, packed, scale, zero, k: int, group_size: int, *, plan: MatmulPlan | None = None
-) -> torch.Tensor:
-    """dx = grad_out @ W for an int4 per-group weight, from the packed codes; in grad_out's dtype."""
+    grad_out, packed, scale, zero, k: int, group_size: int, *, plan: MatmulPlan | None = None,
+    lora: LowRank | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """dx = grad_out @ W (+ s * L Rm) for an int4 per-group weight, from the packed codes; in grad_out's dtype."""
     _check_int4(packed, scale, zero, k, group_size)
     n = packed.shape[0]
     g2 = flatten_rows(grad_out, n, "grad_out")
@@ -396,29 +228,13 @@ def matmul_int4_grad_input(
     plan = plan or plan_matmul("int4", g2.device, m, n, k)
     plan = dot_plan(plan, g2.dtype, g2.device, uses_dot=True)
     if m == 0 or plan.path == "dequant":
-        out = torch.matmul(g2, dequantize_int4(packed, scale, zero, k, group_size, g2.dtype, reuse=True))
+        w = _dequantize_int4(packed, scale, zero, k, group_size, g2.dtype)
+        out = dense_product(g2, w, None, lora, grad_input=True)
     else:
-        tiles = launch_tiles("grad", m, group_size, device_arch(g2.device), elem_bytes=g2.element_size())
-        tiles.pop("SUB_K")
-        out = g2.new_empty((m, k))
-        grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"]))
-        _int4_grad_kernel[grid](
-            g2,
-            out,
-            packed,
-            scale,
-            zero,
-            m,
-            n,
-            k,
-            packed.shape[1],
-            scale.shape[1],
-            g2.stride(0),
-            out.stride(0),
-            GROUP_SIZE=group_size,
-            DOT_PRECISION=dot_precision(g2.dtype),
-            **tiles,
-        )
+        tiles = launch_tiles("grad", m, group_size, device_arch(g2.device), "int4", elem_bytes=g2.element_size(),
+                             lora=lora is not None)  # fmt: skip
+        out = launch_grad(_int4_grad_kernel, g2, k, (packed, scale, zero), (packed.shape[1], scale.shape[1]), lora,
+                          tiles, GROUP_SIZE=group_size)  # fmt: skip
     return out.reshape(*grad_out.shape[:-1], k)
 
 
@@ -429,15 +245,31 @@ def _check_channelwise(qdata, scale) -> None:
         raise ValueError(f"scale must hold one value per output row ({qdata.shape[0]}), got {scale.numel()}")
 
 
-def _dequant_into_scratch(qdata, scale, dtype) -> torch.Tensor:
-    # (q * scale) computed in fp32 and rounded once to dtype, as the reference; no allocation per call
+def dequantize_channelwise(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """qdata * scale[:, None] in ``dtype``, into the reused scratch buffer (the "dequant" path; consume it
+    before the next call). The product is computed in fp32 and rounded once to dtype, as the reference."""
     w = scratch_buffer(qdata.shape[0], qdata.shape[1], dtype, qdata.device)
     w.copy_(qdata)  # exact: int8 and e4m3 codes are representable in fp16 / bf16 / fp32
-    return w.mul_(scale[:, None])
+    return w.mul_(scale.float()[:, None])
 
 
-def matmul_channelwise(x, qdata, scale, bias=None, *, plan: MatmulPlan | None = None) -> torch.Tensor:
-    """y = x (qdata * scale[:, None])^T + bias for an int8 (or fp8 e4m3) per-channel weight, in x's dtype.
+def _channelwise_inputs(x, qdata, scale, plan: MatmulPlan | None, grad: bool):
+    # (x as rows, fp32 scale, plan, operand kind): shared checks and planning of forward and grad_input
+    _check_channelwise(qdata, scale)
+    n, k = qdata.shape
+    x2 = flatten_rows(x, n if grad else k, "grad_out" if grad else "x")
+    fmt = "int8" if qdata.dtype == torch.int8 else "fp8"
+    plan = plan or plan_matmul(fmt, x2.device, x2.shape[0], n, k)
+    plan = dot_plan(plan, x2.dtype, x2.device, grad or plan.path == "gemm")
+    if fmt == "fp8" and not triton_has_fp8(x2.device):
+        plan = MatmulPlan("dequant")
+    return x2, scale.float().contiguous(), plan, fmt
+
+
+def matmul_channelwise(
+    x, qdata, scale, bias=None, *, plan: MatmulPlan | None = None, lora: LowRank | None = None
+) -> torch.Tensor:
+    """y = x (qdata * scale[:, None])^T + bias (+ s * L Rm) for an int8 (or fp8 e4m3) per-channel weight.
 
     Args:
         x: (..., K) fp16 / bf16 / fp32.
@@ -445,70 +277,33 @@ def matmul_channelwise(x, qdata, scale, bias=None, *, plan: MatmulPlan | None = 
         scale: (N,) fp32.
         bias: optional (N,).
         plan: force a path; default from :func:`plan_matmul` with format "int8" / "fp8".
+        lora: a LoRA update added in the epilogue (:class:`LowRank`; the fused LoRA linear).
+
+    Returns:
+        (..., N) in x's dtype.
     """
-    _check_channelwise(qdata, scale)
-    n, k = qdata.shape
-    x2 = flatten_rows(x, k, "x")
-    m = x2.shape[0]
-    fmt = "int8" if qdata.dtype == torch.int8 else "fp8"
-    plan = plan or plan_matmul(fmt, x2.device, m, n, k)
-    plan = dot_plan(plan, x2.dtype, x2.device, plan.path == "gemm")
-    if fmt == "fp8" and not triton_has_fp8(x2.device):
-        plan = MatmulPlan("dequant")
-    scale = scale.float().contiguous()
+    x2, scale, plan, weight = _channelwise_inputs(x, qdata, scale, plan, grad=False)
+    n, m = qdata.shape[0], x2.shape[0]
     if m == 0 or plan.path == "dequant":
-        w = _dequant_into_scratch(qdata, scale, x2.dtype)
-        out = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+        out = dense_product(x2, dequantize_channelwise(qdata, scale, x2.dtype), bias, lora)
     else:
-        tiles = launch_tiles(plan.path, m, 128, device_arch(x2.device), decodes=False, elem_bytes=x2.element_size())
+        tiles = launch_tiles(plan.path, m, 128, device_arch(x2.device), weight, elem_bytes=x2.element_size(),
+                             lora=lora is not None)  # fmt: skip
         tiles.pop("SUB_K")  # no quantization blocks along K: one tile per step
-        split_k = max(1, min(plan.split_k, triton.cdiv(k, tiles["BLOCK_K"])))
-        out = split_k_output(x2, n, split_k)
-        grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(n, tiles["BLOCK_N"]), split_k)
-        _cw_forward_kernel[grid](
-            x2,
-            out,
-            bias if bias is not None else out,
-            qdata,
-            scale,
-            m,
-            n,
-            k,
-            x2.stride(0),
-            out.stride(0),
-            HAS_BIAS=bias is not None,
-            USE_DOT=plan.path == "gemm",
-            DOT_PRECISION=dot_precision(x2.dtype),
-            SPLIT_K=split_k,
-            GROUP_M=8,
-            **tiles,
-        )
-        out = out.to(x2.dtype)
+        out = launch_forward(_cw_forward_kernel, x2, n, (qdata, scale), (), bias, plan, lora, tiles)
     return out.reshape(*x.shape[:-1], n)
 
 
-def matmul_channelwise_grad_input(grad_out, qdata, scale, *, plan: MatmulPlan | None = None) -> torch.Tensor:
-    """dx = grad_out @ (qdata * scale[:, None]) from the codes; in grad_out's dtype."""
-    _check_channelwise(qdata, scale)
-    n, k = qdata.shape
-    g2 = flatten_rows(grad_out, n, "grad_out")
-    m = g2.shape[0]
-    fmt = "int8" if qdata.dtype == torch.int8 else "fp8"
-    plan = plan or plan_matmul(fmt, g2.device, m, n, k)
-    plan = dot_plan(plan, g2.dtype, g2.device, uses_dot=True)
-    if fmt == "fp8" and not triton_has_fp8(g2.device):
-        plan = MatmulPlan("dequant")
-    scale = scale.float().contiguous()
+def matmul_channelwise_grad_input(
+    grad_out, qdata, scale, *, plan: MatmulPlan | None = None, lora: LowRank | None = None
+) -> torch.Tensor:
+    """dx = grad_out @ (qdata * scale[:, None]) (+ s * L Rm) from the codes; in grad_out's dtype."""
+    g2, scale, plan, weight = _channelwise_inputs(grad_out, qdata, scale, plan, grad=True)
+    k, m = qdata.shape[1], g2.shape[0]
     if m == 0 or plan.path == "dequant":
-        out = torch.matmul(g2, _dequant_into_scratch(qdata, scale, g2.dtype))
+        out = dense_product(g2, dequantize_channelwise(qdata, scale, g2.dtype), None, lora, grad_input=True)
     else:
-        tiles = launch_tiles("grad", m, 128, device_arch(g2.device), decodes=False, elem_bytes=g2.element_size())
-        tiles.pop("SUB_K")
-        if fmt == "fp8" and tiles["BLOCK_M"] == 32:
-            tiles["num_warps"] = 8  # 4 warps spill 12 B converting e4m3 codes (Triton 3.6, sm_90a); int8 is fine
-        out = g2.new_empty((m, k))
-        grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(k, tiles["BLOCK_K"]))
-        _cw_grad_kernel[grid](
-            g2, out, qdata, scale, m, n, k, g2.stride(0), out.stride(0), DOT_PRECISION=dot_precision(g2.dtype), **tiles
-        )
+        tiles = launch_tiles("grad", m, 128, device_arch(g2.device), weight, elem_bytes=g2.element_size(),
+                             lora=lora is not None)  # fmt: skip
+        out = launch_grad(_cw_grad_kernel, g2, k, (qdata, scale), (), lora, tiles)
     return out.reshape(*grad_out.shape[:-1], k)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .reference import quant_4bit as ref
+from .tiles import cast_rne
 
 
 @triton.jit
@@ -67,18 +68,6 @@ def _quantize_4bit_kernel(
 
 
 @triton.jit
-def _cast_rne(v, dtype: tl.constexpr):
-    """fp32 -> ``dtype`` with round-to-nearest-even; bf16 by bit arithmetic because Triton's interpreter
-    truncates fp32 -> bf16 casts (the GPU rounds to nearest even, so both paths agree)."""
-    if dtype == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(dtype)
-
-
-@triton.jit
 def _dequantize_4bit_kernel(
     packed_ptr,  # uint8 [ceil(n / 2)]
     absmax_ptr,  # fp32 [nblocks]
@@ -99,8 +88,8 @@ def _dequantize_4bit_kernel(
     a_odd = tl.load(absmax_ptr + i_odd // blocksize, mask=m_odd, other=0.0)
     v_even = tl.load(code_ptr + (byte >> 4)) * a_even
     v_odd = tl.load(code_ptr + (byte & 0xF)) * a_odd
-    tl.store(out_ptr + i_even, _cast_rne(v_even, out_ptr.dtype.element_ty), mask=m_even)
-    tl.store(out_ptr + i_odd, _cast_rne(v_odd, out_ptr.dtype.element_ty), mask=m_odd)
+    tl.store(out_ptr + i_even, cast_rne(v_even, out_ptr.dtype.element_ty), mask=m_even)
+    tl.store(out_ptr + i_odd, cast_rne(v_odd, out_ptr.dtype.element_ty), mask=m_odd)
 
 
 @triton.jit
@@ -168,15 +157,9 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
     return packed, absmax
 
 
-def dequantize_4bit(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    shape,
-    blocksize: int = 64,
-    quant_type: str = "nf4",
-    dtype: torch.dtype = torch.bfloat16,
-) -> torch.Tensor:
-    """Triton version of :func:`ref.dequantize_4bit`."""
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape, blocksize: int = 64, quant_type: str = "nf4",
+                    dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:  # fmt: skip
+    """Triton version of :func:`ref.dequantize_4bit` (same arguments)."""
     n = math.prod(shape)
     out = torch.empty(n, dtype=dtype, device=packed.device)
     if n == 0:

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant_4bit import _cast_rne
 from .reference import quant_int as ref
+from .tiles import cast_rne, int4_pair
 
 
 @triton.jit
@@ -124,7 +124,22 @@ def _dequantize_rowwise_kernel(
     else:
         v = q.to(tl.float32)
     out = v * tl.load(scale_ptr + r, mask=r_mask, other=1.0)[:, None]
-    tl.store(out_ptr + offs, _cast_rne(out, out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, cast_rne(out, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_tile(total_groups, cols, ngroups, GROUP: tl.constexpr, GROUPS: tl.constexpr):
+    # GROUPS groups of this program (numbered row-major, like scale and zero) as [GROUPS, GROUP // 2]
+    # (even, odd) column pairs: group ids and mask, row and column offsets, and the two column masks
+    gid = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
+    g_mask = gid < total_groups
+    row = (gid // ngroups).to(tl.int64)[:, None]
+    g = (gid % ngroups)[:, None]
+    half = tl.arange(0, GROUP // 2)[None, :]
+    c_even = g * GROUP + 2 * half
+    m_even = g_mask[:, None] & (c_even < cols)
+    m_odd = g_mask[:, None] & (c_even + 1 < cols)
+    return gid, g_mask, row, g, half, c_even, m_even, m_odd
 
 
 @triton.jit
@@ -140,15 +155,8 @@ def _quantize_int4_kernel(
     GROUPS: tl.constexpr,  # groups per program (power of two)
     HAS_PARAMS: tl.constexpr,
 ):
-    gid = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
-    g_mask = gid < total_groups
-    row = (gid // ngroups).to(tl.int64)[:, None]
-    g = (gid % ngroups)[:, None]
-    half = tl.arange(0, GROUP // 2)[None, :]
-    c_even = g * GROUP + 2 * half  # [GROUPS, GROUP // 2]
+    gid, g_mask, row, g, half, c_even, m_even, m_odd = _group_tile(total_groups, cols, ngroups, GROUP, GROUPS)
     c_odd = c_even + 1
-    m_even = g_mask[:, None] & (c_even < cols)
-    m_odd = g_mask[:, None] & (c_odd < cols)
     x_even = tl.load(x_ptr + row * cols + c_even, mask=m_even, other=0.0).to(tl.float32)
     x_odd = tl.load(x_ptr + row * cols + c_odd, mask=m_odd, other=0.0).to(tl.float32)
     if HAS_PARAMS:
@@ -158,7 +166,7 @@ def _quantize_int4_kernel(
         # masked-out columns read 0, which min(., 0) / max(., 0) ignore: only real elements count
         mn = tl.minimum(tl.min(tl.minimum(x_even, x_odd), axis=1), 0.0)
         mx = tl.maximum(tl.max(tl.maximum(x_even, x_odd), axis=1), 0.0)
-        scale = _cast_rne(tl.math.div_rn(mx - mn, 15.0), tl.bfloat16).to(tl.float32)
+        scale = cast_rne(tl.math.div_rn(mx - mn, 15.0), tl.bfloat16).to(tl.float32)
         scale = tl.where(scale == 0, 1.0, scale)
         zero = tl.minimum(tl.maximum(_rne(tl.math.div_rn(0.0 - mn, scale)), 0.0), 15.0)
         tl.store(scale_ptr + gid, scale.to(tl.bfloat16), mask=g_mask)  # exact: already bf16 values
@@ -186,24 +194,17 @@ def _dequantize_int4_kernel(
     GROUP: tl.constexpr,
     GROUPS: tl.constexpr,
 ):
-    gid = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
-    g_mask = gid < total_groups
-    row = (gid // ngroups).to(tl.int64)[:, None]
-    g = (gid % ngroups)[:, None]
-    half = tl.arange(0, GROUP // 2)[None, :]
-    c_even = g * GROUP + 2 * half
+    gid, g_mask, row, g, half, c_even, m_even, m_odd = _group_tile(total_groups, cols, ngroups, GROUP, GROUPS)
     c_odd = c_even + 1
-    m_even = g_mask[:, None] & (c_even < cols)
-    m_odd = g_mask[:, None] & (c_odd < cols)
     byte = tl.load(packed_ptr + row * ((cols + 1) // 2) + g * (GROUP // 2) + half, mask=m_even, other=0)
-    byte = byte.to(tl.int32)
     scale = tl.load(scale_ptr + gid, mask=g_mask, other=1.0).to(tl.float32)[:, None]
     zero = tl.load(zero_ptr + gid, mask=g_mask, other=0.0).to(tl.float32)[:, None]
-    v_even = ((byte >> 4).to(tl.float32) - zero) * scale
-    v_odd = ((byte & 0xF).to(tl.float32) - zero) * scale
+    d_even, d_odd = int4_pair(byte.to(tl.int32), zero)
+    v_even = d_even * scale
+    v_odd = d_odd * scale
     dtype = out_ptr.dtype.element_ty
-    tl.store(out_ptr + row * cols + c_even, _cast_rne(v_even, dtype), mask=m_even)
-    tl.store(out_ptr + row * cols + c_odd, _cast_rne(v_odd, dtype), mask=m_odd)
+    tl.store(out_ptr + row * cols + c_even, cast_rne(v_even, dtype), mask=m_even)
+    tl.store(out_ptr + row * cols + c_odd, cast_rne(v_odd, dtype), mask=m_odd)
 
 
 # ----------------------------------------------------------------------------------------- launchers
@@ -346,35 +347,18 @@ def int4_quantize_with_params(
     """Triton version of :func:`ref.int4_quantize_with_params`: packed uint8 [rows, ceil(cols / 2)]."""
     ref.check_group_size(group_size)
     w = _check_weight(w)
+    ref.check_int4_params(w.shape, scale, zero, group_size)
     rows, cols = w.shape
-    expected = (rows, triton.cdiv(cols, group_size))
-    if tuple(scale.shape) != expected or tuple(zero.shape) != expected:
-        raise ValueError(
-            f"int4 scale and zero must have shape {expected} for a {tuple(w.shape)} weight with "
-            f"group_size={group_size}, got {tuple(scale.shape)} and {tuple(zero.shape)}"
-        )
-    if scale.numel() and not bool(((scale != 0) & torch.isfinite(scale)).all()):
-        raise ValueError("int4 scales must be nonzero and finite; replace zero scales with 1.0 before packing")
     packed = torch.empty(rows, (cols + 1) // 2, dtype=torch.uint8, device=w.device)
     _launch_int4_quantize(w, packed, scale.contiguous(), zero.contiguous(), group_size, True)
     return packed
 
 
-def dequantize_int4(
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    cols: int,
-    group_size: int,
-    dtype: torch.dtype = torch.bfloat16,
-) -> torch.Tensor:
-    """Triton version of :func:`ref.dequantize_int4`: [rows, cols] in ``dtype``."""
-    ref.check_group_size(group_size)
-    _check_out_dtype(dtype)
-    _check_device(packed)
-    rows = packed.shape[0]
+def launch_dequantize_int4(packed, scale, zero, out: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(q - zero) * scale into ``out`` [rows, cols] (any float dtype, contiguous), no checks: the
+    launcher behind :func:`dequantize_int4` and the int4 matmuls' "dequant" path."""
+    rows, cols = out.shape
     ngroups = triton.cdiv(cols, group_size)
-    out = torch.empty(rows, cols, dtype=dtype, device=packed.device)
     if out.numel():
         groups = _groups_per_program(rows * ngroups, group_size)
         with _on_device(packed):
@@ -390,3 +374,13 @@ def dequantize_int4(
                 GROUPS=groups,
             )
     return out
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cols: int, group_size: int,
+                    dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:  # fmt: skip
+    """Triton version of :func:`ref.dequantize_int4` (same arguments): [rows, cols] in ``dtype``."""
+    ref.check_group_size(group_size)
+    _check_out_dtype(dtype)
+    _check_device(packed)
+    out = torch.empty(packed.shape[0], cols, dtype=dtype, device=packed.device)
+    return launch_dequantize_int4(packed, scale, zero, out, group_size)

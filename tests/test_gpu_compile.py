@@ -39,7 +39,9 @@ def test_every_kernel_is_reached_on_every_target():
     rows = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith("sm_")]
     by_target = {t: {r[1] for r in rows if r[0] == t} for t in ("sm_80", "sm_89", "sm_90a")}
     kernels = set(next(ln for ln in proc.stdout.splitlines() if ln.startswith("# kernels:")).split()[2:])
-    assert len(kernels) >= 20
+    assert len(kernels) >= 18
+    # the fused LoRA runs the base matmul kernels with their LoRA epilogue: no quantized copies in lora.py
+    assert {k for k in kernels if k.startswith("lora.")} == {"lora._float_kernel"}
     assert by_target["sm_90a"] == kernels, kernels - by_target["sm_90a"]
     # sm_80 has no e4m3 conversion in Triton: the project never launches the fp8 activation kernels there
     assert by_target["sm_89"] == kernels
@@ -108,24 +110,32 @@ def test_every_launch_compiles_for_sm80_sm89_sm90a(tmp_path):
 def test_planner_tiles_follow_the_target(monkeypatch):
     """The per-target choices the gate measured, as plain planner behaviour (no compile)."""
     import torch
-    from qlora_kit.kernels import matmul_4bit as mm4
+    from qlora_kit.kernels import planner as pl
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the interpreter has its own small tiles
-    hopper = mm4.launch_tiles("gemm", 256, 64, arch=90)
-    ampere = mm4.launch_tiles("gemm", 256, 64, arch=80)
+    hopper = pl.launch_tiles("gemm", 256, 64, arch=90)
+    ampere = pl.launch_tiles("gemm", 256, 64, arch=80)
     assert (hopper["BLOCK_M"], hopper["BLOCK_N"], hopper["num_warps"]) == (128, 128, 8)
     assert (ampere["BLOCK_M"], ampere["BLOCK_N"], ampere["num_warps"]) == (64, 64, 4)  # 128 rows spilled
-    assert mm4.launch_tiles("gemm", 256, 128, arch=80, decodes=False)["BLOCK_M"] == 128  # int8 codes: no decode
-    assert mm4.launch_tiles("gemm", 256, 64, arch=90, even_k=False)["BLOCK_N"] == 64  # odd K spilled on sm_90a
-    assert mm4.launch_tiles("gemm", 256, 64, arch=89, elem_bytes=4)["BLOCK_K"] == 32  # TF32 smem on sm_89
-    assert mm4.launch_tiles("grad", 64, 64, arch=80)["BLOCK_K"] == 32
-    assert mm4.launch_tiles("gemv", 1, 128, arch=90, elem_bytes=4)["BLOCK_K"] == 128
-    assert mm4.device_arch(torch.device("cpu")) is None
-    gemm = mm4.MatmulPlan("gemm")
-    with mm4.assume_arch(90):
-        assert mm4.device_arch(torch.device("cpu")) == 90
-        assert mm4.dot_plan(gemm, torch.float32, torch.device("cpu"), True).path == "dequant"  # no FMA dots
-        assert mm4.dot_plan(gemm, torch.bfloat16, torch.device("cpu"), True).path == "gemm"
-    with mm4.assume_arch(80):
-        assert not mm4.triton_has_fp8(torch.device("cpu"))
-    assert mm4.dot_plan(gemm, torch.float32, torch.device("cpu"), True).path == "gemm"  # interpreter: kept
+    assert pl.launch_tiles("gemm", 256, 128, arch=80, weight="int8")["BLOCK_M"] == 128  # int8 codes: no decode
+    assert pl.launch_tiles("gemm", 256, 64, arch=90, even_k=False)["BLOCK_N"] == 64  # odd K spilled on sm_90a
+    assert pl.launch_tiles("gemm", 256, 64, arch=89, elem_bytes=4)["BLOCK_K"] == 32  # TF32 smem on sm_89
+    assert pl.launch_tiles("grad", 64, 64, arch=80)["BLOCK_K"] == 32
+    assert pl.launch_tiles("gemv", 1, 128, arch=90, elem_bytes=4)["BLOCK_K"] == 128
+    # the two operand-kind cases: fp8 codes in the transposed product at 32 rows (4 warps spilled; with the
+    # LoRA epilogue 4 warps compile clean), and per-channel codes + the LoRA epilogue at 32 rows
+    assert pl.launch_tiles("grad", 32, 128, arch=90, weight="fp8")["num_warps"] == 8
+    assert pl.launch_tiles("grad", 32, 128, arch=90, weight="int8")["num_warps"] == 4
+    assert pl.launch_tiles("grad", 32, 128, arch=90, weight="fp8", lora=True)["num_warps"] == 4
+    lora_cw = pl.launch_tiles("gemm", 32, 128, arch=89, weight="int8", lora=True)
+    assert (lora_cw["num_stages"], lora_cw["BLOCK_K"], lora_cw["SUB_K"]) == (2, 32, 32)
+    assert pl.launch_tiles("gemm", 32, 128, arch=89, weight="int8")["BLOCK_K"] == 64
+    assert pl.device_arch(torch.device("cpu")) is None
+    gemm = pl.MatmulPlan("gemm")
+    with pl.assume_arch(90):
+        assert pl.device_arch(torch.device("cpu")) == 90
+        assert pl.dot_plan(gemm, torch.float32, torch.device("cpu"), True).path == "dequant"  # no FMA dots
+        assert pl.dot_plan(gemm, torch.bfloat16, torch.device("cpu"), True).path == "gemm"
+    with pl.assume_arch(80):
+        assert not pl.triton_has_fp8(torch.device("cpu"))
+    assert pl.dot_plan(gemm, torch.float32, torch.device("cpu"), True).path == "gemm"  # interpreter: kept

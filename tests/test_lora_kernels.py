@@ -249,8 +249,8 @@ def test_layer_forward_takes_fused_path(base, monkeypatch):
     for m in layers:
         m.fuse = True
     calls = []
-    apply = lora_k._LoraLinearFn.apply
-    monkeypatch.setattr(lora_k._LoraLinearFn, "apply", lambda *a: calls.append(a[-2]) or apply(*a))
+    apply = lora_k.lora_forward  # (x, x_d, A, B, bias, base, scale): the fused forward of every caller
+    monkeypatch.setattr(lora_k, "lora_forward", lambda *a: calls.append(a[-2]) or apply(*a))
     y, dx, grads = run()
     if base in ("w8a8", "fp8-dynamic"):
         assert calls == [], "a layer that quantizes its activations must not take the fused weight-only path"

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from qlora_kit.kernels import matmul_4bit as mm
+from qlora_kit.kernels import planner as pl
 from qlora_kit.kernels.reference import matmul as ref
 from qlora_kit.kernels.reference import quant_4bit as q4
 
@@ -32,11 +33,11 @@ WEIGHTS = [
     ("nf4", True, 24, 128, 64),  # aligned and double-quantized
 ]
 PLANS = [
-    mm.MatmulPlan("gemv"),
-    mm.MatmulPlan("gemm"),
-    mm.MatmulPlan("dequant"),
-    mm.MatmulPlan("gemv", lut="registers"),
-    mm.MatmulPlan("gemm", split_k=2, lut="registers"),
+    pl.MatmulPlan("gemv"),
+    pl.MatmulPlan("gemm"),
+    pl.MatmulPlan("dequant"),
+    pl.MatmulPlan("gemv", lut="registers"),
+    pl.MatmulPlan("gemm", split_k=2, lut="registers"),
 ]
 
 
@@ -75,7 +76,7 @@ PLAN_DTYPES = [(p, d) for p in PLANS for d in DTYPES if p.lut == "memory" or d =
 @pytest.mark.parametrize("weight", WEIGHTS, ids=lambda w: "-".join(map(str, w)))
 @pytest.mark.parametrize("m", [1, 3, 17, 64])
 @pytest.mark.parametrize(
-    "plan,dtype", PLAN_DTYPES, ids=lambda v: f"{v.path}-{v.split_k}-{v.lut}" if isinstance(v, mm.MatmulPlan) else str(v)
+    "plan,dtype", PLAN_DTYPES, ids=lambda v: f"{v.path}-{v.split_k}-{v.lut}" if isinstance(v, pl.MatmulPlan) else str(v)
 )
 def test_forward_and_grad_input(plan, dtype, m, weight):
     w = make_weight(*weight)
@@ -103,7 +104,7 @@ def test_gemv_split_k(split_k, k):
     x = torch.randn(2, k, device=DEVICE)
     bias = torch.randn(37, device=DEVICE)
     w32 = ref.dequantize_packed_4bit(w, torch.float32)
-    out = mm.matmul_4bit(x, w, bias, plan=mm.MatmulPlan("gemv", split_k))
+    out = mm.matmul_4bit(x, w, bias, plan=pl.MatmulPlan("gemv", split_k))
     ref64 = x.double() @ w32.double().T + bias.double()
     assert ((out.double() - ref64).abs() <= dot_bound(x, w32.T, k) + 1e-6).all()
 
@@ -138,7 +139,7 @@ def test_layout_matches_bitsandbytes():
 def test_leading_dims_and_empty():
     w = make_weight("nf4", False, 20, 40, 64)
     x = torch.randn(2, 3, 40, device=DEVICE)
-    out = mm.matmul_4bit(x, w, plan=mm.MatmulPlan("gemm"))
+    out = mm.matmul_4bit(x, w, plan=pl.MatmulPlan("gemm"))
     torch.testing.assert_close(out, ref.matmul_4bit_ref(x, w), rtol=1e-5, atol=1e-5)
     assert mm.matmul_4bit(x[:0], w).shape == (0, 3, 20)
 
@@ -153,9 +154,9 @@ def test_bad_shapes_are_clear_errors():
     with pytest.raises(ValueError, match="blocksize"):
         ref.Quant4bitMeta((2, 2), 48, "nf4", False)
     with pytest.raises(ValueError, match="path"):
-        mm.MatmulPlan("cublas")
+        pl.MatmulPlan("cublas")
     with pytest.raises(ValueError, match="lut"):
-        mm.MatmulPlan("gemv", lut="shared")
+        pl.MatmulPlan("gemv", lut="shared")
 
 
 # --------------------------------------------------------------------------------------------- dispatcher
@@ -164,18 +165,18 @@ def test_bad_shapes_are_clear_errors():
 @pytest.fixture
 def table(tmp_path, monkeypatch):
     path = tmp_path / "table.json"
-    monkeypatch.setenv(mm.TABLE_ENV, str(path))
-    monkeypatch.delenv(mm.PATH_ENV, raising=False)
-    mm._read_table.cache_clear()
+    monkeypatch.setenv(pl.TABLE_ENV, str(path))
+    monkeypatch.delenv(pl.PATH_ENV, raising=False)
+    pl._read_table.cache_clear()
     yield path
-    mm._read_table.cache_clear()
+    pl._read_table.cache_clear()
 
 
 def test_dispatcher_defaults_without_table(table):
     cpu = torch.device("cpu")
-    assert mm.plan_matmul("nf4", cpu, 1, 4096, 4096).path == "gemv"
-    assert mm.plan_matmul("nf4", cpu, 64, 4096, 4096).path == "gemm"
-    assert mm.plan_matmul("nf4", cpu, 4096, 4096, 4096).path == "dequant"
+    assert pl.plan_matmul("nf4", cpu, 1, 4096, 4096).path == "gemv"
+    assert pl.plan_matmul("nf4", cpu, 64, 4096, 4096).path == "gemm"
+    assert pl.plan_matmul("nf4", cpu, 4096, 4096, 4096).path == "dequant"
 
 
 def test_dispatcher_reads_measured_table(table):
@@ -196,33 +197,33 @@ def test_dispatcher_reads_measured_table(table):
     ]
     table.write_text(json.dumps({"version": 1, "plans": plans}))
     cpu = torch.device("cpu")
-    assert mm.plan_matmul("nf4", cpu, 1, 4096, 4096) == mm.MatmulPlan("gemm")
-    assert mm.plan_matmul("nf4", cpu, 4, 4000, 4096) == mm.MatmulPlan("gemm")  # nearest shape, then nearest m
-    assert mm.plan_matmul("nf4", cpu, 32, 4096, 4096) == mm.MatmulPlan("dequant")
-    assert mm.plan_matmul("nf4", cpu, 1, 11008, 4096) == mm.MatmulPlan("gemv", 4, "registers")
-    assert mm.plan_matmul("int4", cpu, 1, 4096, 4096) == mm.default_plan(1, 4096, 4096)  # no entry: default
-    with mm.force_path("dequant"):
-        assert mm.plan_matmul("nf4", cpu, 1, 4096, 4096).path == "dequant"
-    assert mm.plan_matmul("nf4", cpu, 1, 4096, 4096).path == "gemm"
+    assert pl.plan_matmul("nf4", cpu, 1, 4096, 4096) == pl.MatmulPlan("gemm")
+    assert pl.plan_matmul("nf4", cpu, 4, 4000, 4096) == pl.MatmulPlan("gemm")  # nearest shape, then nearest m
+    assert pl.plan_matmul("nf4", cpu, 32, 4096, 4096) == pl.MatmulPlan("dequant")
+    assert pl.plan_matmul("nf4", cpu, 1, 11008, 4096) == pl.MatmulPlan("gemv", 4, "registers")
+    assert pl.plan_matmul("int4", cpu, 1, 4096, 4096) == pl.default_plan(1, 4096, 4096)  # no entry: default
+    with pl.force_path("dequant"):
+        assert pl.plan_matmul("nf4", cpu, 1, 4096, 4096).path == "dequant"
+    assert pl.plan_matmul("nf4", cpu, 1, 4096, 4096).path == "gemm"
 
 
 def test_dispatcher_env_override_and_bad_table(table, monkeypatch):
-    monkeypatch.setenv(mm.PATH_ENV, "gemv")
-    assert mm.plan_matmul("nf4", torch.device("cpu"), 4096, 64, 64).path == "gemv"
-    monkeypatch.delenv(mm.PATH_ENV)
+    monkeypatch.setenv(pl.PATH_ENV, "gemv")
+    assert pl.plan_matmul("nf4", torch.device("cpu"), 4096, 64, 64).path == "gemv"
+    monkeypatch.delenv(pl.PATH_ENV)
     table.write_text(json.dumps({"version": 7, "plans": []}))
     with pytest.raises(ValueError, match="version-1"):
-        mm.plan_matmul("nf4", torch.device("cpu"), 1, 64, 64)
+        pl.plan_matmul("nf4", torch.device("cpu"), 1, 64, 64)
 
 
 def test_forced_path_is_the_one_that_runs(table, monkeypatch):
     """force_path must reach the launcher: the dequant path writes the scratch buffer, the others do not."""
     w = make_weight("nf4", False, 20, 40, 64)
     x = torch.randn(3, 40, device=DEVICE)
-    mm._BUFFERS.clear()
-    with mm.force_path("gemv"):
+    pl._BUFFERS.clear()
+    with pl.force_path("gemv"):
         mm.matmul_4bit(x, w)
-    assert not mm._BUFFERS
-    with mm.force_path("dequant"):
+    assert not pl._BUFFERS
+    with pl.force_path("dequant"):
         mm.matmul_4bit(x, w)
-    assert mm._BUFFERS
+    assert pl._BUFFERS

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from qlora_kit.kernels import matmul_int as mi
-from qlora_kit.kernels.matmul_4bit import MatmulPlan
+from qlora_kit.kernels import quant_int
+from qlora_kit.kernels.planner import MatmulPlan
 from qlora_kit.kernels.reference import matmul as ref
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -149,7 +150,7 @@ def test_split_k(split_k):
 def test_int4_dequantize_kernel_bit_exact(dtype):
     packed, scale, zero = make_int4(37, 53, 32, fractional_zero=True)
     expected = ref.dequantize_int4(packed, scale, zero, 53, 32, dtype)
-    assert torch.equal(mi.dequantize_int4(packed, scale, zero, 53, 32, dtype), expected)
+    assert torch.equal(quant_int.dequantize_int4(packed, scale, zero, 53, 32, dtype), expected)
 
 
 def test_leading_dims_and_errors():

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .matmul import Packed4bit, dequantize_channelwise, dequantize_int4, dequantize_packed_4bit
+from .matmul import Packed4bit, check_shape_2d, dequantize_channelwise, dequantize_int4, dequantize_packed_4bit
 
 INT_FORMATS = ("int8", "fp8", "int4")
 _CODE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "int4": torch.uint8}
@@ -55,10 +55,7 @@ class IntQuantMeta:
     group_size: int = 0
 
     def __post_init__(self):
-        shape = tuple(int(s) for s in self.shape)
-        if len(shape) != 2 or min(shape) < 1:
-            raise ValueError(f"IntQuantMeta.shape must be (N, K) with N, K >= 1, got {self.shape!r}")
-        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "shape", check_shape_2d(self))
         if self.fmt not in INT_FORMATS:
             raise ValueError(f"IntQuantMeta.fmt must be one of {list(INT_FORMATS)}, got {self.fmt!r}")
         g = self.group_size
@@ -112,6 +109,44 @@ class PackedInt(NamedTuple):
         if m.fmt == "int4":
             return dequantize_int4(self.qdata, self.scale, self.zero, m.shape[1], m.group_size, dtype)
         return dequantize_channelwise(self.qdata, self.scale, dtype)
+
+
+@dataclass(frozen=True)
+class LoraMeta:
+    """The non-tensor inputs of the fused LoRA linear.
+
+    Attributes:
+        scale: the LoRA scale s (alpha / r, or alpha / sqrt(r) with rsLoRA).
+        dropout: True when a separate ``x_dropped`` is passed (dropout active).
+    """
+
+    scale: float
+    dropout: bool = False
+
+
+def check_lora_inputs(x, base, lora_a, lora_b, meta: LoraMeta, x_dropped) -> tuple[int, int]:
+    """(N, K) of the base weight after checking a fused LoRA linear's inputs (``kernels/lora.py``).
+
+    Raises:
+        ValueError: shapes disagree, the base weight requires grad or its buffers do not match its
+            metadata, or x_dropped does not match meta.
+    """
+    if meta.dropout != (x_dropped is not None):
+        raise ValueError("fused LoRA: pass x_dropped exactly when meta.dropout is True")
+    if isinstance(base, (Packed4bit, PackedInt)):
+        base.check()
+        n, k = base.meta.shape
+    else:
+        if base.requires_grad:
+            raise ValueError("fused LoRA: the base weight must be frozen (requires_grad=False)")
+        n, k = base.shape
+    r = lora_a.shape[0]
+    if x.shape[-1] != k or tuple(lora_a.shape) != (r, k) or tuple(lora_b.shape) != (n, r):
+        raise ValueError(
+            f"fused LoRA: shapes disagree: input features {x.shape[-1]}, base weight {(n, k)}, "
+            f"A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)} (need A [r, {k}] and B [{n}, r])"
+        )
+    return n, k
 
 
 def dense_weight(base, dtype: torch.dtype) -> torch.Tensor:

@@ -29,9 +29,18 @@ import torch
 import torch.nn.functional as F
 
 from .quant_4bit import BLOCKSIZES, dequantize_4bit, double_dequantize
+from .quant_int import dequantize_int4  # re-exported: one int4 reference, used by the matmul references
 
 INT8_MAX = 127.0
 FP8_E4M3_MAX = 448.0
+
+
+def check_shape_2d(meta) -> tuple[int, int]:
+    """``meta.shape`` as a tuple of two ints >= 1 (a weight's (N, K)); ValueError naming ``meta``'s class."""
+    shape = tuple(int(s) for s in meta.shape)
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"{type(meta).__name__}.shape must be (N, K) with N, K >= 1, got {meta.shape!r}")
+    return shape
 
 
 @dataclass(frozen=True)
@@ -51,10 +60,7 @@ class Quant4bitMeta:
     double_quant: bool
 
     def __post_init__(self):
-        shape = tuple(int(s) for s in self.shape)
-        if len(shape) != 2 or min(shape) < 1:
-            raise ValueError(f"Quant4bitMeta.shape must be (N, K) with N, K >= 1, got {self.shape!r}")
-        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "shape", check_shape_2d(self))
         if self.blocksize not in BLOCKSIZES:
             raise ValueError(f"Quant4bitMeta.blocksize must be one of {list(BLOCKSIZES)}, got {self.blocksize!r}")
         if self.quant_type not in ("nf4", "fp4"):
@@ -117,15 +123,6 @@ def dequantize_packed_4bit(w: Packed4bit, dtype: torch.dtype) -> torch.Tensor:
     """The (N, K) NF4/FP4 weight in ``dtype`` (code * absmax in fp32, then cast)."""
     m = w.meta
     return dequantize_4bit(w.packed, w.block_absmax(), m.shape, m.blocksize, m.quant_type, dtype)
-
-
-def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int, group_size: int, dtype):
-    """int4 per-group weight -> (N, K) in ``dtype``: (q - zero) * scale in fp32, then cast."""
-    n = packed.shape[0]
-    q = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(n, -1)[:, :k].float()
-    s = scale.float().repeat_interleave(group_size, dim=1)[:, :k]
-    z = zero.float().repeat_interleave(group_size, dim=1)[:, :k]
-    return ((q - z) * s).to(dtype)
 
 
 def dequantize_channelwise(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

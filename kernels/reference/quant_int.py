@@ -123,6 +123,21 @@ def int4_params(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.T
     return scale, zero
 
 
+def check_int4_params(shape, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> None:
+    """Raise ValueError unless ``group_size`` is valid and scale / zero fit a weight of ``shape`` (rows, cols)
+    with nonzero, finite scales (what packing with given parameters needs)."""
+    check_group_size(group_size)
+    rows, cols = shape
+    expected = (rows, math.ceil(cols / group_size))
+    if tuple(scale.shape) != expected or tuple(zero.shape) != expected:
+        raise ValueError(
+            f"int4 scale and zero must have shape {expected} for a {tuple(shape)} weight with "
+            f"group_size={group_size}, got {tuple(scale.shape)} and {tuple(zero.shape)}"
+        )
+    if scale.numel() and not bool(((scale != 0) & torch.isfinite(scale)).all()):
+        raise ValueError("int4 scales must be nonzero and finite; replace zero scales with 1.0 before packing")
+
+
 def int4_quantize_with_params(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
 ) -> torch.Tensor:
@@ -141,16 +156,8 @@ def int4_quantize_with_params(
     Raises:
         ValueError: a bad group size, mismatched shapes, or a zero / non-finite scale.
     """
-    check_group_size(group_size)
-    rows, cols = w.shape
-    expected = (rows, math.ceil(cols / group_size))
-    if tuple(scale.shape) != expected or tuple(zero.shape) != expected:
-        raise ValueError(
-            f"int4 scale and zero must have shape {expected} for a {tuple(w.shape)} weight with "
-            f"group_size={group_size}, got {tuple(scale.shape)} and {tuple(zero.shape)}"
-        )
-    if scale.numel() and not bool(((scale != 0) & torch.isfinite(scale)).all()):
-        raise ValueError("int4 scales must be nonzero and finite; replace zero scales with 1.0 before packing")
+    check_int4_params(w.shape, scale, zero, group_size)
+    cols = w.shape[1]
     q = int4_codes(w, _per_column(scale, group_size, cols), _per_column(zero, group_size, cols))
     return pack_int4(q.to(torch.uint8))
 

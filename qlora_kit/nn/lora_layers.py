@@ -88,7 +88,7 @@ class LoraLinear(LoraLayer):
 
         if is_fake_quant(self.base_layer):  # QAT base: its forward fake-quantizes the weight, the kernel would not
             return None
-        from ..kernels.lora import LoraMeta, lora_linear
+        from ..ops_lora import LoraMeta, lora_linear
 
         name, base = live[0], self.base_layer
         dropout = self.lora_dropout[name]
