@@ -97,6 +97,17 @@ class Blockwise4bitWeight(nn.Module):
         n, k = self.shape
         return ops.matmul_4bit(x, self.packed, *stats, bias, n, k, self.blocksize, self.quant_type)
 
+    def kernel_weight(self):
+        """The codes and scales as the fused LoRA kernel's ``Packed4bit`` operand."""
+        from ..kernels.reference.matmul import Packed4bit, Quant4bitMeta
+
+        meta = Quant4bitMeta(self.shape, self.blocksize, self.quant_type, self.double_quant)
+        if self.double_quant:
+            return Packed4bit(
+                self.packed, meta, qabsmax=self.qabsmax, nested_absmax=self.nested_absmax, offset=self.offset
+            )
+        return Packed4bit(self.packed, meta, absmax=self.absmax)
+
     def metadata(self) -> dict:
         return {
             "format": self.name,

@@ -17,6 +17,8 @@ Contract (each format class, one file each, no implementation inheritance beyond
 - ``linear(x, bias, activation=None)``: y = x W^T + bias through the format's ``qlora_kit.ops`` custom op.
 - ``describe(config)``: the format with its settings in words ("nf4 (blocks of 64, double quant)").
 - ``nbytes_for(shape, config)``: bytes a (rows, cols) matrix takes, from its shape alone (memory estimates).
+- ``kernel_weight()``: the weight as the fused LoRA kernel's operand (``kernels/lora.py``), or None when that
+  kernel does not take this format (LoRA then adds its update to the format's own ``linear``).
 - ``from_float(w, config, *, tensor_name="weight")``: quantize a 2-D float matrix. NaN or Inf in
   ``w`` raises ValueError naming ``tensor_name``.
 - ``dequantize(dtype)``: the 2-D matrix back in ``dtype``.

@@ -65,6 +65,15 @@ class Int4Weight(nn.Module):
         rows, cols = shape
         return rows * ((cols + 1) // 2) + 4 * rows * math.ceil(cols / config.group_size)
 
+    def kernel_weight(self):
+        """The codes, scales and zeros as the fused LoRA kernel's ``PackedInt`` operand (None for groups narrower
+        than 32 columns, which do not fit the kernel's tiles)."""
+        from ..kernels.reference.lora import IntQuantMeta, PackedInt
+
+        if self.group_size < 32:
+            return None
+        return PackedInt(self.packed, self.scale, IntQuantMeta(self.shape, "int4", self.group_size), zero=self.zero)
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None) -> torch.Tensor:
         """y = x W^T + bias through the ``qlora_kit::matmul_int4`` custom op (weight-only)."""
         from .. import ops

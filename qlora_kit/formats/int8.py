@@ -60,6 +60,12 @@ class Int8Weight(nn.Module):
         """One byte per weight and an fp32 scale per row."""
         return shape[0] * shape[1] + 4 * shape[0]
 
+    def kernel_weight(self):
+        """The codes and row scales as the fused LoRA kernel's ``PackedInt`` operand."""
+        from ..kernels.reference.lora import IntQuantMeta, PackedInt
+
+        return PackedInt(self.qdata, self.scale, IntQuantMeta(self.shape, self.name))
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None) -> torch.Tensor:
         """y = x W^T + bias: W8A16 through ``qlora_kit::matmul_channelwise``, or with ``activation="int8"`` the
         per-token dynamic W8A8 op."""

@@ -117,22 +117,10 @@ class LoraLinear(LoraLayer):
         ``quant_config.activation``) computes something else, so it keeps its own forward. int4 groups
         narrower than 32 columns do not fit the kernel's tiles.
         """
-        from ..kernels.lora import IntQuantMeta, Packed4bit, PackedInt, Quant4bitMeta
-
         if getattr(base.quant_config, "activation", None) is not None:
             return None
-        q = base.qweight
-        fmt = getattr(q, "name", "")
-        if fmt in ("nf4", "fp4"):
-            w_meta = Quant4bitMeta(tuple(q.shape), q.blocksize, q.quant_type, q.double_quant)
-            if q.double_quant:
-                return Packed4bit(q.packed, w_meta, qabsmax=q.qabsmax, nested_absmax=q.nested_absmax, offset=q.offset)
-            return Packed4bit(q.packed, w_meta, absmax=q.absmax)
-        if fmt in ("int8", "fp8"):
-            return PackedInt(q.qdata, q.scale, IntQuantMeta(tuple(q.shape), fmt))
-        if fmt == "int4" and q.group_size >= 32:
-            return PackedInt(q.packed, q.scale, IntQuantMeta(tuple(q.shape), "int4", q.group_size), zero=q.zero)
-        return None
+        kernel_weight = getattr(base.qweight, "kernel_weight", None)  # each format owns its kernel view
+        return kernel_weight() if callable(kernel_weight) else None
 
 
 class LoraConv(LoraLayer):
