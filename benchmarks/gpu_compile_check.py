@@ -374,6 +374,12 @@ def calls(mods, dtypes: dict, arch: int, variations: bool = True) -> list[tuple[
             add("lora float fp32 tf32 M=128", lora(W.dense(), 128, dt), tf32=True)
     if variations:
         _variations(mods, W, add, lora)
+    for name, mod in mods.items():  # a kernel family declares its own launches beside its kernels (``gate_calls``)
+        hook = getattr(mod, "gate_calls", None)
+        if callable(hook) and name not in KERNEL_MODULES:
+            for dn, dt in dtypes.items():
+                for label, fn, args, plan in hook(dt, Plan, _x):
+                    add(f"{label} {dn}", fn, *args, plan=plan)
     absmax = torch.rand(K * N // 64)
     add("quantize_blockwise_8bit", q4.quantize_blockwise_8bit, absmax)
     add("dequantize_blockwise_8bit", q4.dequantize_blockwise_8bit, *W.r4.quantize_blockwise_8bit(absmax))
