@@ -118,6 +118,86 @@ def test_extreme_blocks_stay_finite():
     assert back[2].tolist() == [-6.0] * 32
 
 
+# ------------------------------------------------------------------------- Triton kernels (interpreter on the CPU)
+def _int_view(t: torch.Tensor) -> torch.Tensor:
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, (5, 300)])
+def test_triton_quantize_dequantize_bit_exact(shape):
+    from qlora_kit.kernels import quant_mxfp4 as tk
+
+    w = weights(shape, seed=11)
+    packed, scales = tk.quantize_mxfp4(w)
+    want_packed, want_scales = ref.quantize_mxfp4(w)
+    assert torch.equal(packed, want_packed) and torch.equal(scales, want_scales)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        got = tk.dequantize_mxfp4(packed, scales, shape[1], dtype)
+        assert torch.equal(_int_view(got), _int_view(ref.dequantize_mxfp4(packed, scales, shape[1], dtype)))
+
+
+def test_triton_extreme_blocks_bit_exact():
+    from qlora_kit.kernels import quant_mxfp4 as tk
+
+    w = torch.tensor([[1e-39] * 32, [3.0e38] * 32, [0.0] * 31 + [-1e-45]])  # fp32 subnormals: E = 0, X = 2**-127
+    packed, scales = tk.quantize_mxfp4(w)
+    assert torch.equal(packed, ref.quantize_mxfp4(w)[0]) and torch.equal(scales, ref.quantize_mxfp4(w)[1])
+    assert torch.equal(
+        tk.dequantize_mxfp4(packed, scales, 32, torch.float32), ref.dequantize_mxfp4(packed, scales, 32, torch.float32)
+    )
+
+
+@pytest.mark.parametrize("path", ["gemv", "gemm", "dequant"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the interpreter's bf16 tl.dot is wrong
+@pytest.mark.parametrize("n,k", [(48, 96), (33, 130), (40, 7)])
+def test_triton_matmuls_match_the_reference(path, dtype, n, k):
+    """forward and grad_input on each path: fp32 tight; fp16 within twice PyTorch's own fp16 error (vs fp64)."""
+    from qlora_kit.kernels import matmul_mxfp4 as mk
+    from qlora_kit.kernels import planner
+
+    g = torch.Generator().manual_seed(n * k)
+    packed, scales = ref.quantize_mxfp4(torch.randn(n, k, generator=g) * 0.1)
+    w64 = ref.dequantize_mxfp4(packed, scales, k, torch.float64)
+    for m in (1, 3, 20):
+        x, dy = torch.randn(m, k, generator=g).to(dtype), torch.randn(m, n, generator=g).to(dtype)
+        bias = torch.randn(n, generator=g).to(dtype)
+        with planner.force_path(planner.MatmulPlan(path)):
+            y = mk.matmul_mxfp4(x, packed, scales, k, bias)
+            dx = mk.matmul_mxfp4_grad_input(dy, packed, scales, k)
+        exact_y = x.double() @ w64.T + bias.double()
+        exact_dx = dy.double() @ w64
+        torch_y = ref.matmul_mxfp4_ref(x, packed, scales, k, bias)  # PyTorch's own product in dtype
+        torch_dx = dy @ ref.dequantize_mxfp4(packed, scales, k, dtype)
+        for got, exact, theirs in ((y, exact_y, torch_y), (dx, exact_dx, torch_dx)):
+            assert got.dtype == dtype
+            bound = 2 * (theirs.double() - exact).abs().max().item() if dtype != torch.float32 else 0.0
+            assert (got.double() - exact).abs().max().item() <= max(bound, 1e-5 * (1 + exact.abs().max().item()))
+
+
+def test_format_runs_the_triton_path_when_asked(monkeypatch):
+    """QLORA_KIT_BACKEND=triton: the layer's custom op reaches the Triton kernels (interpreter) and agrees."""
+    model = qlora_kit.quantize(
+        _model(), qlora_kit.MXFP4Config(compute_dtype=torch.float32), filter_fn=lambda m, n: True
+    )
+    x = torch.randn(4, 64, requires_grad=True)
+    y_ref = model(x)
+    monkeypatch.setenv("QLORA_KIT_BACKEND", "triton")
+    from qlora_kit.kernels import matmul_mxfp4 as mk
+
+    orig, calls = mk.matmul_mxfp4, []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(mk, "matmul_mxfp4", spy)
+    y = model(x)
+    assert calls
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
 # ---------------------------------------------------------------------------------------- the format end to end
 def _model():
     torch.manual_seed(0)
@@ -125,7 +205,9 @@ def _model():
 
 
 def test_quantize_forward_backward_and_save_load(tmp_path):
-    model = qlora_kit.quantize(_model(), qlora_kit.MXFP4Config(compute_dtype=torch.float32), filter_fn=lambda m, n: True)
+    model = qlora_kit.quantize(
+        _model(), qlora_kit.MXFP4Config(compute_dtype=torch.float32), filter_fn=lambda m, n: True
+    )
     assert qlora_kit.memory_footprint(model)["mxfp4"] > 0
     x = torch.randn(5, 64, requires_grad=True)
     y = model(x)
@@ -142,7 +224,9 @@ def test_quantize_forward_backward_and_save_load(tmp_path):
 
 
 def test_lora_trains_over_mxfp4():
-    model = qlora_kit.quantize(_model(), qlora_kit.MXFP4Config(compute_dtype=torch.float32), filter_fn=lambda m, n: True)
+    model = qlora_kit.quantize(
+        _model(), qlora_kit.MXFP4Config(compute_dtype=torch.float32), filter_fn=lambda m, n: True
+    )
     model = qlora_kit.add_lora(model, qlora_kit.LoraConfig(r=4, alpha=8, target_modules=["0", "2"]))
     params = [p for p in model.parameters() if p.requires_grad]
     assert params

@@ -43,12 +43,21 @@ class MXFP4Config(WeightConfig):
 
 
 def _kernels(t: Tensor):
-    """The Triton kernels for CUDA tensors (or when QLORA_KIT_BACKEND=triton), else None (the reference runs)."""
+    """The Triton matmuls for CUDA tensors (or when QLORA_KIT_BACKEND=triton), else None (the reference runs)."""
     if use_triton(t):
         from ..kernels import matmul_mxfp4
 
         return matmul_mxfp4
     return None
+
+
+def _codec(t: Tensor):
+    """quantize_mxfp4 / dequantize_mxfp4: the Triton kernels where the matmuls run them, else the reference."""
+    if use_triton(t):
+        from ..kernels import quant_mxfp4
+
+        return quant_mxfp4
+    return ref
 
 
 @torch.library.custom_op("qlora_kit::matmul_mxfp4", mutates_args=())
@@ -131,6 +140,17 @@ class MXFP4Weight(nn.Module):
         return True
 
     @classmethod
+    def describe(cls, config) -> str:
+        return "mxfp4 (blocks of 32, E8M0 scales)"
+
+    @classmethod
+    def nbytes_for(cls, shape, config) -> int:
+        """Two E2M1 codes per byte and one E8M0 byte per block of 32, per row (K padded to whole blocks)."""
+        rows, cols = shape
+        blocks = ref.padded_k(cols) // ref.BLOCK
+        return rows * blocks * (ref.BLOCK // 2 + 1)
+
+    @classmethod
     def from_float(cls, w: Tensor, config=None, *, tensor_name: str = "weight") -> MXFP4Weight:
         """Quantize a 2-D float matrix (OCP MX conversion; the config carries nothing the codes need).
 
@@ -138,13 +158,16 @@ class MXFP4Weight(nn.Module):
             ValueError: ``w`` is not a 2-D float matrix or holds NaN / Inf (the message names ``tensor_name``).
         """
         check_matrix(w, tensor_name)
-        kernels = _kernels(w)
-        packed, scales = (kernels or ref).quantize_mxfp4(w.contiguous())
+        packed, scales = _codec(w).quantize_mxfp4(w.contiguous())
         return cls(w.shape, packed, scales)
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> Tensor:
         """The (rows, cols) matrix in ``dtype`` (element * 2**(E - 127) in fp32, then cast)."""
-        return ref.dequantize_mxfp4(self.packed, self.scales, self.shape[1], dtype)
+        return _codec(self.packed).dequantize_mxfp4(self.packed, self.scales, self.shape[1], dtype)
+
+    def kernel_weight(self):
+        """None: the fused LoRA kernel does not take MXFP4 (LoRA adds its update to :meth:`linear`'s output)."""
+        return None
 
     def linear(self, x: Tensor, bias: Tensor | None, activation: str | None = None) -> Tensor:
         """y = x W^T + bias through ``qlora_kit::matmul_mxfp4`` (weight-only)."""
