@@ -25,8 +25,8 @@ SUITE_NEEDS = {
 # measured: 7m38s with the reference models cached (commit 2a73af3, 2 CPU cores); the reference LM's training
 # took 2.3-2.8 s of CPU time per step (400 steps) in `bench --quick --device cpu`, empty cache (issue 17)
 QUICK_TIME_HELP = (
-    "2 CPU cores: about 8 minutes once the reference models are cached; the first run also trains them, "
-    "the LM alone taking 15-20 minutes of CPU time"
+    "2 CPU cores: about 6 minutes once the reference models are cached; under 15 minutes from an empty cache, "
+    "which also trains the reference LM, UNet and DCGAN"
 )
 
 
