@@ -107,17 +107,28 @@ def check_data_paths(recipe: Recipe) -> None:
             raise RecipeError(
                 f"{key} {name!r} has an unsupported extension; use one of {sorted(TEXT_EXTENSIONS)} or an image folder"
             )
-        if recipe.objective == "causal_lm" and path.is_dir():
-            raise RecipeError(f"{key} {name!r} is a folder but causal_lm needs a text file (.jsonl, .txt, ...)")
-        if recipe.objective != "causal_lm" and path.is_file():
+        if _reads_text(recipe) and path.is_dir():
+            raise RecipeError(
+                f"{key} {name!r} is a folder but {recipe.objective} needs a text file (.jsonl, .txt, ...)"
+            )
+        if not _reads_text(recipe) and path.is_file():
             raise RecipeError(f"{key} {name!r} is a file but {recipe.objective} needs an image folder or digits")
+
+
+def _reads_text(recipe: Recipe) -> bool:
+    """Whether the recipe's objective trains on text rows (else on images): the objective class says so."""
+    from .train.objectives import objective_class
+
+    return objective_class(recipe.objective).data_kind == "text"
 
 
 # ----- tokenizers ------------------------------------------------------------------------------------------
 def build_tokenizer(recipe: Recipe):
     """The recipe's tokenizer: ByteTokenizer for the built-in models (or ``tokenizer: bytes``), else
     ``transformers.AutoTokenizer`` from ``tokenizer`` (or the model's own when ``auto``)."""
-    if recipe.objective != "causal_lm":
+    from .train.objectives import objective_class
+
+    if not objective_class(recipe.objective).language_model:
         return None
     name = recipe.tokenizer
     if name == "bytes" or (name == "auto" and recipe.model in BUILTIN_MODELS):
@@ -411,6 +422,6 @@ def load_data(recipe: Recipe, tokenizer=None) -> Data:
     import datasets
 
     datasets.disable_progress_bars()  # the run has its own progress display
-    if recipe.objective == "causal_lm":
+    if _reads_text(recipe):
         return load_text_data(recipe, tokenizer)
     return load_image_data(recipe)
