@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import platform
@@ -163,12 +164,15 @@ def decode_tokens_per_s(model: nn.Module, batch: int, prompt: int, new_tokens: i
     """Greedy decoding with the KV cache: tokens generated per second (prompt excluded)."""
     ids = torch.randint(0, 256, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(device)
 
+    # transformers 5 names the KV cache ``cache`` (``past_key_values`` warns there); older releases the latter
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
     def run(n: int) -> None:
         out = model(input_ids=ids, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        past, nxt = out[key], out.logits[:, -1:].argmax(-1)
         for _ in range(n):
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=nxt, use_cache=True, **{key: past})
+            past, nxt = out[key], out.logits[:, -1:].argmax(-1)
 
     run(2)  # warm-up
     sync(device)
