@@ -286,6 +286,8 @@ def launch_tiles(
     if kind == "grad" and decodes and pre_hopper:
         sub_k = min(sub_k, 32)
     warps = 4 if bm * bn <= 64 * 64 else 8
+    if kind == "gemm" and decodes and pre_hopper and not wide:
+        warps = 8  # TF32 (fp32 operands) 64 x 64 decoded tiles spilled 8 B with 4 warps (Triton 3.6, sm_89)
     # before Hopper, 3 stages spilled 8-12 B in TF32 products (3.6, sm_80) and decoded grads (3.9, sm_89)
     stages = 2 if pre_hopper and ((kind == "gemm" and not wide) or (kind == "grad" and decodes)) else 3
     if kind == "grad" and weight == "fp8" and bm == 32 and not lora:

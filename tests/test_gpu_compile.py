@@ -120,6 +120,7 @@ def test_planner_tiles_follow_the_target(monkeypatch):
     assert pl.launch_tiles("gemm", 256, 128, arch=80, weight="int8")["BLOCK_M"] == 128  # int8 codes: no decode
     assert pl.launch_tiles("gemm", 256, 64, arch=90, even_k=False)["BLOCK_N"] == 64  # odd K spilled on sm_90a
     assert pl.launch_tiles("gemm", 256, 64, arch=89, elem_bytes=4)["BLOCK_K"] == 32  # TF32 smem on sm_89
+    assert pl.launch_tiles("gemm", 256, 64, arch=89, elem_bytes=4)["num_warps"] == 8  # 4 spilled 8 B (3.6)
     assert pl.launch_tiles("grad", 64, 64, arch=80)["BLOCK_K"] == 32
     assert pl.launch_tiles("gemv", 1, 128, arch=90, elem_bytes=4)["BLOCK_K"] == 128
     # the two operand-kind cases: fp8 codes in the transposed product at 32 rows (4 warps spilled; with the
