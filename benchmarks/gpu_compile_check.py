@@ -112,6 +112,15 @@ def kernels_of(mods) -> dict[str, JITFunction]:
 # ---------------------------------------------------------------------------------------- recording
 
 
+# constexprs besides the BLOCK_* sizes that change a kernel's register and shared-memory tiles
+TILE_FLAGS = ("SUB_K", "HAS_LORA", "DECODE", "EVEN_K", "ALIGNED")
+
+
+def _short(value) -> object:
+    # a constexpr as the report shows it: a @triton.jit function (a DECODE) by its name
+    return getattr(getattr(value, "fn", None), "__name__", value)
+
+
 @dataclasses.dataclass
 class Launch:
     """One distinct compile: what ``triton.compile`` needs, and the call that produced it."""
@@ -131,14 +140,16 @@ class Launch:
              sorted(self.options.items())], default=str)  # fmt: skip
 
     def tile_key(self) -> str:
-        """Kernel, operand types, tile sizes, launch options and the LoRA epilogue: what sizes the register
-        and smem tiles."""
-        tiles = {k: v for k, v in self.constexprs.items() if k.startswith("BLOCK") or k in ("SUB_K", "HAS_LORA")}
+        """Kernel, operand types, tile sizes, launch options, the LoRA epilogue, the tile decoder, and K's
+        alignment (odd K and K not a multiple of 16 mask and split loads): what sizes the register and smem
+        tiles."""
+        tiles = {k: _short(v) for k, v in self.constexprs.items() if k.startswith("BLOCK") or k in TILE_FLAGS}
         pointers = {k: v for k, v in self.signature.items() if v.startswith("*")}
-        return json.dumps([self.kernel, pointers, sorted(tiles.items()), sorted(self.options.items())])
+        aligned = sorted(k for k in self.divisible if k in ("K", "k_bytes"))
+        return json.dumps([self.kernel, pointers, sorted(tiles.items()), sorted(self.options.items()), aligned])
 
     def config(self) -> str:
-        flags = " ".join(f"{k}={v}" for k, v in self.constexprs.items() if k != "GROUP_M" and v is not None)
+        flags = " ".join(f"{k}={_short(v)}" for k, v in self.constexprs.items() if k != "GROUP_M" and v is not None)
         dtypes = sorted({t[1:] for t in self.signature.values() if t.startswith("*")})
         return f"{'/'.join(dtypes)} {flags} w{self.options.get('num_warps', 4)}s{self.options.get('num_stages', 3)}"
 

@@ -6,8 +6,9 @@ Math (W of shape (N, K), activations fp16 / bf16 / fp32, fp32 accumulation):
     channelwise: W[n, k] = qdata[n, k] * scale[n]  (qdata int8, or fp8 e4m3 on sm89+ GPUs)
     forward y = x W^T + b; grad_input dx = dy W.
 
-int4 tiles are loaded as (even, odd) column pairs from contiguous bytes; BLOCK_K divides group_size, so
-a tile lies in one group and its scale / zero are loaded once per row. Channelwise codes are exact in
+int4 runs the (even, odd) column-pair kernels of ``kernels/matmul_pairs.py`` with ``tiles.int4_tile`` as
+their decoder: BLOCK_K divides group_size, so a tile lies in one group and its scale / zero are loaded
+once per row. Channelwise codes are exact in
 the activation dtype, so the forward multiplies x by the raw codes in ``tl.dot`` and applies the row
 scale once in the epilogue. Paths ("gemv", "gemm", "dequant") and tiles come from ``kernels/planner.py``
 (formats "int4" and "int8" / "fp8"); every kernel adds an optional LoRA update s * L Rm in its epilogue
@@ -17,10 +18,13 @@ scale once in the epilogue. Paths ("gemv", "gemm", "dequant") and tiles come fro
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
 
+from .matmul_pairs import pair_product
 from .planner import (
     LowRank,
     MatmulPlan,
@@ -36,16 +40,7 @@ from .planner import (
     triton_has_fp8,
 )
 from .quant_int import launch_dequantize_int4
-from .tiles import (
-    forward_tile,
-    grad_mac_pair,
-    grad_tile,
-    int4_tile,
-    mac_pair,
-    store_forward,
-    store_grad,
-    store_grad_pair,
-)
+from .tiles import forward_tile, grad_tile, int4_tile, store_forward, store_grad
 
 __all__ = [
     "dequantize_channelwise",
@@ -56,52 +51,6 @@ __all__ = [
 ]
 
 # ------------------------------------------------------------------------------------------ kernels
-
-
-@triton.jit
-def _int4_forward_kernel(
-    x_ptr, out_ptr, bias_ptr, packed_ptr, scale_ptr, zero_ptr,
-    M, N, K, k_bytes, ngroups, stride_xm, stride_om,
-    l_ptr, r_ptr, R, stride_lm, stride_lr, stride_rr, stride_rp, lora_scale,
-    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    # y = x W^T (+ bias + s (x_d A^T) B^T) over K-slice pid_k, BLOCK_K columns per step as independent
-    # SUB_K-wide tiles; gemv sums x * (q - zero) per row and scales the row sums, gemm feeds
-    # (q - zero) * scale to tl.dot.
-    offs_m, offs_n, m_ok, x_row, k_start, k_end = forward_tile(x_ptr, M, N, K, stride_xm, SPLIT_K, BLOCK_M, BLOCK_N,
-                                                               BLOCK_K, GROUP_M)  # fmt: skip
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        for ks in tl.static_range(0, BLOCK_K, SUB_K):  # one group per tile: (q - zero) and the row scale s
-            d0, d1, s = int4_tile(packed_ptr, scale_ptr, zero_ptr, offs_n, k0 + ks, N, K, k_bytes, ngroups,
-                                  GROUP_SIZE, SUB_K)  # fmt: skip
-            k_even = k0 + ks + 2 * tl.arange(0, SUB_K // 2)
-            acc = mac_pair(acc, x_row, m_ok, k_even, K, d0, d1, s, s, True, USE_DOT, DOT_PRECISION, BLOCK_N)
-    store_forward(acc, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, tl.program_id(1), l_ptr, r_ptr, R,
-                  stride_lm, stride_lr, stride_rr, stride_rp, lora_scale, HAS_BIAS, HAS_LORA, USE_DOT, SPLIT_K,
-                  DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)  # fmt: skip
-
-
-@triton.jit
-def _int4_grad_kernel(
-    g_ptr, out_ptr, packed_ptr, scale_ptr, zero_ptr,
-    M, N, K, k_bytes, ngroups, stride_gm, stride_om,
-    l_ptr, r_ptr, R, stride_lm, stride_lr, stride_rr, stride_rp, lora_scale,
-    GROUP_SIZE: tl.constexpr, HAS_LORA: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-):  # fmt: skip
-    # dx[m-block, k-block] = sum_n dy[m, n] W[n, k] (+ s (dY B) A); even / odd output columns accumulated apart
-    offs_m, k0, m_ok, g_row = grad_tile(g_ptr, M, stride_gm, BLOCK_M, BLOCK_K)
-    acc0 = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
-    acc1 = tl.zeros_like(acc0)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        d0, d1, s = int4_tile(packed_ptr, scale_ptr, zero_ptr, offs_n, k0, N, K, k_bytes, ngroups, GROUP_SIZE, BLOCK_K)
-        acc0, acc1 = grad_mac_pair(acc0, acc1, g_row, m_ok, offs_n, N, d0, d1, s, s, DOT_PRECISION)
-    store_grad_pair(acc0, acc1, out_ptr, offs_m, k0, M, K, stride_om, l_ptr, r_ptr, R, stride_lm, stride_lr, stride_rr,
-                    stride_rp, lora_scale, HAS_LORA, DOT_PRECISION, BLOCK_K, BLOCK_R)  # fmt: skip
 
 
 @triton.jit
@@ -202,17 +151,9 @@ def matmul_int4(
     k = x.shape[-1]
     _check_int4(packed, scale, zero, k, group_size)
     n = packed.shape[0]
-    x2 = flatten_rows(x, k, "x")
-    m = x2.shape[0]
-    plan = plan or plan_matmul("int4", x2.device, m, n, k)
-    plan = dot_plan(plan, x2.dtype, x2.device, plan.path == "gemm")
-    if m == 0 or plan.path == "dequant":
-        out = dense_product(x2, _dequantize_int4(packed, scale, zero, k, group_size, x2.dtype), bias, lora)
-    else:
-        tiles = launch_tiles(plan.path, m, group_size, device_arch(x2.device), "int4", elem_bytes=x2.element_size(),
-                             lora=lora is not None)  # fmt: skip
-        out = launch_forward(_int4_forward_kernel, x2, n, (packed, scale, zero), (packed.shape[1], scale.shape[1]),
-                             bias, plan, lora, tiles, GROUP_SIZE=group_size)  # fmt: skip
+    dense = partial(_dequantize_int4, packed, scale, zero, k, group_size)
+    out = pair_product("int4", flatten_rows(x, k, "x"), n, k, (packed, scale, zero), int4_tile, group_size, dense,
+                       bias=bias, plan=plan, lora=lora)  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -223,18 +164,9 @@ def matmul_int4_grad_input(
     """dx = grad_out @ W (+ s * L Rm) for an int4 per-group weight, from the packed codes; in grad_out's dtype."""
     _check_int4(packed, scale, zero, k, group_size)
     n = packed.shape[0]
-    g2 = flatten_rows(grad_out, n, "grad_out")
-    m = g2.shape[0]
-    plan = plan or plan_matmul("int4", g2.device, m, n, k)
-    plan = dot_plan(plan, g2.dtype, g2.device, uses_dot=True)
-    if m == 0 or plan.path == "dequant":
-        w = _dequantize_int4(packed, scale, zero, k, group_size, g2.dtype)
-        out = dense_product(g2, w, None, lora, grad_input=True)
-    else:
-        tiles = launch_tiles("grad", m, group_size, device_arch(g2.device), "int4", elem_bytes=g2.element_size(),
-                             lora=lora is not None)  # fmt: skip
-        out = launch_grad(_int4_grad_kernel, g2, k, (packed, scale, zero), (packed.shape[1], scale.shape[1]), lora,
-                          tiles, GROUP_SIZE=group_size)  # fmt: skip
+    dense = partial(_dequantize_int4, packed, scale, zero, k, group_size)
+    out = pair_product("int4", flatten_rows(grad_out, n, "grad_out"), n, k, (packed, scale, zero), int4_tile,
+                       group_size, dense, plan=plan, lora=lora, grad=True)  # fmt: skip
     return out.reshape(*grad_out.shape[:-1], k)
 
 

@@ -4,43 +4,35 @@ Math (W of shape (N, K) in blocks of 32 along K; activations fp16 / bf16 / fp32;
     W[n, k] = e2m1(q[n, k]) * 2**(E[n, k // 32] - 127)
     q[n, 2j] = packed[n, j] & 15, q[n, 2j + 1] = packed[n, j] >> 4   (low nibble first: gpt-oss layout)
     forward y = x W^T + b (+ s (x_d A^T) B^T);  grad_input dx = dy W (+ s (dY B) A)
-Tiles are loaded as (even, odd) column pairs from contiguous bytes; a decoded tile spans at most 32 columns
-(SUB_K <= 32), so it lies in one block and its power-of-two scale is one value per row. Paths ("gemv",
-"gemm", "dequant") and tile sizes come from ``kernels/planner.py`` (format "mxfp4"); the epilogues and the
-pair products are the shared ones of ``kernels/tiles.py``; "dequant" decodes with ``quant_mxfp4``.
+The forward and grad_input run the (even, odd) column-pair kernels of ``kernels/matmul_pairs.py`` with
+``_mxfp4_tile`` as their decoder: a decoded tile spans at most 32 columns (SUB_K <= 32), so it lies in one
+block and its power-of-two scale is one value per row. Paths ("gemv", "gemm", "dequant") and tile sizes come
+from ``kernels/planner.py`` (format "mxfp4"); "dequant" decodes with ``quant_mxfp4``.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import triton
 import triton.language as tl
 
-from .planner import (
-    LowRank,
-    MatmulPlan,
-    dense_product,
-    device_arch,
-    dot_plan,
-    flatten_rows,
-    launch_forward,
-    launch_grad,
-    launch_tiles,
-    plan_matmul,
-    scratch_buffer,
-)
+from .matmul_pairs import pair_product
+from .planner import LowRank, MatmulPlan, flatten_rows, scratch_buffer
 from .quant_mxfp4 import dequantize_mxfp4, e2m1_value
 from .reference.mxfp4 import BLOCK, padded_k
 from .reference.mxfp4 import quantize_mxfp4 as quantize_mxfp4_ref
-from .tiles import forward_tile, grad_mac_pair, grad_tile, mac_pair, store_forward, store_grad_pair
 
 __all__ = ["matmul_mxfp4", "matmul_mxfp4_grad_input"]
 
 
 @triton.jit
-def _mxfp4_tile(packed_ptr, scales_ptr, offs_n, k0, N, K, k_bytes, nblocks, BLOCK_K: tl.constexpr):
-    # rows offs_n, columns k0 + 2j (c0: low nibbles) and k0 + 2j + 1 (c1: high nibbles) as E2M1 values in fp32,
-    # and the block's scale 2**(E - 127) per row [BN, 1]; BLOCK_K <= 32, so the tile lies in one block
+def _mxfp4_tile(packed_ptr, scales_ptr, zero_ptr, offs_n, k0, N, K, k_bytes, nblocks, GROUP_SIZE: tl.constexpr,
+                BLOCK_K: tl.constexpr):  # fmt: skip
+    # the DECODE of ``matmul_pairs``: rows offs_n, columns k0 + 2j (c0: low nibbles) and k0 + 2j + 1 (c1: high
+    # nibbles) as E2M1 values in fp32, and the block's scale 2**(E - 127) per row [BN, 1]; BLOCK_K <= 32 = GROUP_SIZE,
+    # so the tile lies in one block. No zero points: zero_ptr is unused.
     j = tl.arange(0, BLOCK_K // 2)
     n_ok = offs_n < N
     rows = offs_n.to(tl.int64)
@@ -49,49 +41,6 @@ def _mxfp4_tile(packed_ptr, scales_ptr, offs_n, k0, N, K, k_bytes, nblocks, BLOC
     e = tl.load(scales_ptr + rows * nblocks + tl.minimum(k0 // 32, nblocks - 1), mask=n_ok, other=127).to(tl.int32)
     s = (tl.maximum(e, 1) << 23).to(tl.float32, bitcast=True) * tl.where(e < 1, 0.5, 1.0)  # 2**(e - 127), exact
     return e2m1_value(byte & 15), e2m1_value(byte >> 4), s[:, None]
-
-
-@triton.jit
-def _forward_kernel(
-    x_ptr, out_ptr, bias_ptr, packed_ptr, scales_ptr,
-    M, N, K, k_bytes, nblocks, stride_xm, stride_om,
-    l_ptr, r_ptr, R, stride_lm, stride_lr, stride_rr, stride_rp, lora_scale,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    # y = x W^T (+ bias + s (x_d A^T) B^T) over K-slice pid_k; each SUB_K-wide sub-tile has one scale per row
-    offs_m, offs_n, m_ok, x_row, k_start, k_end = forward_tile(x_ptr, M, N, K, stride_xm, SPLIT_K, BLOCK_M, BLOCK_N,
-                                                               BLOCK_K, GROUP_M)  # fmt: skip
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        for ks in tl.static_range(0, BLOCK_K, SUB_K):
-            c0, c1, s = _mxfp4_tile(packed_ptr, scales_ptr, offs_n, k0 + ks, N, K, k_bytes, nblocks, SUB_K)
-            k_even = k0 + ks + 2 * tl.arange(0, SUB_K // 2)
-            acc = mac_pair(acc, x_row, m_ok, k_even, K, c0, c1, s, s, True, USE_DOT, DOT_PRECISION, BLOCK_N)
-    store_forward(acc, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, tl.program_id(1), l_ptr, r_ptr, R,
-                  stride_lm, stride_lr, stride_rr, stride_rp, lora_scale, HAS_BIAS, HAS_LORA, USE_DOT, SPLIT_K,
-                  DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)  # fmt: skip
-
-
-@triton.jit
-def _grad_kernel(
-    g_ptr, out_ptr, packed_ptr, scales_ptr,
-    M, N, K, k_bytes, nblocks, stride_gm, stride_om,
-    l_ptr, r_ptr, R, stride_lm, stride_lr, stride_rr, stride_rp, lora_scale,
-    HAS_LORA: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-):  # fmt: skip
-    # dx[m-block, k-block] = sum_n dy[m, n] W[n, k] (+ s (dY B) A); even / odd output columns accumulated apart
-    offs_m, k0, m_ok, g_row = grad_tile(g_ptr, M, stride_gm, BLOCK_M, BLOCK_K)
-    acc0 = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
-    acc1 = tl.zeros_like(acc0)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        c0, c1, s = _mxfp4_tile(packed_ptr, scales_ptr, offs_n, k0, N, K, k_bytes, nblocks, BLOCK_K)
-        acc0, acc1 = grad_mac_pair(acc0, acc1, g_row, m_ok, offs_n, N, c0, c1, s, s, DOT_PRECISION)
-    store_grad_pair(acc0, acc1, out_ptr, offs_m, k0, M, K, stride_om, l_ptr, r_ptr, R, stride_lm, stride_lr, stride_rr,
-                    stride_rp, lora_scale, HAS_LORA, DOT_PRECISION, BLOCK_K, BLOCK_R)  # fmt: skip
 
 
 def _check(packed, scales, k: int) -> None:
@@ -127,17 +76,8 @@ def matmul_mxfp4(x, packed, scales, k: int, bias=None, *, plan: MatmulPlan | Non
     """
     _check(packed, scales, k)
     n = packed.shape[0]
-    x2 = flatten_rows(x, k, "x")
-    m = x2.shape[0]
-    plan = plan or plan_matmul("mxfp4", x2.device, m, n, k)
-    plan = dot_plan(plan, x2.dtype, x2.device, plan.path == "gemm")
-    if m == 0 or plan.path == "dequant":
-        out = dense_product(x2, _dense(packed, scales, k, x2.dtype), bias, lora)
-    else:
-        tiles = launch_tiles(plan.path, m, BLOCK, device_arch(x2.device), "mxfp4", elem_bytes=x2.element_size(),
-                             lora=lora is not None)  # fmt: skip
-        out = launch_forward(_forward_kernel, x2, n, (packed, scales), (packed.shape[1], scales.shape[1]), bias, plan,
-                             lora, tiles)  # fmt: skip
+    out = pair_product("mxfp4", flatten_rows(x, k, "x"), n, k, (packed, scales, scales), _mxfp4_tile, BLOCK,
+                       partial(_dense, packed, scales, k), bias=bias, plan=plan, lora=lora)  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -146,16 +86,8 @@ def matmul_mxfp4_grad_input(grad_out, packed, scales, k: int, *, plan: MatmulPla
     """dx = grad_out @ W (+ s * L Rm) for an MXFP4 weight, from the packed codes; in grad_out's dtype."""
     _check(packed, scales, k)
     n = packed.shape[0]
-    g2 = flatten_rows(grad_out, n, "grad_out")
-    m = g2.shape[0]
-    plan = plan or plan_matmul("mxfp4", g2.device, m, n, k)
-    plan = dot_plan(plan, g2.dtype, g2.device, uses_dot=True)
-    if m == 0 or plan.path == "dequant":
-        out = dense_product(g2, _dense(packed, scales, k, g2.dtype), None, lora, grad_input=True)
-    else:
-        tiles = launch_tiles("grad", m, BLOCK, device_arch(g2.device), "mxfp4", elem_bytes=g2.element_size(),
-                             lora=lora is not None)  # fmt: skip
-        out = launch_grad(_grad_kernel, g2, k, (packed, scales), (packed.shape[1], scales.shape[1]), lora, tiles)
+    out = pair_product("mxfp4", flatten_rows(grad_out, n, "grad_out"), n, k, (packed, scales, scales), _mxfp4_tile,
+                       BLOCK, partial(_dense, packed, scales, k), plan=plan, lora=lora, grad=True)  # fmt: skip
     return out.reshape(*grad_out.shape[:-1], k)
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from .. import functional as F
-from .base import check_matrix, config_from_options, packed_nbytes, refuse_activation, register_frozen
+from .base import WeightFormat, check_matrix, refuse_activation, register_frozen
 
 
-class Blockwise4bitWeight(nn.Module):
+class Blockwise4bitWeight(WeightFormat):
     """Packed 4-bit codes over the flattened matrix, one absmax per block, optionally double-quantized.
 
     Frozen parameters: ``packed`` uint8 [ceil(numel / 2)]; ``absmax`` fp32 [nblocks] or, with double quantization,
@@ -21,15 +20,7 @@ class Blockwise4bitWeight(nn.Module):
     name = ""
     quant_type = ""
     configs: tuple[type, ...] = ()
-
-    @classmethod
-    def config_from_options(cls, **options):
-        """The weight config from recipe / CLI knobs (``blocksize``, ``double_quant``, ``compute_dtype``)."""
-        return config_from_options(cls.configs[0], **options)
-
-    @classmethod
-    def available(cls) -> bool:
-        return True
+    meta_fields = ("blocksize", "double_quant")
 
     @classmethod
     def describe(cls, config) -> str:
@@ -107,26 +98,3 @@ class Blockwise4bitWeight(nn.Module):
                 self.packed, meta, qabsmax=self.qabsmax, nested_absmax=self.nested_absmax, offset=self.offset
             )
         return Packed4bit(self.packed, meta, absmax=self.absmax)
-
-    def metadata(self) -> dict:
-        return {
-            "format": self.name,
-            "shape": list(self.shape),
-            "blocksize": self.blocksize,
-            "double_quant": self.double_quant,
-        }
-
-    @classmethod
-    def from_metadata(cls, meta: dict):
-        return cls(meta["shape"], meta["blocksize"], meta["double_quant"])
-
-    @property
-    def device(self) -> torch.device:
-        """Where the codes live (PEFT reads ``layer.qweight.device`` of layers that have a ``qweight``)."""
-        return self.packed.device
-
-    def nbytes(self) -> int:
-        return packed_nbytes(self)
-
-    def extra_repr(self) -> str:
-        return f"shape={self.shape}, blocksize={self.blocksize}, double_quant={self.double_quant}"

@@ -6,7 +6,8 @@ safetensors work unchanged, and FSDP2, which shards parameters but replicates bu
 plus a little JSON metadata. Formats see a 2-D matrix: rows are output channels, columns the reduction dimension;
 quantized layers reshape conv / Conv1D / ConvTranspose weights to that view and back.
 
-Contract (each format class, one file each, no implementation inheritance beyond this):
+Contract (each format class, one file each; :class:`WeightFormat` gives the defaults shared by all, and a
+family of formats may share one more base, as NF4 / FP4 do in ``_fourbit`` and int8 / fp8 in ``_channelwise``):
 
 - ``name``: the format's key ("nf4", "fp4", "int8", "int4", "fp8", ...).
 - ``configs``: the config classes that produce it (the first is the weight-only one); ``@register_format``
@@ -27,6 +28,7 @@ Contract (each format class, one file each, no implementation inheritance beyond
 - ``from_metadata(meta)``: an object with correctly shaped, empty tensors, ready for
   ``load_state_dict``.
 - ``nbytes()``: bytes of the packed codes and their scales together.
+- ``device``: where the codes live (PEFT reads ``layer.qweight.device``).
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from ..registry import get_format, register_format
 
 __all__ = [
+    "WeightFormat",
     "check_finite",
     "check_matrix",
     "config_from_options",
@@ -99,3 +103,49 @@ def packed_nbytes(module: torch.nn.Module) -> int:
 
 def numel(shape) -> int:
     return math.prod(int(s) for s in shape)
+
+
+class WeightFormat(nn.Module):
+    """The defaults of the contract above; a format sets ``name``, ``listing_order`` (its position in CLI choices
+    and reports), ``configs``, ``meta_fields`` (constructor arguments after ``shape`` that its metadata carries)
+    and overrides what differs."""
+
+    name = ""
+    listing_order = 99
+    configs: tuple[type, ...] = ()
+    meta_fields: tuple[str, ...] = ()
+
+    @classmethod
+    def config_from_options(cls, **options):
+        """The weight-only config (``configs[0]``) from the recipe / CLI knobs it has."""
+        return config_from_options(cls.configs[0], **options)
+
+    @classmethod
+    def available(cls) -> bool:
+        return True
+
+    @classmethod
+    def describe(cls, config) -> str:
+        return cls.name
+
+    def kernel_weight(self):
+        """None: the fused LoRA kernel does not take this format (LoRA adds its update to ``linear``'s output)."""
+        return None
+
+    def metadata(self) -> dict:
+        return {"format": self.name, "shape": list(self.shape), **{f: getattr(self, f) for f in self.meta_fields}}
+
+    @classmethod
+    def from_metadata(cls, meta: dict):
+        return cls(meta["shape"], *(meta[f] for f in cls.meta_fields))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the codes live (PEFT reads ``layer.qweight.device`` of layers that have a ``qweight``)."""
+        return next(self.parameters(recurse=False)).device
+
+    def nbytes(self) -> int:
+        return packed_nbytes(self)
+
+    def extra_repr(self) -> str:
+        return ", ".join([f"shape={self.shape}", *(f"{f}={getattr(self, f)}" for f in self.meta_fields)])

@@ -5,15 +5,13 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from .._dispatch import use_triton
 from ..configs import Int4WeightConfig
 from ..kernels.reference import quant_int as ref
 from .base import (
+    WeightFormat,
     check_matrix,
-    config_from_options,
-    packed_nbytes,
     refuse_activation,
     register_format,
     register_frozen,
@@ -30,7 +28,7 @@ def _impl(t: torch.Tensor):
 
 
 @register_format
-class Int4Weight(nn.Module):
+class Int4Weight(WeightFormat):
     """Packed 4-bit codes with a bf16 scale and zero point per (row, group of columns).
 
     Frozen parameters: ``packed`` uint8 [rows, ceil(cols / 2)] (column 2j in the high nibble, 2j + 1 in the low one),
@@ -45,15 +43,7 @@ class Int4Weight(nn.Module):
     name = "int4"
     listing_order = 3  # position in CLI choices and reports
     configs = (Int4WeightConfig,)
-
-    @classmethod
-    def config_from_options(cls, **options):
-        """The weight config from recipe / CLI knobs (``group_size``, ``compute_dtype``)."""
-        return config_from_options(cls.configs[0], **options)
-
-    @classmethod
-    def available(cls) -> bool:
-        return True
+    meta_fields = ("group_size",)
 
     @classmethod
     def describe(cls, config) -> str:
@@ -146,21 +136,3 @@ class Int4Weight(nn.Module):
         return _impl(self.packed).dequantize_int4(
             self.packed, self.scale, self.zero, self.shape[1], self.group_size, dtype
         )
-
-    def metadata(self) -> dict:
-        return {"format": self.name, "shape": list(self.shape), "group_size": self.group_size}
-
-    @classmethod
-    def from_metadata(cls, meta: dict) -> Int4Weight:
-        return cls(meta["shape"], meta["group_size"])
-
-    @property
-    def device(self) -> torch.device:
-        """Where the codes live (PEFT reads ``layer.qweight.device`` of layers that have a ``qweight``)."""
-        return self.packed.device
-
-    def nbytes(self) -> int:
-        return packed_nbytes(self)
-
-    def extra_repr(self) -> str:
-        return f"shape={self.shape}, group_size={self.group_size}"

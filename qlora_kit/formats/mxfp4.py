@@ -13,15 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._dispatch import use_triton
 from ..configs import WeightConfig, check_compute_dtype
 from ..kernels.reference import mxfp4 as ref
 from .base import (
+    WeightFormat,
     check_matrix,
-    config_from_options,
-    packed_nbytes,
     refuse_activation,
     register_format,
     register_frozen,
@@ -105,7 +104,7 @@ matmul_mxfp4.register_autograd(_backward, setup_context=_setup)
 
 
 @register_format
-class MXFP4Weight(nn.Module):
+class MXFP4Weight(WeightFormat):
     """MXFP4 weight: frozen ``packed`` uint8 (rows, ceil(cols/32) * 16), ``scales`` E8M0 uint8 (rows, ceil(cols/32)).
 
     Example:
@@ -129,15 +128,6 @@ class MXFP4Weight(nn.Module):
                 raise ValueError(f"mxfp4 {what} must be torch.uint8 with shape {shp}, got {t.dtype} {tuple(t.shape)}")
         register_frozen(self, "packed", packed)
         register_frozen(self, "scales", scales)
-
-    @classmethod
-    def config_from_options(cls, **options) -> MXFP4Config:
-        """The config from recipe / CLI knobs (only ``compute_dtype`` applies)."""
-        return config_from_options(MXFP4Config, **options)
-
-    @classmethod
-    def available(cls) -> bool:
-        return True
 
     @classmethod
     def describe(cls, config) -> str:
@@ -165,30 +155,8 @@ class MXFP4Weight(nn.Module):
         """The (rows, cols) matrix in ``dtype`` (element * 2**(E - 127) in fp32, then cast)."""
         return _codec(self.packed).dequantize_mxfp4(self.packed, self.scales, self.shape[1], dtype)
 
-    def kernel_weight(self):
-        """None: the fused LoRA kernel does not take MXFP4 (LoRA adds its update to :meth:`linear`'s output)."""
-        return None
-
     def linear(self, x: Tensor, bias: Tensor | None, activation: str | None = None) -> Tensor:
         """y = x W^T + bias through ``qlora_kit::matmul_mxfp4`` (weight-only)."""
         if activation is not None:
             refuse_activation(self.name, activation)
         return matmul_mxfp4(x, self.packed, self.scales, bias, self.shape[1])
-
-    def metadata(self) -> dict:
-        return {"format": self.name, "shape": list(self.shape)}
-
-    @classmethod
-    def from_metadata(cls, meta: dict) -> MXFP4Weight:
-        return cls(meta["shape"])
-
-    @property
-    def device(self) -> torch.device:
-        """Where the codes live (PEFT reads ``layer.qweight.device`` of layers that have a ``qweight``)."""
-        return self.packed.device
-
-    def nbytes(self) -> int:
-        return packed_nbytes(self)
-
-    def extra_repr(self) -> str:
-        return f"shape={self.shape}"
