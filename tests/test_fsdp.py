@@ -148,9 +148,17 @@ def _adapter(directory: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", [["quantization=nf4", "double_quant=true"], ["quantization=int4", "group_size=32"]],
-                         ids=["nf4_dq", "int4"])  # fmt: skip
+@pytest.mark.parametrize("quant", [["quantization=nf4", "double_quant=true"], ["quantization=int4", "group_size=32"],
+                                   ["quantization=nf4", "double_quant=true", "model=LOCAL"]],
+                         ids=["nf4_dq", "int4", "nf4_dq_from_disk"])  # fmt: skip
 def test_two_fsdp_processes_match_one_process(tmp_path, quant):
+    """nf4_dq_from_disk: every rank reads a saved Llama quantizing layer by layer (tests/test_build_load.py), so
+    no rank holds the float model; then shards it."""
+    if "model=LOCAL" in quant:
+        from qlora_kit.models import tiny_llama
+
+        tiny_llama().save_pretrained(tmp_path / "llama")
+        quant = [q.replace("LOCAL", str(tmp_path / "llama")) for q in quant]
     common = [*SMALL, *quant, "max_steps=3", "eval_every=3"]
     one = finetune(load_recipe("quickstart", [*common, "batch_size=4", "distributed=fsdp",  # 1 process: no sharding
                                               f"output_dir={tmp_path / 'one'}"]))  # fmt: skip

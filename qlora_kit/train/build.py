@@ -80,11 +80,28 @@ def _first_line(e: BaseException) -> str:
     return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
-def load_base(recipe: Recipe, *, vocab_size: int | None = None, dtype: torch.dtype = torch.float32, meta=False):
-    """The float base model(s) the recipe's objective builds: {"model": ...} or {"generator": ...,
-    "discriminator": ...}.
+def quantizes_on_load(recipe: Recipe, qconfig) -> bool:
+    """Whether the recipe's hub / local model is quantized while its weights are read (``qlora_kit.hf``), so the
+    float model is never whole in memory: objectives that load through transformers, except LoftQ (which
+    initialises the adapters from the float weights)."""
+    from .objectives import objective_class
+
+    return (
+        qconfig is not None
+        and recipe.model not in BUILTIN_MODELS
+        and objective_class(recipe.objective).quantizes_on_load
+        and recipe.lora.init != "loftq"
+    )
+
+
+def load_base(
+    recipe: Recipe, *, vocab_size: int | None = None, dtype: torch.dtype = torch.float32, meta=False, qconfig=None
+):
+    """The base model(s) the recipe's objective builds: {"model": ...} or {"generator": ..., "discriminator": ...}.
 
     ``meta=True`` builds hub / local models without weights (for ``--dry-run``; needs only config.json).
+    ``qconfig`` (when :func:`quantizes_on_load`): the hub / local model comes back quantized, layer by layer as
+    it was read; otherwise the models are float and ``quantize`` runs on them later.
     """
     from .objectives import objective_class
 
@@ -92,8 +109,11 @@ def load_base(recipe: Recipe, *, vocab_size: int | None = None, dtype: torch.dty
     if recipe.model in BUILTIN_MODELS:
         return objective.builtin(recipe, vocab_size)
     check_model_path(recipe)
+    source = os.path.expanduser(recipe.model)
     try:
-        return objective.pretrained(recipe, os.path.expanduser(recipe.model), dtype, meta)
+        if qconfig is not None and not meta and quantizes_on_load(recipe, qconfig):
+            return objective.pretrained(recipe, source, dtype, meta, qconfig=qconfig)
+        return objective.pretrained(recipe, source, dtype, meta)
     except RecipeError:
         raise
     except (OSError, ValueError, KeyError) as e:
@@ -218,6 +238,20 @@ def estimate_quantized_bytes(model: nn.Module, recipe: Recipe) -> tuple[int, int
     return qbytes, all_bytes - removed, layers
 
 
+def float_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights in float: quantized layers counted at their logical shape in their compute
+    dtype (what they took before quantization, or would have without quantizing while loading)."""
+    from ..api import memory_footprint
+    from ..nn.quantized import QuantizedLayer
+
+    kinds = memory_footprint(model)
+    out = kinds.get("float", 0)
+    for module in model.modules():
+        if isinstance(module, QuantizedLayer):
+            out += math.prod(module.qweight.shape) * module.out_dtype.itemsize
+    return out
+
+
 def _adapt(model: nn.Module, recipe: Recipe, qconfig, device, seed: int) -> None:
     """Quantize the base, prepare it for k-bit training and attach the adapters (in place)."""
     from ..api import default_filter, quantize
@@ -265,7 +299,9 @@ def build(recipe: Recipe, *, device: torch.device | None = None, vocab_size: int
 
     dtype = compute_dtype(recipe)
     qconfig = quant_config(recipe, dtype)
-    bases = load_base(recipe, vocab_size=vocab_size, dtype=dtype)
+    bases = load_base(recipe, vocab_size=vocab_size, dtype=dtype, qconfig=qconfig)
+    if quantizes_on_load(recipe, qconfig):
+        qconfig = None  # quantized while loading: only the adapters are left to add
     from .objectives import objective_class
 
     if recipe.gradient_checkpointing and not objective_class(recipe.objective).supports_gradient_checkpointing:
@@ -276,7 +312,7 @@ def build(recipe: Recipe, *, device: torch.device | None = None, vocab_size: int
     n_params = n_trainable = lora_layers = qlayers = bytes_float = bytes_trainable = 0
     kinds: dict[str, int] = {}
     for index, (role, model) in enumerate(bases.items()):
-        bytes_float += sum(memory_footprint(model).values())
+        bytes_float += float_bytes(model)
         train_fully = role == "discriminator" and recipe.discriminator == "full"
         if train_fully:
             model.to(device or "cpu")

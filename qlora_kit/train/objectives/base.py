@@ -42,6 +42,7 @@ class Objective:
     data_kind: ClassVar[str]  # what its dataset holds: "text" or "image"
     language_model: ClassVar[bool] = False  # tokenized text: tokenizer, position table, perplexity, `qlora-kit eval`
     supports_fsdp: ClassVar[bool] = False  # distributed=fsdp shards its model
+    quantizes_on_load: ClassVar[bool] = False  # ``pretrained`` takes a qconfig and quantizes while reading
     supports_gradient_checkpointing: ClassVar[bool] = True
 
     def __init__(self, recipe: Recipe):
@@ -73,8 +74,11 @@ class Objective:
         raise NotImplementedError
 
     @classmethod
-    def pretrained(cls, recipe: Recipe, source: str, dtype: torch.dtype, meta: bool) -> dict[str, nn.Module]:
-        """The float model(s) from a local directory or hub id; ``meta``: without weights (config only)."""
+    def pretrained(
+        cls, recipe: Recipe, source: str, dtype: torch.dtype, meta: bool, qconfig=None
+    ) -> dict[str, nn.Module]:
+        """The model(s) from a local directory or hub id; ``meta``: without weights (config only); ``qconfig``:
+        quantized while loading where the objective can (else None is passed and ``quantize`` runs after)."""
         raise RecipeError(f"objective={cls.name} trains built-in models only; set model to one of them")
 
     def activation_bytes(self, model: nn.Module, role: str, a: int) -> int:

@@ -46,6 +46,7 @@ class CausalLM(Objective):
     data_kind = "text"
     language_model = True
     supports_fsdp = True
+    quantizes_on_load = True
 
     @classmethod
     def builtin(cls, recipe: Recipe, vocab_size: int | None) -> dict[str, nn.Module]:
@@ -57,7 +58,11 @@ class CausalLM(Objective):
         return {"model": models.tiny_llama(vocab_size=vocab_size or 256).train()}
 
     @classmethod
-    def pretrained(cls, recipe: Recipe, source: str, dtype: torch.dtype, meta: bool) -> dict[str, nn.Module]:
+    def pretrained(
+        cls, recipe: Recipe, source: str, dtype: torch.dtype, meta: bool, qconfig=None
+    ) -> dict[str, nn.Module]:
+        """The model from ``source``; with ``qconfig`` quantized as its weights are read (``qlora_kit.hf``): one
+        float layer at a time is ever in memory, so no process (and no FSDP rank) holds the float model."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         if meta:
@@ -67,6 +72,10 @@ class CausalLM(Objective):
             with init_empty_weights():
                 return {"model": AutoModelForCausalLM.from_config(config)}
         kwargs = {_from_pretrained_dtype_kw(): dtype, "low_cpu_mem_usage": True, "use_safetensors": True}
+        if qconfig is not None:
+            from ...hf import QuantizationConfig
+
+            kwargs.update(quantization_config=QuantizationConfig(qconfig), device_map="cpu")
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs).train()
         if getattr(model, "loss_type", "") is None:  # GPT-2's class name maps to no loss: transformers warns
             model.loss_type = "ForCausalLM"
