@@ -594,8 +594,14 @@ def _dot_cell(rows: list[dict]) -> str:
 
 def result_rows(launches: list[Launch], results: list[dict]) -> list[dict]:
     """One JSON-ready dict per compile: the launch, its result and the verdict."""
-    return [{**dataclasses.asdict(la), **r, "config": la.config(), "target": TARGETS[la.arch][0],
-             "verdict": verdict(la, r)} for la, r in zip(launches, results, strict=True)]  # fmt: skip
+    return [{**_fields(la), **r, "config": la.config(), "target": TARGETS[la.arch][0], "verdict": verdict(la, r)}
+            for la, r in zip(launches, results, strict=True)]  # fmt: skip
+
+
+def _fields(la: Launch) -> dict:
+    # the launch as JSON-ready values (a DECODE constexpr is a @triton.jit function: its name)
+    out = {f.name: getattr(la, f.name) for f in dataclasses.fields(Launch)}
+    return {**out, "constexprs": {k: _short(v) for k, v in la.constexprs.items()}}
 
 
 def select(recorder: Recorder, full_archs, tile_archs, pattern: str) -> list[Launch]:

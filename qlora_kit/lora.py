@@ -87,9 +87,21 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
     return targets
 
 
+# modules that wrap a layer without being part of the model: torch's activation-checkpoint wrapper (accelerate's
+# FSDP activation checkpointing), FSDP1's wrapper and torch.compile's; their attribute names are not in the
+# model's own paths (PEFT's adapter keys, transformers' checkpoints)
+_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod")
+
+
+def plain_path(path: str) -> str:
+    """``path`` of a module without the segments of wrappers (``layers.0._checkpoint_wrapped_module.mlp`` ->
+    ``layers.0.mlp``)."""
+    return ".".join(part for part in path.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
-    """(path, layer) of every LoRA wrapper in ``model``."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    """(path, layer) of every LoRA wrapper in ``model``, paths as the unwrapped model names them."""
+    return [(plain_path(n), m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:

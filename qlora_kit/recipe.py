@@ -185,6 +185,8 @@ class Recipe:
     # base, adapters and optimizer state across processes; causal_lm)
     distributed: str = "ddp"
     fsdp_cpu_offload: bool = False  # fsdp: keep the shards (and the optimizer step) in CPU memory
+    # fsdp: accelerate's activation checkpointing of every decoder layer (in place of gradient_checkpointing)
+    fsdp_activation_checkpointing: bool = False
     # --- objective-specific -------------------------------------------------------------------------
     num_train_timesteps: int = 1000  # diffusion: DDPM noise steps
     latent_dim: int = 16  # gan: generator input size
@@ -287,10 +289,15 @@ def _check_distributed(recipe: Recipe) -> None:
             )
         if recipe.optimizer.startswith("paged_"):
             raise RecipeError(f"optimizer={recipe.optimizer} does not take sharded parameters; use adamw with fsdp")
+        if recipe.fsdp_activation_checkpointing and recipe.gradient_checkpointing:
+            raise RecipeError(
+                "fsdp_activation_checkpointing and gradient_checkpointing both checkpoint every layer; set one of them"
+            )
     else:
         _check_choice("distributed", recipe.distributed, DISTRIBUTED)
-        if recipe.fsdp_cpu_offload:
-            raise RecipeError("fsdp_cpu_offload offloads the FSDP shards; set distributed=fsdp or drop it")
+        for key in ("fsdp_cpu_offload", "fsdp_activation_checkpointing"):
+            if getattr(recipe, key):
+                raise RecipeError(f"{key} is an option of the FSDP shards; set distributed=fsdp or drop it")
 
 
 def _check_finite(section, prefix: str = "") -> None:

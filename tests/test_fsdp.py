@@ -136,9 +136,15 @@ def test_every_format_shards_and_all_gathers_its_packed_bytes(tmp_path):
 
 # ----- a QLoRA run on 2 processes == 1 process ---------------------------------------------------------------
 def _finetune_worker(rank, world, port, overrides, out):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
     _dist_env(rank, world, port)
+    calls = []  # forwards through accelerate's activation-checkpoint wrappers (fsdp_activation_checkpointing)
+    forward = CheckpointWrapper.forward
+    CheckpointWrapper.forward = lambda self, *a, **k: calls.append(1) or forward(self, *a, **k)
     summary = finetune(load_recipe("quickstart", overrides))
-    Path(out, f"rank{rank}.json").write_text(json.dumps({k: summary[k] for k in ("losses", "local_bytes", "eval")}))
+    record = {k: summary[k] for k in ("losses", "local_bytes", "eval")}
+    Path(out, f"rank{rank}.json").write_text(json.dumps({**record, "checkpointed": len(calls)}))
 
 
 def _adapter(directory: Path) -> dict[str, torch.Tensor]:
@@ -149,11 +155,14 @@ def _adapter(directory: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", [["quantization=nf4", "double_quant=true"], ["quantization=int4", "group_size=32"],
-                                   ["quantization=nf4", "double_quant=true", "model=LOCAL"]],
-                         ids=["nf4_dq", "int4", "nf4_dq_from_disk"])  # fmt: skip
+                                   ["quantization=nf4", "double_quant=true", "model=LOCAL"],
+                                   ["quantization=nf4", "double_quant=true", "fsdp_cpu_offload=true",
+                                    "fsdp_activation_checkpointing=true"]],
+                         ids=["nf4_dq", "int4", "nf4_dq_from_disk", "nf4_dq_offload_checkpointing"])  # fmt: skip
 def test_two_fsdp_processes_match_one_process(tmp_path, quant):
     """nf4_dq_from_disk: every rank reads a saved Llama quantizing layer by layer (tests/test_build_load.py), so
-    no rank holds the float model; then shards it."""
+    no rank holds the float model; then shards it. nf4_dq_offload_checkpointing: accelerate's CPU offload of the
+    shards and its activation checkpointing of every decoder layer (the 1-process run has neither)."""
     if "model=LOCAL" in quant:
         from qlora_kit.models import tiny_llama
 
@@ -171,8 +180,9 @@ def test_two_fsdp_processes_match_one_process(tmp_path, quant):
             [one["losses"][k] for k in (1, 2, 3)], rel=1e-5
         )
         assert r["eval"]["eval_loss"] == pytest.approx(one["eval"]["eval_loss"], rel=1e-5)
+    assert all(bool(r["checkpointed"]) == ("fsdp_activation_checkpointing=true" in quant) for r in ranks)
     a, b = _adapter(tmp_path / "one"), _adapter(two_dir)
-    assert a.keys() == b.keys() and len(a) == 32
+    assert a.keys() == b.keys() and len(a) == 32  # the checkpoint wrappers' names are not in the adapter's
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
     # each rank holds about half of the packed base, measured from its local shards, and exactly what the
@@ -263,6 +273,8 @@ def test_llama70b_recipe_starts_with_its_launch_command_and_shards():
     [
         (["distributed=zero3"], "distributed"),
         (["fsdp_cpu_offload=true"], "distributed=fsdp"),
+        (["fsdp_activation_checkpointing=true"], "distributed=fsdp"),
+        (["distributed=fsdp", "fsdp_activation_checkpointing=true", "gradient_checkpointing=true"], "set one of them"),
         (["distributed=fsdp", "merge_adapter=true"], "qlora-kit merge"),
         (["distributed=fsdp", "optimizer=paged_adamw_8bit"], "adamw"),
     ],

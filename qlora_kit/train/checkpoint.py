@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .. import safe_io
+from ..lora import plain_path
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -37,26 +38,24 @@ def trainable_state(models: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """Trainable parameters and BatchNorm statistics of every model, keyed ``<role>.<name>``."""
     out = {}
     for role, model in models.items():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                out[f"{role}.{name}"] = p.detach().to("cpu").contiguous().clone()
-        for name, b in model.named_buffers():
-            if name.rsplit(".", 1)[-1] in _STAT_BUFFERS:
-                out[f"{role}.{name}"] = b.detach().to("cpu").contiguous().clone()
+        for key, t in _saved(role, model):
+            out[key] = t.detach().to("cpu").contiguous().clone()
     return out
 
 
 def trainable_targets(models: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """The live tensors :func:`trainable_state` saves, by the same keys."""
-    targets = {}
-    for role, model in models.items():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                targets[f"{role}.{name}"] = p
-        for name, b in model.named_buffers():
-            if name.rsplit(".", 1)[-1] in _STAT_BUFFERS:
-                targets[f"{role}.{name}"] = b
-    return targets
+    return {key: t for role, model in models.items() for key, t in _saved(role, model)}
+
+
+def _saved(role: str, model: nn.Module):
+    # (key, tensor) of the trainable parameters and BatchNorm statistics, keyed by the unwrapped model's names
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            yield f"{role}.{plain_path(name)}", p
+    for name, b in model.named_buffers():
+        if name.rsplit(".", 1)[-1] in _STAT_BUFFERS:
+            yield f"{role}.{plain_path(name)}", b
 
 
 @torch.no_grad()

@@ -40,16 +40,21 @@ def wanted(recipe) -> bool:
 def plugin(recipe):
     """accelerate's FSDP2 plugin for a recipe (transformer-block groups, no casting of the packed base)."""
     from accelerate import FullyShardedDataParallelPlugin
-    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
 
+    # offloaded shards are pinned for fast host-to-device copies; pinning needs an accelerator (CPU runs hold
+    # their shards in plain host memory, which is where the offload keeps them anyway)
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if recipe.fsdp_cpu_offload else OffloadPolicy()
     return FullyShardedDataParallelPlugin(
         fsdp_version=2,
         reshard_after_forward=True,
         auto_wrap_policy="transformer_based_wrap",
-        cpu_offload=recipe.fsdp_cpu_offload,
+        cpu_offload=offload,
         mixed_precision_policy=MixedPrecisionPolicy(),
         state_dict_type="FULL_STATE_DICT",
-        activation_checkpointing=False,  # the recipe's gradient_checkpointing (non-reentrant, inside each layer)
+        # accelerate wraps every decoder layer in torch's non-reentrant CheckpointWrapper; adapter paths skip the
+        # wrapper's name (``lora.lora_layers``), so adapters save under the model's own names
+        activation_checkpointing=recipe.fsdp_activation_checkpointing,
         cpu_ram_efficient_loading=False,
     )
 

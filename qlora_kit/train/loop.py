@@ -296,7 +296,10 @@ def _start(recipe: Recipe) -> tuple[_Run, object]:
     tokenizer = build_tokenizer(recipe)
     data = load_data(recipe, tokenizer)
     check_fits(recipe, accelerator.device, vocab_for_builtin(recipe, tokenizer))  # rank and memory, before allocating
-    built = build(recipe, device=accelerator.device, vocab_size=vocab_for_builtin(recipe, tokenizer))
+    # FSDP2: the quantized base is built in CPU memory and fully_shard moves only this process's shard to its
+    # device, so no GPU ever holds the whole packed model (with quantize-on-load no process holds it in float)
+    device = torch.device("cpu") if accelerator.is_fsdp2 else accelerator.device
+    built = build(recipe, device=device, vocab_size=vocab_for_builtin(recipe, tokenizer))
     return _Run(recipe, accelerator, built, data, make_objective(recipe)), tokenizer
 
 

@@ -34,7 +34,8 @@ def lm_activation_bytes(model: nn.Module, recipe: Recipe, a: int) -> int:
     vocab = getattr(cfg, "vocab_size", 0)
     tokens = recipe.batch_size * recipe.seq_len
     per_layer = tokens * (12 * h + 3 * ffn) * a
-    body = layers * tokens * h * a + per_layer if recipe.gradient_checkpointing else layers * per_layer
+    checkpointed = recipe.gradient_checkpointing or recipe.fsdp_activation_checkpointing
+    body = layers * tokens * h * a + per_layer if checkpointed else layers * per_layer
     return int(body + 3 * tokens * vocab * 4)
 
 
