@@ -181,6 +181,15 @@ def peak(m: LlamaShape, args, recipe) -> dict[str, float]:
     return {"parts": parts, "on_gpu": on_gpu, "lora_params": n_lora}
 
 
+def loading_bytes(m: LlamaShape, recipe) -> int:
+    """Host bytes of one process while it loads: every process reads the checkpoint quantizing layer by layer
+    (``qlora_kit.hf``'s quantizer), so it holds the whole packed model plus one float (bf16) matrix, never the
+    float model; ``fully_shard`` then keeps this process's shard (on its GPU, or in CPU memory with offload)."""
+    kw = dict(blocksize=recipe.blocksize, double_quant=recipe.double_quant, group_size=recipe.group_size)
+    whole = base_bytes(m, recipe.quantization, 1, 0, **kw)
+    return whole["packed"] + whole["float"] + max(o * i for o, i in m.linears().values()) * 2
+
+
 def table(m: LlamaShape, args, recipe) -> tuple[str, bool]:
     p = peak(m, args, recipe)
     gpu = sum(v for k, v in p["parts"].items() if p["on_gpu"][k])
@@ -200,6 +209,7 @@ def table(m: LlamaShape, args, recipe) -> tuple[str, bool]:
     lines.append(f"| **peak on each GPU** | **{gpu / GIB:.2f}** | of {args.gpu_mem:g} GiB |")
     if cpu:
         lines.append(f"| CPU memory per process (offloaded) | {cpu / GIB:.2f} | |")
+    lines.append(f"| CPU memory per process while loading | {loading_bytes(m, recipe) / GIB:.2f} | then the shard |")
     verdict = "fits" if fits else "does NOT fit"
     lines += ["", f"**{verdict}** ({gpu / GIB:.1f} GiB peak per GPU vs {args.gpu_mem:g} GiB)", ""]
     return "\n".join(lines), fits
