@@ -62,6 +62,8 @@ _PLAN: dict[tuple[str, str], tuple[tuple[int, str], ...]] = {
     ("int8", "half"): ((4, "gemv"),),  # likewise "int8pack"
     ("fp8", "fp32"): ((4, "gemv"),),
     ("fp8", "half"): ((4, "gemv"),),
+    ("mxfp4", "fp32"): ((4, "gemv"),),
+    ("mxfp4", "half"): ((4, "gemv"),),
 }
 
 
@@ -117,6 +119,7 @@ def library() -> ctypes.CDLL | None:
     lib.qk_4bit.argtypes = [p, i64, p, p, p, i64, i64, i64, p, p, i64, i64, i32]
     lib.qk_int4.argtypes = [p, i64, p, p, p, i64, i64, i64, p, p, i64, i64, i32]
     lib.qk_chan.argtypes = [p, i64, p, p, p, i32, i64, i64, p, p, i64, i64, i32]
+    lib.qk_mxfp4.argtypes = [p, i64, p, p, p, i64, i64, p, p, i64, i64, i32]
     return lib
 
 
@@ -244,3 +247,23 @@ def matmul_channelwise(x, qdata, scale, bias=None) -> torch.Tensor | None:
     s = scale.float().contiguous()
     args = (_ptr(qdata), _ptr(_fp8_lut()), _ptr(s), int(is_int8), n, k)
     return _launch(lib.qk_chan, x, n, path, bias, args)
+
+
+@functools.cache
+def _e2m1_table() -> torch.Tensor:
+    from .reference.mxfp4 import E2M1_MAGNITUDES
+
+    return torch.cat([E2M1_MAGNITUDES, -E2M1_MAGNITUDES]).contiguous()
+
+
+def matmul_mxfp4(x, packed, scales, k: int, bias=None) -> torch.Tensor | None:
+    """MXFP4 ``x @ dequant(W)^T + bias`` on the CPU, or None when the reference should run."""
+    n = packed.shape[0]
+    path = plan("mxfp4", _rows(x), x.dtype, n * k)
+    lib = library() if path != "reference" else None
+    if lib is None or not packed.is_contiguous():
+        return None
+    # 2**(E - 127) in fp32 (exact, subnormal at E = 0), as the reference's ldexp computes it
+    s = _cached((packed, scales), "mxfp4-scale", lambda: torch.ldexp(torch.ones(scales.shape), (scales.int() - 127).float()))
+    args = (_ptr(packed), _ptr(s), _ptr(_e2m1_table()), n, k)
+    return _launch(lib.qk_mxfp4, x, n, path, bias, args)
