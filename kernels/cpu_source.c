@@ -209,6 +209,68 @@ static inline __m256 lookup16(__m256i idx, __m256 t_lo, __m256 t_hi) {
     return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
+/* 8 fp8 e4m3 codes * s: the code's bits moved into an fp16 (e5m10) read as 2**-8 times the e4m3 value (the
+ * subnormals too, exactly: F16C converts them in hardware), then * (256 s), which rounds like lut[q] * s. The one
+ * difference from the table: the NaN pattern 0x7F reads 480 (quantize_fp8 saturates, it never writes it) */
+static inline __m256 fp8x8(__m128i b, __m256 s, const float *lut) {
+#ifdef __F16C__
+    (void)lut;
+    __m128i q = _mm_cvtepu8_epi16(b);
+    __m128i mag = _mm_slli_epi16(_mm_and_si128(q, _mm_set1_epi16(0x7F)), 7);
+    __m128i sign = _mm_and_si128(_mm_slli_epi16(q, 8), _mm_set1_epi16((short)0x8000));
+    return _mm256_mul_ps(_mm256_cvtph_ps(_mm_or_si128(mag, sign)), _mm256_mul_ps(s, _mm256_set1_ps(256.0f)));
+#else
+    return _mm256_mul_ps(_mm256_i32gather_ps(lut, _mm256_cvtepu8_epi32(b), 4), s);
+#endif
+}
+
+/* The GEMV order of a 4-bit chunk. vpshufb looks up one byte of the 16-entry fp32 table per code (4 byte planes),
+ * two rounds of unpacks rebuild the floats: 3 shuffles per 8 weights instead of 2 permutes, a shift and a blend.
+ * The unpacks work within 128-bit lanes, so the 32 weights come out in a fixed permuted order: register r, lane L,
+ * slot i holds element 2 (4 r + i) + L of the chunk; the GEMV permutes x the same way once per call (xperm). */
+static void planes16(const float *table, __m256i plane[4]) {
+    uint8_t b[4][16];
+    for (int v = 0; v < 16; v++) {
+        uint32_t u;
+        memcpy(&u, table + v, 4);
+        for (int p = 0; p < 4; p++) b[p][v] = (uint8_t)(u >> (8 * p));
+    }
+    for (int p = 0; p < 4; p++) plane[p] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)b[p]));
+}
+
+static inline void chunk_perm(const Weight *w, const __m256i plane[4], int64_t n, int64_t c, __m256 v[4]) {
+    int64_t k = w->k;
+    const uint8_t *bytes = w->kind == 3 ? w->q + n * (k / 2) + c / 2 : w->q + (n * k + c) / 2;
+    __m128i b = _mm_loadu_si128((const __m128i *)bytes), m15 = _mm_set1_epi8(15);
+    __m128i lo = _mm_and_si128(b, m15), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m15);
+    __m256i codes = w->kind == 3 ? _mm256_set_m128i(hi, lo) : _mm256_set_m128i(lo, hi); /* lane 0: even elements */
+    __m256i p0 = _mm256_shuffle_epi8(plane[0], codes), p1 = _mm256_shuffle_epi8(plane[1], codes);
+    __m256i p2 = _mm256_shuffle_epi8(plane[2], codes), p3 = _mm256_shuffle_epi8(plane[3], codes);
+    __m256i w01l = _mm256_unpacklo_epi8(p0, p1), w01h = _mm256_unpackhi_epi8(p0, p1);
+    __m256i w23l = _mm256_unpacklo_epi8(p2, p3), w23h = _mm256_unpackhi_epi8(p2, p3);
+    v[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(w01l, w23l));
+    v[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(w01l, w23l));
+    v[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(w01h, w23h));
+    v[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(w01h, w23h));
+    if (w->kind == 1) {
+        int64_t g = n * ((k + w->size - 1) / w->size) + c / w->size;
+        __m256 s = _mm256_set1_ps(w->p0[g]), z = _mm256_set1_ps(w->p1[g]);
+        for (int j = 0; j < 4; j++) v[j] = _mm256_mul_ps(_mm256_sub_ps(v[j], z), s);
+        return;
+    }
+    __m256 s = _mm256_set1_ps(w->kind == 0 ? w->p0[(n * k + c) / w->size] : w->p0[n * (k / 32) + c / 32]);
+    for (int j = 0; j < 4; j++) v[j] = _mm256_mul_ps(v[j], s);
+}
+
+static float *xperm(const float *x, int64_t m, int64_t k) {
+    float *xp = (float *)malloc((size_t)(m * k) * sizeof(float));
+    for (int64_t c = 0; c < m * k; c += 32)
+        for (int r = 0; r < 4; r++)
+            for (int l = 0; l < 2; l++)
+                for (int i = 0; i < 4; i++) xp[c + 8 * r + 4 * l + i] = x[c + 2 * (4 * r + i) + l];
+    return xp;
+}
+
 static inline void chunk_avx2(const Weight *w, __m256 t_lo, __m256 t_hi, int64_t n, int64_t c, __m256 v[4]) {
     int64_t k = w->k;
     if (w->kind == 2) {
@@ -216,9 +278,7 @@ static inline void chunk_avx2(const Weight *w, __m256 t_lo, __m256 t_hi, int64_t
         __m256 s = _mm256_set1_ps(w->p0[n]);
         for (int j = 0; j < 4; j++) {
             __m128i b = _mm_loadl_epi64((const __m128i *)(q + 8 * j));
-            __m256 a = w->size ? _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b))
-                               : _mm256_i32gather_ps(w->lut, _mm256_cvtepu8_epi32(b), 4);
-            v[j] = _mm256_mul_ps(a, s);
+            v[j] = w->size ? _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), s) : fp8x8(b, s, w->lut);
         }
         return;
     }
@@ -255,14 +315,22 @@ static inline float dot256(const float *a, const float *b, int64_t k) { /* k % 3
 
 /* one output row n: up to 4 rows of x take each decoded chunk from registers (two partial sums per row
  * hide the FMA latency); more rows, or wout: decode the row into buf (L1) once, then one dot per x row */
-static void row_avx2(const Weight *w, __m256 t_lo, __m256 t_hi, const float *x, int64_t m, int64_t n, float *y,
-                     float *wout, float *buf) {
+static inline void chunk_any(const Weight *w, const __m256i *plane, __m256 t_lo, __m256 t_hi, int64_t n, int64_t c,
+                             __m256 v[4]) {
+    if (plane)
+        chunk_perm(w, plane, n, c, v);
+    else
+        chunk_avx2(w, t_lo, t_hi, n, c, v);
+}
+
+static void row_avx2(const Weight *w, const __m256i *plane, __m256 t_lo, __m256 t_hi, const float *x, int64_t m,
+                     int64_t n, float *y, float *wout, float *buf) {
     int64_t k = w->k;
     __m256 v[4];
     if (wout || m > 4) {
         float *dst = wout ? wout + n * k : buf;
         for (int64_t c = 0; c < k; c += 32) {
-            chunk_avx2(w, t_lo, t_hi, n, c, v);
+            chunk_any(w, plane, t_lo, t_hi, n, c, v);
             for (int j = 0; j < 4; j++) _mm256_storeu_ps(dst + c + 8 * j, v[j]);
         }
         if (!wout)
@@ -272,7 +340,7 @@ static void row_avx2(const Weight *w, __m256 t_lo, __m256 t_hi, const float *x, 
     if (m == 1) {
         __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         for (int64_t c = 0; c < k; c += 32) {
-            chunk_avx2(w, t_lo, t_hi, n, c, v);
+            chunk_any(w, plane, t_lo, t_hi, n, c, v);
             for (int j = 0; j < 4; j++) a[j] = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(x + c + 8 * j), a[j]);
         }
         y[n] = hsum256(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
@@ -281,7 +349,7 @@ static void row_avx2(const Weight *w, __m256 t_lo, __m256 t_hi, const float *x, 
     __m256 acc[4][2];
     for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
     for (int64_t c = 0; c < k; c += 32) {
-        chunk_avx2(w, t_lo, t_hi, n, c, v);
+        chunk_any(w, plane, t_lo, t_hi, n, c, v);
         for (int i = 0; i < 4; i++) {
             if (i < m) {
                 const float *xr = x + i * k + c;
@@ -297,18 +365,30 @@ static void row_avx2(const Weight *w, __m256 t_lo, __m256 t_hi, const float *x, 
 
 static void run_avx2(const Weight *w, const float *x, int64_t m, float *y, float *wout, int64_t n0, int64_t n1,
                      int nt) {
+    static const float ints[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     __m256 t_lo = _mm256_setzero_ps(), t_hi = _mm256_setzero_ps();
     if (w->kind == 0 || w->kind == 3) {
         t_lo = _mm256_loadu_ps(w->lut);
         t_hi = _mm256_loadu_ps(w->lut + 8);
     }
+    /* GEMV of a 4-bit format: the permuted decode order (chunk_perm), x permuted to match */
+    __m256i planes[4];
+    const __m256i *plane = NULL;
+    float *xp = NULL;
+    if (!wout && w->kind != 2) {
+        planes16(w->kind == 1 ? ints : w->lut, planes);
+        plane = planes;
+        x = xp = xperm(x, m, w->k);
+    }
 #pragma omp parallel num_threads(nt)
     {
         float *buf = (m > 4 && !wout) ? (float *)malloc((size_t)w->k * sizeof(float)) : NULL;
 #pragma omp for schedule(static)
-        for (int64_t n = n0; n < n1; n++) row_avx2(w, t_lo, t_hi, x, m, n, y, wout ? wout - n0 * w->k : NULL, buf);
+        for (int64_t n = n0; n < n1; n++)
+            row_avx2(w, plane, t_lo, t_hi, x, m, n, y, wout ? wout - n0 * w->k : NULL, buf);
         free(buf);
     }
+    free(xp);
 }
 #endif
 
