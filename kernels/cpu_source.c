@@ -101,6 +101,8 @@ typedef struct {
     const uint8_t *q;
     const float *p0, *p1, *lut;
     int64_t n, k, size; /* size: blocksize, group size, or is_int8 */
+    int64_t groups, cpb; /* vector paths: groups per row (int4), 32-wide chunks per block or group */
+    int shift;           /* log2(cpb) when cpb is a power of two, else -1 (an integer division per chunk) */
 } Weight;
 
 static float *decode_row(const Weight *w, const float *pairs, int64_t n, float *buf) {
@@ -203,6 +205,14 @@ static int vectorizable(const Weight *w) {
     return w->k % 32 == 0 && (w->kind > 1 || w->size % 32 == 0);
 }
 
+/* index of chunk c of row n into the block / group statistics (no division on the usual power-of-two sizes) */
+static inline int64_t stat_index(const Weight *w, int64_t n, int64_t c) {
+    if (w->kind == 3) return n * (w->k >> 5) + (c >> 5);
+    int64_t chunk = w->kind == 0 ? (n * w->k + c) >> 5 : c >> 5;
+    int64_t blk = w->shift >= 0 ? chunk >> w->shift : chunk / w->cpb;
+    return w->kind == 0 ? blk : n * w->groups + blk;
+}
+
 static inline __m256 lookup16(__m256i idx, __m256 t_lo, __m256 t_hi) {
     /* table[idx] for idx in 0..15: two 8-entry permutes, bit 3 (moved to the sign bit) picks one */
     __m256 a = _mm256_permutevar8x32_ps(t_lo, idx), b = _mm256_permutevar8x32_ps(t_hi, idx);
@@ -252,13 +262,13 @@ static inline void chunk_perm(const Weight *w, const __m256i plane[4], int64_t n
     v[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(w01l, w23l));
     v[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(w01h, w23h));
     v[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(w01h, w23h));
+    int64_t g = stat_index(w, n, c);
+    __m256 s = _mm256_set1_ps(w->p0[g]);
     if (w->kind == 1) {
-        int64_t g = n * ((k + w->size - 1) / w->size) + c / w->size;
-        __m256 s = _mm256_set1_ps(w->p0[g]), z = _mm256_set1_ps(w->p1[g]);
+        __m256 z = _mm256_set1_ps(w->p1[g]);
         for (int j = 0; j < 4; j++) v[j] = _mm256_mul_ps(_mm256_sub_ps(v[j], z), s);
         return;
     }
-    __m256 s = _mm256_set1_ps(w->kind == 0 ? w->p0[(n * k + c) / w->size] : w->p0[n * (k / 32) + c / 32]);
     for (int j = 0; j < 4; j++) v[j] = _mm256_mul_ps(v[j], s);
 }
 
@@ -289,14 +299,13 @@ static inline void chunk_avx2(const Weight *w, __m256 t_lo, __m256 t_hi, int64_t
     __m128i second = w->kind == 3 ? _mm_unpackhi_epi8(lo, hi) : _mm_unpackhi_epi8(hi, lo);
     __m256i idx[4] = {_mm256_cvtepu8_epi32(first), _mm256_cvtepu8_epi32(_mm_srli_si128(first, 8)),
                       _mm256_cvtepu8_epi32(second), _mm256_cvtepu8_epi32(_mm_srli_si128(second, 8))};
+    int64_t g = stat_index(w, n, c);
+    __m256 s = _mm256_set1_ps(w->p0[g]);
     if (w->kind == 1) {
-        int64_t g = n * ((k + w->size - 1) / w->size) + c / w->size;
-        __m256 s = _mm256_set1_ps(w->p0[g]), z = _mm256_set1_ps(w->p1[g]);
+        __m256 z = _mm256_set1_ps(w->p1[g]);
         for (int j = 0; j < 4; j++) v[j] = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(idx[j]), z), s);
         return;
     }
-    float scale = w->kind == 0 ? w->p0[(n * k + c) / w->size] : w->p0[n * (k / 32) + c / 32];
-    __m256 s = _mm256_set1_ps(scale);
     for (int j = 0; j < 4; j++) v[j] = _mm256_mul_ps(lookup16(idx[j], t_lo, t_hi), s);
 }
 
@@ -363,8 +372,15 @@ static void row_avx2(const Weight *w, const __m256i *plane, __m256 t_lo, __m256 
     for (int64_t i = 0; i < m; i++) y[i * w->n + n] = hsum256(_mm256_add_ps(acc[i][0], acc[i][1]));
 }
 
-static void run_avx2(const Weight *w, const float *x, int64_t m, float *y, float *wout, int64_t n0, int64_t n1,
+static void run_avx2(const Weight *w0, const float *x, int64_t m, float *y, float *wout, int64_t n0, int64_t n1,
                      int nt) {
+    Weight wv = *w0;
+    const Weight *w = &wv;
+    if (wv.kind < 2) {
+        wv.cpb = wv.size / 32;
+        wv.shift = (wv.cpb & (wv.cpb - 1)) ? -1 : __builtin_ctzll((unsigned long long)wv.cpb);
+        wv.groups = (wv.k + wv.size - 1) / wv.size;
+    }
     static const float ints[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     __m256 t_lo = _mm256_setzero_ps(), t_hi = _mm256_setzero_ps();
     if (w->kind == 0 || w->kind == 3) {
