@@ -50,20 +50,16 @@ CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-
 DEQUANT_BYTES = 1 << 21  # fp32 weight block of the "dequant" path (fits in L2 next to the GEMM's tiles)
 MIN_WEIGHT_NUMEL = 1 << 18  # smaller weights take the reference (per-call overhead; keeps tiny test layers plain)
 
-# Measured on a 2-core AVX-512 EPYC (benchmarks/bench_cpu.py and per-path timings at 4096x4096, M = 1, 4,
-# 16, 64): per (format family, activation dtype) the largest row count each path wins at, tried in order;
-# above all: "dequant". GEMV is fastest up to a few rows; from 16 rows on, the blocked dequant + GEMM wins.
+GEMV_MAX_ROWS = 16  # the planner's GEMV / blocked-GEMM threshold (measured: see _PLAN)
+# Measured on the 2-core AVX2 EPYC (Zen 3) this project runs on, 4096x4096, nf4-dq and int8, fp32, min of 5
+# (forced paths by replacing cpu.plan, timed side by side, M = 2 .. 32): with 1 thread, "gemv" wins up to
+# M = 8 (15.5 vs 22.7 ms at M = 8), ties at 16 (24.8 vs 22.1 ms), loses from 32 (53 vs 36 ms); with 2 threads
+# on the loaded machine "gemv" wins at every M up to 32 (one OpenMP region per call, where the blocked path runs
+# two per block and MKL's threads stall on a busy machine). Hence: "gemv" up to 16 rows, "dequant" above.
 _PLAN: dict[tuple[str, str], tuple[tuple[int, str], ...]] = {
-    ("4bit", "fp32"): ((4, "gemv"),),
-    ("4bit", "half"): ((4, "gemv"),),
-    ("int4", "fp32"): ((4, "gemv"),),
-    ("int4", "half"): ((4, "gemv"),),  # "int4pack" is ~3x faster here but outside the tolerance (see above)
-    ("int8", "fp32"): ((4, "gemv"),),
-    ("int8", "half"): ((4, "gemv"),),  # likewise "int8pack"
-    ("fp8", "fp32"): ((4, "gemv"),),
-    ("fp8", "half"): ((4, "gemv"),),
-    ("mxfp4", "fp32"): ((4, "gemv"),),
-    ("mxfp4", "half"): ((4, "gemv"),),
+    (family, dtype): ((GEMV_MAX_ROWS, "gemv"),)
+    for family in ("4bit", "int4", "int8", "fp8", "mxfp4")
+    for dtype in ("fp32", "half")
 }
 
 
@@ -150,24 +146,26 @@ def _cached(tensors: tuple[torch.Tensor, ...], what: str, build):
 
 
 def _launch(kernel, x: torch.Tensor, n: int, path: str, bias, weight_args: tuple) -> torch.Tensor:
-    """Run ``kernel`` as a GEMV over x's rows ("gemv") or as blocked dequantize + GEMM ("dequant")."""
+    """Run ``kernel`` as a GEMV over x's rows ("gemv") or as blocked dequantize + GEMM ("dequant").
+
+    Both compute in fp32 and round to x's dtype once at the end: for bf16/fp16 x that is more accurate than the
+    reference (which rounds W to x's dtype and runs a half-precision GEMM) and, on CPUs without native bf16
+    matmul units, several times faster than torch's half-precision GEMM on narrow blocks.
+    """
     k = x.shape[-1]
     threads = torch.get_num_threads()
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     if path == "dequant":
         # DEQUANT_BYTES of fp32 rows at a time into one reused buffer (stays in cache), GEMM per block
-        y = torch.empty(x2.shape[0], n, dtype=x.dtype)
         rows = max(16, DEQUANT_BYTES // (4 * k))
         buf = torch.empty(min(rows, n), k, dtype=torch.float32)
         for n0 in range(0, n, rows):
             n1 = min(n, n0 + rows)
             kernel(None, 0, *weight_args, None, _ptr(buf), n0, n1, threads)
-            w = buf[: n1 - n0]
-            y[:, n0:n1] = ref.linear_ref(x2, w, None if bias is None else bias[n0:n1])
-        return y.reshape(*x.shape[:-1], n)
-    x2 = x2.to(torch.float32).contiguous()
-    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    kernel(_ptr(x2), x2.shape[0], *weight_args, _ptr(y), None, 0, n, threads)
+            y[:, n0:n1] = F.linear(x2, buf[: n1 - n0])
+    else:
+        kernel(_ptr(x2), x2.shape[0], *weight_args, _ptr(y), None, 0, n, threads)
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], n)

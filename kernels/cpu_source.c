@@ -322,6 +322,20 @@ static inline float dot256(const float *a, const float *b, int64_t k) { /* k % 3
     return hsum256(_mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3])));
 }
 
+/* y[i * ldy] = dot(x row i, b) for 4 rows of x: each load of b feeds 4 FMAs */
+static inline void dot256x4(const float *x, const float *b, int64_t k, float *y, int64_t ldy) {
+    __m256 s[4][2];
+    for (int i = 0; i < 4; i++) s[i][0] = s[i][1] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < k; c += 16) {
+        __m256 b0 = _mm256_loadu_ps(b + c), b1 = _mm256_loadu_ps(b + c + 8);
+        for (int i = 0; i < 4; i++) {
+            s[i][0] = _mm256_fmadd_ps(b0, _mm256_loadu_ps(x + i * k + c), s[i][0]);
+            s[i][1] = _mm256_fmadd_ps(b1, _mm256_loadu_ps(x + i * k + c + 8), s[i][1]);
+        }
+    }
+    for (int i = 0; i < 4; i++) y[i * ldy] = hsum256(_mm256_add_ps(s[i][0], s[i][1]));
+}
+
 /* one output row n: up to 4 rows of x take each decoded chunk from registers (two partial sums per row
  * hide the FMA latency); more rows, or wout: decode the row into buf (L1) once, then one dot per x row */
 static inline void chunk_any(const Weight *w, const __m256i *plane, __m256 t_lo, __m256 t_hi, int64_t n, int64_t c,
@@ -342,8 +356,10 @@ static void row_avx2(const Weight *w, const __m256i *plane, __m256 t_lo, __m256 
             chunk_any(w, plane, t_lo, t_hi, n, c, v);
             for (int j = 0; j < 4; j++) _mm256_storeu_ps(dst + c + 8 * j, v[j]);
         }
-        if (!wout)
-            for (int64_t i = 0; i < m; i++) y[i * w->n + n] = dot256(x + i * k, buf, k);
+        if (wout) return;
+        int64_t i = 0;
+        for (; i + 4 <= m; i += 4) dot256x4(x + i * k, buf, k, y + i * w->n + n, w->n);
+        for (; i < m; i++) y[i * w->n + n] = dot256(x + i * k, buf, k);
         return;
     }
     if (m == 1) {
