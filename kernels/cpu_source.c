@@ -415,7 +415,7 @@ static void run_avx2(const Weight *w0, const float *x, int64_t m, float *y, floa
 #pragma omp parallel num_threads(nt)
     {
         float *buf = (m > 4 && !wout) ? (float *)malloc((size_t)w->k * sizeof(float)) : NULL;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 16)
         for (int64_t n = n0; n < n1; n++)
             row_avx2(w, plane, t_lo, t_hi, x, m, n, y, wout ? wout - n0 * w->k : NULL, buf);
         free(buf);
@@ -439,7 +439,7 @@ static void run(const Weight *w, const float *x, int64_t m, float *y, float *wou
 #pragma omp parallel num_threads(nt)
         {
             float *buf = (float *)malloc((size_t)w->k * sizeof(float));
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 16)
             for (int64_t n = n0; n < n1; n++) row_avx512(w, table, x, m, n, y, wout ? wout - n0 * w->k : NULL, buf);
             free(buf);
         }
@@ -455,7 +455,7 @@ static void run(const Weight *w, const float *x, int64_t m, float *y, float *wou
 #pragma omp parallel num_threads(nt)
     {
         float *buf = (float *)malloc((size_t)(w->k + 16) * sizeof(float));
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 16)
         for (int64_t n = n0; n < n1; n++) {
             float *row = decode_row(w, pairs, n, buf);
             if (wout) {
