@@ -4,14 +4,18 @@ The references (``kernels/reference/matmul.py``) dequantize the whole weight to 
 ``F.linear``: at one row of x that moves 4-8x the bytes of the packed weight and is ~30-60x slower than a
 float layer. The paths here, picked per call by :func:`plan` (format, activation dtype, rows of x):
 
-* ``gemv``: C kernels (``cpu_source.c``, compiled on first use with the system C compiler, cached under
-  ``~/.cache/qlora_kit``) that decode one output row of W at a time into an L1-sized buffer and take the
-  dot products with every row of x, in fp32. The decoded values are bit-identical to the reference's
-  (NF4/FP4: ``code[nibble] * absmax[block]``; int4: ``(q - zero) * scale``; int8/fp8: ``q * scale``), so
-  in fp32 only the summation order differs; for bf16/fp16 x the product runs in fp32 on the exact
-  weight (the reference rounds W to x's dtype first), then rounds once to x's dtype.
-* ``dequant``: the same decoders write the fp32 weight once, then ``F.linear`` exactly as the reference
-  does (bit-identical to it): for many rows, where the GEMM dominates.
+* ``gemv``: C kernels (``cpu_source.c``, compiled on first use with the system C compiler and
+  ``-march=native``, cached under ``~/.cache/qlora_kit``; AVX-512, AVX2 + FMA and portable variants, picked
+  at compile time) that decode each output row of W in 32-value chunks into registers and multiply with up to
+  4 rows of x (more rows: the row is decoded once into an L1 buffer, then 4-row dot products). One OpenMP
+  region per call, rows handed out dynamically. The decoded values are bit-identical to the reference's
+  (NF4/FP4: ``code[nibble] * absmax[block]``; int4: ``(q - zero) * scale``; int8/fp8: ``q * scale``;
+  MXFP4: ``e2m1[nibble] * 2**(E - 127)``), so in fp32 only the summation order differs. The AVX2 GEMV of the
+  4-bit formats looks the codes up with vpshufb in a permuted order and permutes x to match (see
+  ``chunk_perm``). For bf16/fp16 x the product runs in fp32 on the exact weight (the reference rounds W to
+  x's dtype first), then rounds once to x's dtype.
+* ``dequant``: the same decoders write ``DEQUANT_BYTES`` of fp32 rows at a time into one reused buffer,
+  then an fp32 ``F.linear`` per block into the output's columns: for many rows, where the GEMM dominates.
 * ``int8pack`` / ``int4pack``: torch's packed CPU kernels ``torch._weight_int8pack_mm`` and
   ``torch._weight_int4pack_mm_for_cpu`` for bf16/fp16 x. Their scales live in x's dtype, so they round:
   int8 ``scale`` -> bf16, int4 ``zero`` -> ``(8 - zero) * scale`` in bf16 (W = (q - 8) * s + zp). The
@@ -262,6 +266,6 @@ def matmul_mxfp4(x, packed, scales, k: int, bias=None) -> torch.Tensor | None:
     if lib is None or not packed.is_contiguous():
         return None
     # 2**(E - 127) in fp32 (exact, subnormal at E = 0), as the reference's ldexp computes it
-    s = _cached((packed, scales), "mxfp4-scale", lambda: torch.ldexp(torch.ones(scales.shape), (scales.int() - 127).float()))
+    s = _cached((packed, scales), "mxfp4-scale", lambda: torch.ldexp(torch.ones(scales.shape), scales.float() - 127))
     args = (_ptr(packed), _ptr(s), _ptr(_e2m1_table()), n, k)
     return _launch(lib.qk_mxfp4, x, n, path, bias, args)
