@@ -338,10 +338,23 @@ static inline void dot256x4(const float *x, const float *b, int64_t k, float *y,
 
 /* one output row n: up to 4 rows of x take each decoded chunk from registers (two partial sums per row
  * hide the FMA latency); more rows, or wout: decode the row into buf (L1) once, then one dot per x row */
+/* 32 int8 / fp8 codes of row n without the row's scale (the GEMV multiplies the dot products instead) */
+static inline void chunk_chan_raw(const Weight *w, int64_t n, int64_t c, __m256 v[4]) {
+    const uint8_t *q = w->q + n * w->k + c;
+    __m256 one = _mm256_set1_ps(1.0f);
+    for (int j = 0; j < 4; j++) {
+        __m128i b = _mm_loadl_epi64((const __m128i *)(q + 8 * j));
+        v[j] = w->size ? _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)) : fp8x8(b, one, w->lut);
+    }
+}
+
+/* GEMV decode: the permuted 4-bit order (plane), unscaled per-channel codes, or the decoders' own */
 static inline void chunk_any(const Weight *w, const __m256i *plane, __m256 t_lo, __m256 t_hi, int64_t n, int64_t c,
                              __m256 v[4]) {
     if (plane)
         chunk_perm(w, plane, n, c, v);
+    else if (w->kind == 2)
+        chunk_chan_raw(w, n, c, v);
     else
         chunk_avx2(w, t_lo, t_hi, n, c, v);
 }
@@ -350,16 +363,23 @@ static void row_avx2(const Weight *w, const __m256i *plane, __m256 t_lo, __m256 
                      int64_t n, float *y, float *wout, float *buf) {
     int64_t k = w->k;
     __m256 v[4];
-    if (wout || m > 4) {
-        float *dst = wout ? wout + n * k : buf;
+    if (wout) {
+        for (int64_t c = 0; c < k; c += 32) {
+            chunk_avx2(w, t_lo, t_hi, n, c, v);
+            for (int j = 0; j < 4; j++) _mm256_storeu_ps(wout + n * k + c + 8 * j, v[j]);
+        }
+        return;
+    }
+    float rs = w->kind == 2 ? w->p0[n] : 1.0f; /* the row scale chunk_chan_raw leaves out */
+    if (m > 4) {
         for (int64_t c = 0; c < k; c += 32) {
             chunk_any(w, plane, t_lo, t_hi, n, c, v);
-            for (int j = 0; j < 4; j++) _mm256_storeu_ps(dst + c + 8 * j, v[j]);
+            for (int j = 0; j < 4; j++) _mm256_storeu_ps(buf + c + 8 * j, v[j]);
         }
-        if (wout) return;
         int64_t i = 0;
         for (; i + 4 <= m; i += 4) dot256x4(x + i * k, buf, k, y + i * w->n + n, w->n);
         for (; i < m; i++) y[i * w->n + n] = dot256(x + i * k, buf, k);
+        for (i = 0; i < m; i++) y[i * w->n + n] *= rs;
         return;
     }
     if (m == 1) {
@@ -368,7 +388,7 @@ static void row_avx2(const Weight *w, const __m256i *plane, __m256 t_lo, __m256 
             chunk_any(w, plane, t_lo, t_hi, n, c, v);
             for (int j = 0; j < 4; j++) a[j] = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(x + c + 8 * j), a[j]);
         }
-        y[n] = hsum256(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+        y[n] = rs * hsum256(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
         return;
     }
     __m256 acc[4][2];
@@ -385,7 +405,7 @@ static void row_avx2(const Weight *w, const __m256i *plane, __m256 t_lo, __m256 
             }
         }
     }
-    for (int64_t i = 0; i < m; i++) y[i * w->n + n] = hsum256(_mm256_add_ps(acc[i][0], acc[i][1]));
+    for (int64_t i = 0; i < m; i++) y[i * w->n + n] = rs * hsum256(_mm256_add_ps(acc[i][0], acc[i][1]));
 }
 
 static void run_avx2(const Weight *w0, const float *x, int64_t m, float *y, float *wout, int64_t n0, int64_t n1,
