@@ -214,6 +214,7 @@ def main(argv=None) -> None:
         "wall_s": round(time.perf_counter() - t0, 1),
         "quick": args.quick,
         "rounds": rounds,
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
         "command": "python benchmarks/bench_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     cols = ["layer", "n", "k", "m", "dtype", "provider", "status", "ms", "ratio_fp32", "tokens_per_s", "reason"]
