@@ -52,6 +52,9 @@ from .reference.quant_4bit import code_table
 SOURCE = Path(__file__).with_name("cpu_source.c")
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 DEQUANT_BYTES = 1 << 21  # fp32 weight block of the "dequant" path (fits in L2 next to the GEMM's tiles)
+# ... but never fewer rows than this: at K = 11008 the 2 MiB block was 47 rows, and MKL's GEMM on such narrow
+# blocks took 2270 ms at M = 256 (1 thread) where 142-row blocks took 1461 ms and the float layer 1231 ms
+DEQUANT_MIN_ROWS = 128
 MIN_WEIGHT_NUMEL = 1 << 18  # smaller weights take the reference (per-call overhead; keeps tiny test layers plain)
 
 GEMV_MAX_ROWS = 16  # the planner's GEMV / blocked-GEMM threshold (measured: see _PLAN)
@@ -162,7 +165,7 @@ def _launch(kernel, x: torch.Tensor, n: int, path: str, bias, weight_args: tuple
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     if path == "dequant":
         # DEQUANT_BYTES of fp32 rows at a time into one reused buffer (stays in cache), GEMM per block
-        rows = max(16, DEQUANT_BYTES // (4 * k))
+        rows = max(DEQUANT_MIN_ROWS, DEQUANT_BYTES // (4 * k))
         buf = torch.empty(min(rows, n), k, dtype=torch.float32)
         for n0 in range(0, n, rows):
             n1 = min(n, n0 + rows)

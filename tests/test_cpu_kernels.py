@@ -31,6 +31,7 @@ SHAPES = [(48, 96), (17, 33), (5, 100), (32, 64)]
 def _all_sizes(monkeypatch):
     monkeypatch.setattr(cpu, "MIN_WEIGHT_NUMEL", 0)
     monkeypatch.setattr(cpu, "DEQUANT_BYTES", 64 * 4 * 8)  # several blocks even for small weights
+    monkeypatch.setattr(cpu, "DEQUANT_MIN_ROWS", 16)
 
 
 def force(monkeypatch, path):
