@@ -19,6 +19,7 @@ import argparse
 import copy
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -194,6 +195,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="4096x4096 only, M = 1 and 256, 4-layer decode")
     ap.add_argument("--out", default="cpu", help="results name under benchmarks/results (default: cpu)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per layer case (default 5, --quick 3)")
     args = ap.parse_args(argv)
     llama = LINEAR_SHAPES["llama2-7b"]
     shapes = {"attn.o": (4096, 4096), "mlp.up": llama["mlp.up"], "mlp.down": llama["mlp.up"][::-1]}
@@ -201,7 +203,8 @@ def main(argv=None) -> None:
         shapes = {"attn.o": (4096, 4096)}
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    rows = bench_layers(shapes, (1, 256) if args.quick else (1, 16, 256), 3 if args.quick else 5, print)
+    rounds = args.rounds or (3 if args.quick else 5)
+    rows = bench_layers(shapes, (1, 256) if args.quick else (1, 16, 256), rounds, print)
     rows += bench_decode(4 if args.quick else 16, 8 if args.quick else 16, 2 if args.quick else 3, print)
     meta = {
         "title": "Quantized layers and decode on the CPU (medians of interleaved rounds)",
@@ -210,6 +213,9 @@ def main(argv=None) -> None:
         "loadavg_after": [round(v, 2) for v in os.getloadavg()],
         "wall_s": round(time.perf_counter() - t0, 1),
         "quick": args.quick,
+        "rounds": rounds,
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+        "command": "python benchmarks/bench_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     cols = ["layer", "n", "k", "m", "dtype", "provider", "status", "ms", "ratio_fp32", "tokens_per_s", "reason"]
     print(*write_results(args.out, rows, meta, columns=cols))

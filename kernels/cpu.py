@@ -4,14 +4,18 @@ The references (``kernels/reference/matmul.py``) dequantize the whole weight to 
 ``F.linear``: at one row of x that moves 4-8x the bytes of the packed weight and is ~30-60x slower than a
 float layer. The paths here, picked per call by :func:`plan` (format, activation dtype, rows of x):
 
-* ``gemv``: C kernels (``cpu_source.c``, compiled on first use with the system C compiler, cached under
-  ``~/.cache/qlora_kit``) that decode one output row of W at a time into an L1-sized buffer and take the
-  dot products with every row of x, in fp32. The decoded values are bit-identical to the reference's
-  (NF4/FP4: ``code[nibble] * absmax[block]``; int4: ``(q - zero) * scale``; int8/fp8: ``q * scale``), so
-  in fp32 only the summation order differs; for bf16/fp16 x the product runs in fp32 on the exact
-  weight (the reference rounds W to x's dtype first), then rounds once to x's dtype.
-* ``dequant``: the same decoders write the fp32 weight once, then ``F.linear`` exactly as the reference
-  does (bit-identical to it): for many rows, where the GEMM dominates.
+* ``gemv``: C kernels (``cpu_source.c``, compiled on first use with the system C compiler and
+  ``-march=native``, cached under ``~/.cache/qlora_kit``; AVX-512, AVX2 + FMA and portable variants, picked
+  at compile time) that decode each output row of W in 32-value chunks into registers and multiply with up to
+  4 rows of x (more rows: the row is decoded once into an L1 buffer, then 4-row dot products). One OpenMP
+  region per call, rows handed out dynamically. The decoded values are bit-identical to the reference's
+  (NF4/FP4: ``code[nibble] * absmax[block]``; int4: ``(q - zero) * scale``; int8/fp8: ``q * scale``;
+  MXFP4: ``e2m1[nibble] * 2**(E - 127)``), so in fp32 only the summation order differs. The AVX2 GEMV of the
+  4-bit formats looks the codes up with vpshufb in a permuted order and permutes x to match (see
+  ``chunk_perm``). For bf16/fp16 x the product runs in fp32 on the exact weight (the reference rounds W to
+  x's dtype first), then rounds once to x's dtype.
+* ``dequant``: the same decoders write ``DEQUANT_BYTES`` of fp32 rows at a time into one reused buffer,
+  then an fp32 ``F.linear`` per block into the output's columns: for many rows, where the GEMM dominates.
 * ``int8pack`` / ``int4pack``: torch's packed CPU kernels ``torch._weight_int8pack_mm`` and
   ``torch._weight_int4pack_mm_for_cpu`` for bf16/fp16 x. Their scales live in x's dtype, so they round:
   int8 ``scale`` -> bf16, int4 ``zero`` -> ``(8 - zero) * scale`` in bf16 (W = (q - 8) * s + zp). The
@@ -48,20 +52,21 @@ from .reference.quant_4bit import code_table
 SOURCE = Path(__file__).with_name("cpu_source.c")
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 DEQUANT_BYTES = 1 << 21  # fp32 weight block of the "dequant" path (fits in L2 next to the GEMM's tiles)
+# ... but never fewer rows than this: at K = 11008 the 2 MiB block was 47 rows, and MKL's GEMM on such narrow
+# blocks took 2270 ms at M = 256 (1 thread) where 142-row blocks took 1461 ms and the float layer 1231 ms
+DEQUANT_MIN_ROWS = 128
 MIN_WEIGHT_NUMEL = 1 << 18  # smaller weights take the reference (per-call overhead; keeps tiny test layers plain)
 
-# Measured on a 2-core AVX-512 EPYC (benchmarks/bench_cpu.py and per-path timings at 4096x4096, M = 1, 4,
-# 16, 64): per (format family, activation dtype) the largest row count each path wins at, tried in order;
-# above all: "dequant". GEMV is fastest up to a few rows; from 16 rows on, the blocked dequant + GEMM wins.
+GEMV_MAX_ROWS = 16  # the planner's GEMV / blocked-GEMM threshold (measured: see _PLAN)
+# Measured on the 2-core AVX2 EPYC (Zen 3) this project runs on, 4096x4096, nf4-dq and int8, fp32, min of 5
+# (forced paths by replacing cpu.plan, timed side by side, M = 2 .. 32): with 1 thread, "gemv" wins up to
+# M = 8 (15.5 vs 22.7 ms at M = 8), ties at 16 (24.8 vs 22.1 ms), loses from 32 (53 vs 36 ms); with 2 threads
+# on the loaded machine "gemv" wins at every M up to 32 (one OpenMP region per call, where the blocked path runs
+# two per block and MKL's threads stall on a busy machine). Hence: "gemv" up to 16 rows, "dequant" above.
 _PLAN: dict[tuple[str, str], tuple[tuple[int, str], ...]] = {
-    ("4bit", "fp32"): ((4, "gemv"),),
-    ("4bit", "half"): ((4, "gemv"),),
-    ("int4", "fp32"): ((4, "gemv"),),
-    ("int4", "half"): ((4, "gemv"),),  # "int4pack" is ~3x faster here but outside the tolerance (see above)
-    ("int8", "fp32"): ((4, "gemv"),),
-    ("int8", "half"): ((4, "gemv"),),  # likewise "int8pack"
-    ("fp8", "fp32"): ((4, "gemv"),),
-    ("fp8", "half"): ((4, "gemv"),),
+    (family, dtype): ((GEMV_MAX_ROWS, "gemv"),)
+    for family in ("4bit", "int4", "int8", "fp8", "mxfp4")
+    for dtype in ("fp32", "half")
 }
 
 
@@ -117,6 +122,7 @@ def library() -> ctypes.CDLL | None:
     lib.qk_4bit.argtypes = [p, i64, p, p, p, i64, i64, i64, p, p, i64, i64, i32]
     lib.qk_int4.argtypes = [p, i64, p, p, p, i64, i64, i64, p, p, i64, i64, i32]
     lib.qk_chan.argtypes = [p, i64, p, p, p, i32, i64, i64, p, p, i64, i64, i32]
+    lib.qk_mxfp4.argtypes = [p, i64, p, p, p, i64, i64, p, p, i64, i64, i32]
     return lib
 
 
@@ -147,24 +153,26 @@ def _cached(tensors: tuple[torch.Tensor, ...], what: str, build):
 
 
 def _launch(kernel, x: torch.Tensor, n: int, path: str, bias, weight_args: tuple) -> torch.Tensor:
-    """Run ``kernel`` as a GEMV over x's rows ("gemv") or as blocked dequantize + GEMM ("dequant")."""
+    """Run ``kernel`` as a GEMV over x's rows ("gemv") or as blocked dequantize + GEMM ("dequant").
+
+    Both compute in fp32 and round to x's dtype once at the end: for bf16/fp16 x that is more accurate than the
+    reference (which rounds W to x's dtype and runs a half-precision GEMM) and, on CPUs without native bf16
+    matmul units, several times faster than torch's half-precision GEMM on narrow blocks.
+    """
     k = x.shape[-1]
     threads = torch.get_num_threads()
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     if path == "dequant":
         # DEQUANT_BYTES of fp32 rows at a time into one reused buffer (stays in cache), GEMM per block
-        y = torch.empty(x2.shape[0], n, dtype=x.dtype)
-        rows = max(16, DEQUANT_BYTES // (4 * k))
+        rows = max(DEQUANT_MIN_ROWS, DEQUANT_BYTES // (4 * k))
         buf = torch.empty(min(rows, n), k, dtype=torch.float32)
         for n0 in range(0, n, rows):
             n1 = min(n, n0 + rows)
             kernel(None, 0, *weight_args, None, _ptr(buf), n0, n1, threads)
-            w = buf[: n1 - n0]
-            y[:, n0:n1] = ref.linear_ref(x2, w, None if bias is None else bias[n0:n1])
-        return y.reshape(*x.shape[:-1], n)
-    x2 = x2.to(torch.float32).contiguous()
-    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    kernel(_ptr(x2), x2.shape[0], *weight_args, _ptr(y), None, 0, n, threads)
+            y[:, n0:n1] = F.linear(x2, buf[: n1 - n0])
+    else:
+        kernel(_ptr(x2), x2.shape[0], *weight_args, _ptr(y), None, 0, n, threads)
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
@@ -244,3 +252,23 @@ def matmul_channelwise(x, qdata, scale, bias=None) -> torch.Tensor | None:
     s = scale.float().contiguous()
     args = (_ptr(qdata), _ptr(_fp8_lut()), _ptr(s), int(is_int8), n, k)
     return _launch(lib.qk_chan, x, n, path, bias, args)
+
+
+@functools.cache
+def _e2m1_table() -> torch.Tensor:
+    from .reference.mxfp4 import E2M1_MAGNITUDES
+
+    return torch.cat([E2M1_MAGNITUDES, -E2M1_MAGNITUDES]).contiguous()
+
+
+def matmul_mxfp4(x, packed, scales, k: int, bias=None) -> torch.Tensor | None:
+    """MXFP4 ``x @ dequant(W)^T + bias`` on the CPU, or None when the reference should run."""
+    n = packed.shape[0]
+    path = plan("mxfp4", _rows(x), x.dtype, n * k)
+    lib = library() if path != "reference" else None
+    if lib is None or not packed.is_contiguous():
+        return None
+    # 2**(E - 127) in fp32 (exact, subnormal at E = 0), as the reference's ldexp computes it
+    s = _cached((packed, scales), "mxfp4-scale", lambda: torch.ldexp(torch.ones(scales.shape), scales.float() - 127))
+    args = (_ptr(packed), _ptr(s), _ptr(_e2m1_table()), n, k)
+    return _launch(lib.qk_mxfp4, x, n, path, bias, args)

@@ -8,6 +8,8 @@
  *       high nibble of byte e / 2 when e is even (the low nibble when odd); blocks run over the flat index.
  *   int4 per group:  w[k] = (q[n, k] - zero[n, k / gs]) * scale[n, k / gs], column 2j in the high nibble.
  *   per channel:     w[k] = lut[q[n, k]] * scale[n] (lut: int8 -> float, or fp8 e4m3 -> float).
+ *   MXFP4:           w[k] = table[nibble] * scale[n, k / 32] (scale = 2**(E - 127), exact), rows of
+ *       ceil(K / 32) * 16 bytes, column 2j in the LOW nibble.
  * The *_dequant variants write the whole [N, K] fp32 weight (used when M is large and a GEMM wins).
  * Compiled with -ffp-contract=off so a * b + c never becomes an FMA in the decoders (same rounding as
  * PyTorch's separate operations). Threads: OpenMP over output rows (the caller passes torch's count).
@@ -82,18 +84,32 @@ static float *row_chan(const uint8_t *q, const float *lut, const float *scale, i
     return buf;
 }
 
-/* KIND: 0 = 4-bit blockwise, 1 = int4 per group, 2 = per channel; p0..p2 are the format's stat arrays */
+static float *row_mxfp4(const uint8_t *packed, const float *scale, const float *table16, int64_t n, int64_t k,
+                        float *buf) {
+    int64_t blocks = (k + 31) / 32;
+    const uint8_t *row = packed + n * blocks * 16;
+    for (int64_t j = 0; j < k; j++) {
+        uint8_t b = row[j / 2];
+        buf[j] = table16[j & 1 ? b >> 4 : b & 15] * scale[n * blocks + j / 32];
+    }
+    return buf;
+}
+
+/* KIND: 0 = 4-bit blockwise, 1 = int4 per group, 2 = per channel, 3 = MXFP4; p0, p1: the format's stats */
 typedef struct {
     int kind;
     const uint8_t *q;
     const float *p0, *p1, *lut;
     int64_t n, k, size; /* size: blocksize, group size, or is_int8 */
+    int64_t groups, cpb; /* vector paths: groups per row (int4), 32-wide chunks per block or group */
+    int shift;           /* log2(cpb) when cpb is a power of two, else -1 (an integer division per chunk) */
 } Weight;
 
 static float *decode_row(const Weight *w, const float *pairs, int64_t n, float *buf) {
     if (w->kind == 0) return row_4bit(w->q, w->p0, pairs, n, w->k, w->size, buf);
     if (w->kind == 1) return row_int4(w->q, w->p0, w->p1, pairs, n, w->k, w->size, buf);
-    return row_chan(w->q, w->lut, w->p0, (int)w->size, n, w->k, buf);
+    if (w->kind == 2) return row_chan(w->q, w->lut, w->p0, (int)w->size, n, w->k, buf);
+    return row_mxfp4(w->q, w->p0, w->lut, n, w->k, buf);
 }
 
 #ifdef __AVX512F__
@@ -180,6 +196,254 @@ static void row_avx512(const Weight *w, __m512 table, const float *x, int64_t m,
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+/* AVX2 (8 floats a register): 32 weights w[n, c .. c + 32) decoded into v[0..3], bit-identical to the
+ * portable decoders; needs K % 32 == 0 and 32 | block / group size, so a chunk never straddles one */
+static int vectorizable(const Weight *w) {
+    return w->k % 32 == 0 && (w->kind > 1 || w->size % 32 == 0);
+}
+
+/* index of chunk c of row n into the block / group statistics (no division on the usual power-of-two sizes) */
+static inline int64_t stat_index(const Weight *w, int64_t n, int64_t c) {
+    if (w->kind == 3) return n * (w->k >> 5) + (c >> 5);
+    int64_t chunk = w->kind == 0 ? (n * w->k + c) >> 5 : c >> 5;
+    int64_t blk = w->shift >= 0 ? chunk >> w->shift : chunk / w->cpb;
+    return w->kind == 0 ? blk : n * w->groups + blk;
+}
+
+static inline __m256 lookup16(__m256i idx, __m256 t_lo, __m256 t_hi) {
+    /* table[idx] for idx in 0..15: two 8-entry permutes, bit 3 (moved to the sign bit) picks one */
+    __m256 a = _mm256_permutevar8x32_ps(t_lo, idx), b = _mm256_permutevar8x32_ps(t_hi, idx);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+/* 8 fp8 e4m3 codes * s: the code's bits moved into an fp16 (e5m10) read as 2**-8 times the e4m3 value (the
+ * subnormals too, exactly: F16C converts them in hardware), then * (256 s), which rounds like lut[q] * s. The one
+ * difference from the table: the NaN pattern 0x7F reads 480 (quantize_fp8 saturates, it never writes it) */
+static inline __m256 fp8x8(__m128i b, __m256 s, const float *lut) {
+#ifdef __F16C__
+    (void)lut;
+    __m128i q = _mm_cvtepu8_epi16(b);
+    __m128i mag = _mm_slli_epi16(_mm_and_si128(q, _mm_set1_epi16(0x7F)), 7);
+    __m128i sign = _mm_and_si128(_mm_slli_epi16(q, 8), _mm_set1_epi16((short)0x8000));
+    return _mm256_mul_ps(_mm256_cvtph_ps(_mm_or_si128(mag, sign)), _mm256_mul_ps(s, _mm256_set1_ps(256.0f)));
+#else
+    return _mm256_mul_ps(_mm256_i32gather_ps(lut, _mm256_cvtepu8_epi32(b), 4), s);
+#endif
+}
+
+/* The GEMV order of a 4-bit chunk. vpshufb looks up one byte of the 16-entry fp32 table per code (4 byte planes),
+ * two rounds of unpacks rebuild the floats: 3 shuffles per 8 weights instead of 2 permutes, a shift and a blend.
+ * The unpacks work within 128-bit lanes, so the 32 weights come out in a fixed permuted order: register r, lane L,
+ * slot i holds element 2 (4 r + i) + L of the chunk; the GEMV permutes x the same way once per call (xperm). */
+static void planes16(const float *table, __m256i plane[4]) {
+    uint8_t b[4][16];
+    for (int v = 0; v < 16; v++) {
+        uint32_t u;
+        memcpy(&u, table + v, 4);
+        for (int p = 0; p < 4; p++) b[p][v] = (uint8_t)(u >> (8 * p));
+    }
+    for (int p = 0; p < 4; p++) plane[p] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)b[p]));
+}
+
+static inline void chunk_perm(const Weight *w, const __m256i plane[4], int64_t n, int64_t c, __m256 v[4]) {
+    int64_t k = w->k;
+    const uint8_t *bytes = w->kind == 3 ? w->q + n * (k / 2) + c / 2 : w->q + (n * k + c) / 2;
+    __m128i b = _mm_loadu_si128((const __m128i *)bytes), m15 = _mm_set1_epi8(15);
+    __m128i lo = _mm_and_si128(b, m15), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m15);
+    __m256i codes = w->kind == 3 ? _mm256_set_m128i(hi, lo) : _mm256_set_m128i(lo, hi); /* lane 0: even elements */
+    __m256i p0 = _mm256_shuffle_epi8(plane[0], codes), p1 = _mm256_shuffle_epi8(plane[1], codes);
+    __m256i p2 = _mm256_shuffle_epi8(plane[2], codes), p3 = _mm256_shuffle_epi8(plane[3], codes);
+    __m256i w01l = _mm256_unpacklo_epi8(p0, p1), w01h = _mm256_unpackhi_epi8(p0, p1);
+    __m256i w23l = _mm256_unpacklo_epi8(p2, p3), w23h = _mm256_unpackhi_epi8(p2, p3);
+    v[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(w01l, w23l));
+    v[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(w01l, w23l));
+    v[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(w01h, w23h));
+    v[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(w01h, w23h));
+    int64_t g = stat_index(w, n, c);
+    __m256 s = _mm256_set1_ps(w->p0[g]);
+    if (w->kind == 1) {
+        __m256 z = _mm256_set1_ps(w->p1[g]);
+        for (int j = 0; j < 4; j++) v[j] = _mm256_mul_ps(_mm256_sub_ps(v[j], z), s);
+        return;
+    }
+    for (int j = 0; j < 4; j++) v[j] = _mm256_mul_ps(v[j], s);
+}
+
+static float *xperm(const float *x, int64_t m, int64_t k) {
+    float *xp = (float *)malloc((size_t)(m * k) * sizeof(float));
+    for (int64_t c = 0; c < m * k; c += 32)
+        for (int r = 0; r < 4; r++)
+            for (int l = 0; l < 2; l++)
+                for (int i = 0; i < 4; i++) xp[c + 8 * r + 4 * l + i] = x[c + 2 * (4 * r + i) + l];
+    return xp;
+}
+
+static inline void chunk_avx2(const Weight *w, __m256 t_lo, __m256 t_hi, int64_t n, int64_t c, __m256 v[4]) {
+    int64_t k = w->k;
+    if (w->kind == 2) {
+        const uint8_t *q = w->q + n * k + c;
+        __m256 s = _mm256_set1_ps(w->p0[n]);
+        for (int j = 0; j < 4; j++) {
+            __m128i b = _mm_loadl_epi64((const __m128i *)(q + 8 * j));
+            v[j] = w->size ? _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), s) : fp8x8(b, s, w->lut);
+        }
+        return;
+    }
+    const uint8_t *bytes = w->kind == 3 ? w->q + n * (k / 2) + c / 2 : w->q + (n * k + c) / 2;
+    __m128i b = _mm_loadu_si128((const __m128i *)bytes), m15 = _mm_set1_epi8(15);
+    __m128i lo = _mm_and_si128(b, m15), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m15);
+    __m128i first = w->kind == 3 ? _mm_unpacklo_epi8(lo, hi) : _mm_unpacklo_epi8(hi, lo);
+    __m128i second = w->kind == 3 ? _mm_unpackhi_epi8(lo, hi) : _mm_unpackhi_epi8(hi, lo);
+    __m256i idx[4] = {_mm256_cvtepu8_epi32(first), _mm256_cvtepu8_epi32(_mm_srli_si128(first, 8)),
+                      _mm256_cvtepu8_epi32(second), _mm256_cvtepu8_epi32(_mm_srli_si128(second, 8))};
+    int64_t g = stat_index(w, n, c);
+    __m256 s = _mm256_set1_ps(w->p0[g]);
+    if (w->kind == 1) {
+        __m256 z = _mm256_set1_ps(w->p1[g]);
+        for (int j = 0; j < 4; j++) v[j] = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(idx[j]), z), s);
+        return;
+    }
+    for (int j = 0; j < 4; j++) v[j] = _mm256_mul_ps(lookup16(idx[j], t_lo, t_hi), s);
+}
+
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline float dot256(const float *a, const float *b, int64_t k) { /* k % 32 == 0 */
+    __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t i = 0; i < k; i += 32)
+        for (int j = 0; j < 4; j++) s[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * j), _mm256_loadu_ps(b + i + 8 * j), s[j]);
+    return hsum256(_mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3])));
+}
+
+/* y[i * ldy] = dot(x row i, b) for 4 rows of x: each load of b feeds 4 FMAs */
+static inline void dot256x4(const float *x, const float *b, int64_t k, float *y, int64_t ldy) {
+    __m256 s[4][2];
+    for (int i = 0; i < 4; i++) s[i][0] = s[i][1] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < k; c += 16) {
+        __m256 b0 = _mm256_loadu_ps(b + c), b1 = _mm256_loadu_ps(b + c + 8);
+        for (int i = 0; i < 4; i++) {
+            s[i][0] = _mm256_fmadd_ps(b0, _mm256_loadu_ps(x + i * k + c), s[i][0]);
+            s[i][1] = _mm256_fmadd_ps(b1, _mm256_loadu_ps(x + i * k + c + 8), s[i][1]);
+        }
+    }
+    for (int i = 0; i < 4; i++) y[i * ldy] = hsum256(_mm256_add_ps(s[i][0], s[i][1]));
+}
+
+/* one output row n: up to 4 rows of x take each decoded chunk from registers (two partial sums per row
+ * hide the FMA latency); more rows, or wout: decode the row into buf (L1) once, then one dot per x row */
+/* 32 int8 / fp8 codes of row n without the row's scale (the GEMV multiplies the dot products instead) */
+static inline void chunk_chan_raw(const Weight *w, int64_t n, int64_t c, __m256 v[4]) {
+    const uint8_t *q = w->q + n * w->k + c;
+    __m256 one = _mm256_set1_ps(1.0f);
+    for (int j = 0; j < 4; j++) {
+        __m128i b = _mm_loadl_epi64((const __m128i *)(q + 8 * j));
+        v[j] = w->size ? _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)) : fp8x8(b, one, w->lut);
+    }
+}
+
+/* GEMV decode: the permuted 4-bit order (plane), unscaled per-channel codes, or the decoders' own */
+static inline void chunk_any(const Weight *w, const __m256i *plane, __m256 t_lo, __m256 t_hi, int64_t n, int64_t c,
+                             __m256 v[4]) {
+    if (plane)
+        chunk_perm(w, plane, n, c, v);
+    else if (w->kind == 2)
+        chunk_chan_raw(w, n, c, v);
+    else
+        chunk_avx2(w, t_lo, t_hi, n, c, v);
+}
+
+static void row_avx2(const Weight *w, const __m256i *plane, __m256 t_lo, __m256 t_hi, const float *x, int64_t m,
+                     int64_t n, float *y, float *wout, float *buf) {
+    int64_t k = w->k;
+    __m256 v[4];
+    if (wout) {
+        for (int64_t c = 0; c < k; c += 32) {
+            chunk_avx2(w, t_lo, t_hi, n, c, v);
+            for (int j = 0; j < 4; j++) _mm256_storeu_ps(wout + n * k + c + 8 * j, v[j]);
+        }
+        return;
+    }
+    float rs = w->kind == 2 ? w->p0[n] : 1.0f; /* the row scale chunk_chan_raw leaves out */
+    if (m > 4) {
+        for (int64_t c = 0; c < k; c += 32) {
+            chunk_any(w, plane, t_lo, t_hi, n, c, v);
+            for (int j = 0; j < 4; j++) _mm256_storeu_ps(buf + c + 8 * j, v[j]);
+        }
+        int64_t i = 0;
+        for (; i + 4 <= m; i += 4) dot256x4(x + i * k, buf, k, y + i * w->n + n, w->n);
+        for (; i < m; i++) y[i * w->n + n] = dot256(x + i * k, buf, k);
+        for (i = 0; i < m; i++) y[i * w->n + n] *= rs;
+        return;
+    }
+    if (m == 1) {
+        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t c = 0; c < k; c += 32) {
+            chunk_any(w, plane, t_lo, t_hi, n, c, v);
+            for (int j = 0; j < 4; j++) a[j] = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(x + c + 8 * j), a[j]);
+        }
+        y[n] = rs * hsum256(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+        return;
+    }
+    __m256 acc[4][2];
+    for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < k; c += 32) {
+        chunk_any(w, plane, t_lo, t_hi, n, c, v);
+        for (int i = 0; i < 4; i++) {
+            if (i < m) {
+                const float *xr = x + i * k + c;
+                acc[i][0] = _mm256_fmadd_ps(v[0], _mm256_loadu_ps(xr), acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xr + 8), acc[i][1]);
+                acc[i][0] = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(xr + 16), acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xr + 24), acc[i][1]);
+            }
+        }
+    }
+    for (int64_t i = 0; i < m; i++) y[i * w->n + n] = rs * hsum256(_mm256_add_ps(acc[i][0], acc[i][1]));
+}
+
+static void run_avx2(const Weight *w0, const float *x, int64_t m, float *y, float *wout, int64_t n0, int64_t n1,
+                     int nt) {
+    Weight wv = *w0;
+    const Weight *w = &wv;
+    if (wv.kind < 2) {
+        wv.cpb = wv.size / 32;
+        wv.shift = (wv.cpb & (wv.cpb - 1)) ? -1 : __builtin_ctzll((unsigned long long)wv.cpb);
+        wv.groups = (wv.k + wv.size - 1) / wv.size;
+    }
+    static const float ints[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    __m256 t_lo = _mm256_setzero_ps(), t_hi = _mm256_setzero_ps();
+    if (w->kind == 0 || w->kind == 3) {
+        t_lo = _mm256_loadu_ps(w->lut);
+        t_hi = _mm256_loadu_ps(w->lut + 8);
+    }
+    /* GEMV of a 4-bit format: the permuted decode order (chunk_perm), x permuted to match */
+    __m256i planes[4];
+    const __m256i *plane = NULL;
+    float *xp = NULL;
+    if (!wout && w->kind != 2) {
+        planes16(w->kind == 1 ? ints : w->lut, planes);
+        plane = planes;
+        x = xp = xperm(x, m, w->k);
+    }
+#pragma omp parallel num_threads(nt)
+    {
+        float *buf = (m > 4 && !wout) ? (float *)malloc((size_t)w->k * sizeof(float)) : NULL;
+#pragma omp for schedule(dynamic, 16)
+        for (int64_t n = n0; n < n1; n++)
+            row_avx2(w, plane, t_lo, t_hi, x, m, n, y, wout ? wout - n0 * w->k : NULL, buf);
+        free(buf);
+    }
+    free(xp);
+}
+#endif
+
 static void run(const Weight *w, const float *x, int64_t m, float *y, float *wout, int64_t n0, int64_t n1, int nt) {
     float pairs[512];
     if (w->kind == 1) {
@@ -190,22 +454,28 @@ static void run(const Weight *w, const float *x, int64_t m, float *y, float *wou
         pair_table(w->lut, pairs);
     }
 #ifdef __AVX512F__
-    if (w->k % 32 == 0) {
+    if (w->k % 32 == 0 && w->kind != 3) {
         __m512 table = w->kind == 0 ? _mm512_loadu_ps(w->lut) : _mm512_setzero_ps();
 #pragma omp parallel num_threads(nt)
         {
             float *buf = (float *)malloc((size_t)w->k * sizeof(float));
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 16)
             for (int64_t n = n0; n < n1; n++) row_avx512(w, table, x, m, n, y, wout ? wout - n0 * w->k : NULL, buf);
             free(buf);
         }
         return;
     }
 #endif
+#if defined(__AVX2__) && defined(__FMA__)
+    if (vectorizable(w)) {
+        run_avx2(w, x, m, y, wout, n0, n1, nt);
+        return;
+    }
+#endif
 #pragma omp parallel num_threads(nt)
     {
         float *buf = (float *)malloc((size_t)(w->k + 16) * sizeof(float));
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 16)
         for (int64_t n = n0; n < n1; n++) {
             float *row = decode_row(w, pairs, n, buf);
             if (wout) {
@@ -234,5 +504,11 @@ void qk_int4(const float *x, int64_t m, const uint8_t *packed, const float *scal
 void qk_chan(const float *x, int64_t m, const uint8_t *q, const float *lut256, const float *scale, int is_int8,
              int64_t n, int64_t k, float *y, float *wout, int64_t n0, int64_t n1, int nt) {
     Weight w = {2, q, scale, NULL, lut256, n, k, is_int8};
+    run(&w, x, m, y, wout, n0, n1, nt);
+}
+
+void qk_mxfp4(const float *x, int64_t m, const uint8_t *packed, const float *scale, const float *table16, int64_t n,
+              int64_t k, float *y, float *wout, int64_t n0, int64_t n1, int nt) {
+    Weight w = {3, packed, scale, NULL, table16, n, k, 0};
     run(&w, x, m, y, wout, n0, n1, nt);
 }

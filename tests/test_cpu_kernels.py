@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from qlora_kit.kernels import cpu
 from qlora_kit.kernels.reference import matmul as ref
+from qlora_kit.kernels.reference import mxfp4 as mx
 from qlora_kit.kernels.reference import quant_4bit as q4
 from qlora_kit.kernels.reference import quant_int as qi
 
@@ -30,6 +31,7 @@ SHAPES = [(48, 96), (17, 33), (5, 100), (32, 64)]
 def _all_sizes(monkeypatch):
     monkeypatch.setattr(cpu, "MIN_WEIGHT_NUMEL", 0)
     monkeypatch.setattr(cpu, "DEQUANT_BYTES", 64 * 4 * 8)  # several blocks even for small weights
+    monkeypatch.setattr(cpu, "DEQUANT_MIN_ROWS", 16)
 
 
 def force(monkeypatch, path):
@@ -60,6 +62,9 @@ def weights(kind, n, k):
         else:
             pw = ref.Packed4bit(packed, meta, absmax=absmax)
         return (lambda x, b: cpu.matmul_4bit(x, pw, b)), ref.dequantize_packed_4bit(pw, torch.float32)
+    if kind == "mxfp4":
+        p, e = mx.quantize_mxfp4(w)
+        return (lambda x, b: cpu.matmul_mxfp4(x, p, e, k, b)), mx.dequantize_mxfp4(p, e, k, torch.float32)
     if kind == "int4":
         p, s, z = qi.quantize_int4(w, 32)
         return (lambda x, b: cpu.matmul_int4(x, p, s, z, 32, b)), ref.dequantize_int4(p, s, z, k, 32, torch.float32)
@@ -74,6 +79,7 @@ PATHS = {  # format -> paths to force
     "int4": ["gemv", "dequant", "int4pack"],
     "int8": ["gemv", "dequant", "int8pack"],
     "fp8": ["gemv", "dequant"],
+    "mxfp4": ["gemv", "dequant"],
 }
 CASES = [(kind, path) for kind, paths in PATHS.items() for path in paths]
 
@@ -97,7 +103,7 @@ def test_paths_match_reference(monkeypatch, case, shape, dtype):
         assert_close(out.reshape(-1, shape[0]), x.reshape(-1, shape[1]), w32, bias, factor)
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int4", "int8", "fp8"])
+@pytest.mark.parametrize("kind", ["nf4", "int4", "int8", "fp8", "mxfp4"])
 @pytest.mark.parametrize("shape", [(17, 33), (48, 96)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_decoders_bit_exact(kind, shape):
     """The C decoders write exactly the reference's fp32 weight (so fp32 differs only in summation order)."""
@@ -114,6 +120,12 @@ def test_decoders_bit_exact(kind, shape):
         sf, zf = s.float(), z.float()
         lib.qk_int4(None, 0, *map(cpu._ptr, (p, sf, zf)), n, k, 32, None, cpu._ptr(out), 0, n, 1)
         expected = ref.dequantize_int4(p, s, z, k, 32, torch.float32)
+    elif kind == "mxfp4":
+        w[0, :32] = 1e-39  # subnormal scales (E near 0) decode exactly too
+        p, e = mx.quantize_mxfp4(w)
+        s = torch.ldexp(torch.ones(e.shape), (e.int() - 127).float())
+        lib.qk_mxfp4(None, 0, *map(cpu._ptr, (p, s, cpu._e2m1_table())), n, k, None, cpu._ptr(out), 0, n, 1)
+        expected = mx.dequantize_mxfp4(p, e, k, torch.float32)
     else:
         q, s = qi.quantize_int8(w) if kind == "int8" else qi.quantize_fp8(w)
         lut = cpu._fp8_lut()
@@ -165,3 +177,42 @@ def test_int4pack_cache_follows_in_place_edits(monkeypatch):
 
 def test_library_pointer_types():
     assert isinstance(cpu._ptr(torch.zeros(1)), ctypes.c_void_p) and cpu._ptr(None) is None
+
+
+FORMATS = {  # every registered format through its weight class, as a model calls it
+    "nf4-dq": ("nf4", {"blocksize": 64, "double_quant": True}),
+    "fp4": ("fp4", {"blocksize": 64}),
+    "int4-g64": ("int4", {"group_size": 64}),
+    "int8": ("int8", {}),
+    "fp8": ("fp8", {}),
+    "mxfp4": ("mxfp4", {}),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("label", FORMATS)
+def test_formats_through_the_planner(monkeypatch, label, dtype):
+    """The planner's own choice per M (GEMV and blocked GEMM) against the reference backend, through
+    ``linear``: M in {1, 3, 16, 256}, bias, non-contiguous x, N not a multiple of 8, K a multiple of 32 (the
+    vector decoders) and not (the portable ones)."""
+    from qlora_kit import registry
+
+    fmt, opts = FORMATS[label]
+    chosen = set()
+    real = cpu.plan
+    monkeypatch.setattr(cpu, "plan", lambda *a: chosen.add(real(*a)) or real(*a))
+    for n, k in ((37, 128), (20, 80)):
+        g = torch.Generator().manual_seed(n + k)
+        qw = registry.get_format(fmt).from_float(torch.randn(n, k, generator=g), registry.weight_config(fmt, **opts))
+        bias = torch.randn(n, generator=g).to(dtype)
+        for m in (1, 3, 16, 256):
+            x = torch.randn(k, m, generator=g).to(dtype).T  # non-contiguous
+            with torch.no_grad():
+                out = qw.linear(x, bias)
+                monkeypatch.setenv("QLORA_KIT_BACKEND", "reference")
+                expected = qw.linear(x, bias)
+                w32 = qw.linear(torch.eye(k), None).T  # the reference's dequantized fp32 weight
+                monkeypatch.delenv("QLORA_KIT_BACKEND")
+            assert out.shape == expected.shape and out.dtype == dtype
+            assert_close(out, x, w32, bias)
+    assert chosen == {"gemv", "dequant"}

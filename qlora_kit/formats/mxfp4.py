@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._dispatch import use_triton
+from .._dispatch import backend, use_triton
 from ..configs import WeightConfig, check_compute_dtype
+from ..kernels import cpu
 from ..kernels.reference import mxfp4 as ref
 from .base import (
     WeightFormat,
@@ -65,7 +66,8 @@ def matmul_mxfp4(x: Tensor, packed: Tensor, scales: Tensor, bias: Tensor | None,
     kernels = _kernels(x)
     if kernels is not None:
         return kernels.matmul_mxfp4(x, packed, scales, k, bias)
-    return ref.matmul_mxfp4_ref(x, packed, scales, k, bias)
+    y = cpu.matmul_mxfp4(x, packed, scales, k, bias) if x.device.type == "cpu" and backend() == "auto" else None
+    return ref.matmul_mxfp4_ref(x, packed, scales, k, bias) if y is None else y
 
 
 @torch.library.custom_op("qlora_kit::matmul_mxfp4_grad_input", mutates_args=())
