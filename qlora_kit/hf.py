@@ -12,7 +12,16 @@ public ``register_quantization_config`` / ``register_quantizer``). Then:
 - ``save_pretrained`` writes the packed codes (``<layer>.qweight.packed``, ...) to safetensors and the
   quantization config to config.json; ``from_pretrained(path)`` reloads it bit-identically, no argument
   needed (this module must be imported first).
-- PEFT / TRL: use :class:`qlora_kit.peft_layers.LoraConfig` (re-exported here as ``LoraConfig``).
+- PEFT / TRL: a plain ``peft.LoraConfig`` works once this module is imported (it registers qlora-kit's
+  layers in PEFT's LoRA dispatch); :class:`qlora_kit.peft_layers.LoraConfig` (re-exported as ``LoraConfig``)
+  adds a clear error for ``target_modules="all-linear"``.
+- Outputs against bitsandbytes NF4 on the CPU: without double quantization bit-identical to bitsandbytes' own
+  forward (its CPU path is dequantize + ``F.linear``; CPUs with AVX512-BF16 run a bf16 kernel instead). With
+  double quantization the documented bound: each block's absmax ``a`` comes back within ``s * w(t) / 2`` (``s`` =
+  max ``|a - mean|`` over its 256 blocks, ``w(t)`` <= 0.0140625 the width of the 8-bit map interval holding
+  ``t = (a - mean) / s``), so a weight's relative error is at most ``0.00703 * s / a`` plus fp32 rounding;
+  bitsandbytes' CPU quantizer may round to the other end of the interval (``s * w(t)``). See the README and
+  ``tests/test_hf_bnb_outputs.py``.
 
 Example:
     >>> import qlora_kit.hf
