@@ -24,6 +24,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -84,15 +85,63 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
+class PeakSampler:
+    """Peaks of RssAnon and RssFile (MiB) from /proc/self/status, sampled every ``interval`` s in a thread.
+
+    The kernel keeps a peak only for the total (VmHWM); the split shows what holds it: anonymous memory (the
+    model's tensors) or file pages (the memory-mapped safetensors shards, which the kernel can drop)."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval, self.peaks, self._stop = interval, {"RssAnon": 0.0, "RssFile": 0.0, "VmRSS": 0.0}, False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key = line.split(":", 1)[0]
+            if key in self.peaks:
+                self.peaks[key] = max(self.peaks[key], int(line.split()[1]) / 1024)
+
+    def _run(self) -> None:
+        while not self._stop:
+            self.sample()
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._thread.join()
+        self.sample()
+
+
 def run_variant(variant: str, directory: str) -> dict:
-    """Load in this process; print and return {seconds, peak_rss_mb, rss_after_imports_mb, quantized_layers}."""
+    """Load in this process; print and return {seconds, peak_rss_mb (VmHWM), rss_after_imports_mb, the sampled
+    peaks of RssAnon / RssFile / VmRSS, quantized_layers}. The imports come first, in every variant."""
+    import bitsandbytes  # noqa: F401
+    import transformers  # noqa: F401
+
+    import qlora_kit.hf  # noqa: F401
+
+    base = _rss_mb()
+    with PeakSampler() as peaks:
+        seconds, n = _load(variant, directory)
+    out = {"variant": variant, "seconds": seconds, "peak_rss_mb": _rss_mb(), "rss_after_imports_mb": base}
+    out.update({f"peak_{k}_mb": round(v, 1) for k, v in peaks.peaks.items()})
+    out["quantized_layers"] = n
+    print("RESULT " + json.dumps(out), flush=True)
+    return out
+
+
+def _load(variant: str, directory: str) -> tuple[float, int]:
+    """(seconds, quantized layers) of one variant's load, as a user writes it."""
     import transformers
 
     import qlora_kit
     import qlora_kit.hf
     from qlora_kit.nn.quantized import QuantizedLayer
 
-    base = _rss_mb()
     t0 = time.perf_counter()
     if variant == "ours":
         qc = qlora_kit.hf.QuantizationConfig(qlora_kit.NF4Config())
@@ -115,11 +164,7 @@ def run_variant(variant: str, directory: str) -> dict:
         model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
         qlora_kit.quantize(model, qlora_kit.NF4Config())
         n = sum(isinstance(m, QuantizedLayer) for m in model.modules())
-    seconds = time.perf_counter() - t0
-    out = {"variant": variant, "seconds": seconds, "peak_rss_mb": _rss_mb(), "rss_after_imports_mb": base}
-    out["quantized_layers"] = n
-    print("RESULT " + json.dumps(out), flush=True)
-    return out
+    return time.perf_counter() - t0, n
 
 
 def _spawn(variant: str, directory: Path) -> dict:

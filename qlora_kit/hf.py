@@ -40,6 +40,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .hf_quantize import fill_nf4, release_pages
 from .nn.quantized import QuantConv1D, QuantizedLayer, QuantLinear, is_transformers_conv1d
 from .peft_layers import LoraConfig, linear_layer_names, register_peft_layers
 from .registry import config_class, format_for_config, weight_config_classes
@@ -173,20 +174,25 @@ class QloraKitHfQuantizer(HfQuantizer):
         self.targets = self._choose_targets(model)
         if not self.pre_quantized:
             return model
-        config, fmt = self.quantization_config.config, self.quantization_config.format_name
+        config = self.quantization_config.config
         for name in sorted(self.targets):  # empty quantized layers on the meta device: the checkpoint fills them
             module = model.get_submodule(name)
             cls = QuantConv1D if is_transformers_conv1d(module) else QuantLinear
-            shape = tuple(module.weight.shape)
-            meta = {"format": fmt, "shape": list(shape[::-1] if cls is QuantConv1D else shape)}
-            meta.update(
-                {k: getattr(config, k) for k in ("blocksize", "double_quant", "group_size") if hasattr(config, k)}
-            )
             with torch.device("meta"):
-                layer = cls.empty_like_float(module, config, meta)
+                layer = cls.empty_like_float(module, config, self._format_meta(module, cls))
             layer.train(module.training)
             model.set_submodule(name, layer)
         return model
+
+    def _format_meta(self, module, cls) -> dict:
+        """The saved-format metadata of ``module``'s quantized layer (what from_metadata rebuilds it from)."""
+        config, shape = self.quantization_config.config, tuple(module.weight.shape)
+        meta = {
+            "format": self.quantization_config.format_name,
+            "shape": list(shape[::-1] if cls is QuantConv1D else shape),
+        }
+        meta.update({k: getattr(config, k) for k in ("blocksize", "double_quant", "group_size") if hasattr(config, k)})
+        return meta
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         module_name, _, tensor = param_name.rpartition(".")
@@ -209,11 +215,16 @@ class QloraKitHfQuantizer(HfQuantizer):
         cls = QuantConv1D if is_transformers_conv1d(module) else QuantLinear
         config, fmt = self.quantization_config.config, self.quantization_config.format_name
         module.weight = nn.Parameter(weight, requires_grad=False)
-        layer = cls.from_float(module, config, fmt, tensor_name=f"{name}.weight")
+        if cls is QuantLinear and fmt == "nf4" and weight.device.type == "cpu":
+            layer = cls.empty_like_float(module, config, self._format_meta(module, cls))
+            fill_nf4(layer.qweight, weight, config.blocksize)
+        else:
+            layer = cls.from_float(module, config, fmt, tensor_name=f"{name}.weight")
         layer.train(module.training)
         layer._is_hf_initialized = True
         model.set_submodule(name, layer)
         module.weight = None
+        release_pages(weight)  # its pages of the memory-mapped shard are not needed again
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for module in model.modules():
