@@ -203,7 +203,9 @@ def main() -> None:
                 rows.append(row)
     summary = _summary(rows)
     meta = {"title": "Load a 1.1B Llama-shaped bf16 checkpoint to NF4 on the CPU", "summary": summary}
-    meta["command"] = "python benchmarks/bench_load.py " + f"--rounds {args.rounds}"
+    meta["command"] = (
+        "python benchmarks/bench_load.py " + f"--rounds {args.rounds}" + (f" --keep {args.keep}" if args.keep else "")
+    )
     meta["env"] = environment("cpu")
     write_results("load_cpu", rows, meta)
     print(json.dumps(summary, indent=1))
@@ -213,7 +215,12 @@ def _summary(rows: list[dict]) -> dict:
     best = {v: min((r for r in rows if r["variant"] == v), key=lambda r: r["peak_rss_mb"]) for v in VARIANTS}
     fastest = {v: min(r["seconds"] for r in rows if r["variant"] == v) for v in VARIANTS}
     ours = best["ours"]["peak_rss_mb"]
+    split = {
+        f"{v}_peak_anon_file_mb": [round(best[v]["peak_RssAnon_mb"]), round(best[v]["peak_RssFile_mb"])]
+        for v in VARIANTS
+    }
     return {
+        **split,
         "peak_rss_ours_over_bnb": round(ours / best["bnb"]["peak_rss_mb"], 3),
         "peak_rss_ours_over_load_then_quantize": round(ours / best["load_then_quantize"]["peak_rss_mb"], 3),
         "time_ours_over_bnb": round(fastest["ours"] / fastest["bnb"], 3),
