@@ -217,7 +217,7 @@ class QloraKitHfQuantizer(HfQuantizer):
         module.weight = nn.Parameter(weight, requires_grad=False)
         if cls is QuantLinear and fmt == "nf4" and weight.device.type == "cpu":
             layer = cls.empty_like_float(module, config, self._format_meta(module, cls))
-            fill_nf4(layer.qweight, weight, config.blocksize)
+            fill_nf4(layer.qweight, weight, config.blocksize, name=f"{name}.weight")
         else:
             layer = cls.from_float(module, config, fmt, tensor_name=f"{name}.weight")
         layer.train(module.training)

@@ -34,7 +34,7 @@ _MADV_PAGEOUT = 21  # Linux >= 5.4; older kernels answer EINVAL and nothing happ
 _CHUNK_VALUES = 1 << 22
 
 
-def quantize_nf4_fast(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_nf4_fast(w: torch.Tensor, blocksize: int, *, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """NF4 (packed uint8, absmax float32) of a CPU float tensor, byte for byte ``F.quantize_nf4``.
 
     Falls back to ``F.quantize_nf4`` (and its checks and errors) when the element count is not a multiple of
@@ -42,11 +42,11 @@ def quantize_nf4_fast(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, to
     """
     n = w.numel()
     if w.device.type != "cpu" or n % (2 * blocksize) or not w.is_floating_point() or n == 0:
-        return F.quantize_nf4(w, blocksize)
+        return F.quantize_nf4(w, blocksize, name=name)
     blocks = w.reshape(-1, blocksize)
     absmax = blocks.abs().amax(dim=1).float()  # exact in the input dtype; NaN and Inf propagate
     if not torch.isfinite(absmax).all():
-        return F.quantize_nf4(w, blocksize)  # raises, naming the tensor
+        return F.quantize_nf4(w, blocksize, name=name)  # raises, naming the tensor
     recip = 1.0 / absmax.clamp(min=1e-38)
     midpoints, _ = quantize_bounds("nf4")  # NF4's codes are sorted: the bucket is the code
     packed = torch.empty(n // 2, dtype=torch.uint8)
@@ -61,10 +61,10 @@ def quantize_nf4_fast(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
-def fill_nf4(qweight, w: torch.Tensor, blocksize: int) -> None:
+def fill_nf4(qweight, w: torch.Tensor, blocksize: int, *, name: str = "weight") -> None:
     """Fill an empty NF4 weight (``packed`` and ``absmax``, or the double-quantized ``qabsmax``,
     ``nested_absmax``, ``offset``: its saved tensors) with the quantization of ``w``."""
-    packed, absmax = quantize_nf4_fast(w, blocksize)
+    packed, absmax = quantize_nf4_fast(w, blocksize, name=name)
     qweight.packed.copy_(packed.reshape(qweight.packed.shape))
     if qweight.double_quant:
         qabsmax, nested, offset = F.double_quantize(absmax)

@@ -31,6 +31,8 @@ def test_fast_nf4_falls_back_and_raises_like_the_reference():
     bad[2, 5] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         quantize_nf4_fast(bad, 64)
+    with pytest.raises(ValueError, match="layers.3.q_proj.weight"):
+        quantize_nf4_fast(bad, 64, name="layers.3.q_proj.weight")
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
