@@ -24,6 +24,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -84,15 +85,63 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
+class PeakSampler:
+    """Peaks of RssAnon and RssFile (MiB) from /proc/self/status, sampled every ``interval`` s in a thread.
+
+    The kernel keeps a peak only for the total (VmHWM); the split shows what holds it: anonymous memory (the
+    model's tensors) or file pages (the memory-mapped safetensors shards, which the kernel can drop)."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval, self.peaks, self._stop = interval, {"RssAnon": 0.0, "RssFile": 0.0, "VmRSS": 0.0}, False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key = line.split(":", 1)[0]
+            if key in self.peaks:
+                self.peaks[key] = max(self.peaks[key], int(line.split()[1]) / 1024)
+
+    def _run(self) -> None:
+        while not self._stop:
+            self.sample()
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._thread.join()
+        self.sample()
+
+
 def run_variant(variant: str, directory: str) -> dict:
-    """Load in this process; print and return {seconds, peak_rss_mb, rss_after_imports_mb, quantized_layers}."""
+    """Load in this process; print and return {seconds, peak_rss_mb (VmHWM), rss_after_imports_mb, the sampled
+    peaks of RssAnon / RssFile / VmRSS, quantized_layers}. The imports come first, in every variant."""
+    import bitsandbytes  # noqa: F401
+    import transformers  # noqa: F401
+
+    import qlora_kit.hf  # noqa: F401
+
+    base = _rss_mb()
+    with PeakSampler() as peaks:
+        seconds, n = _load(variant, directory)
+    out = {"variant": variant, "seconds": seconds, "peak_rss_mb": _rss_mb(), "rss_after_imports_mb": base}
+    out.update({f"peak_{k}_mb": round(v, 1) for k, v in peaks.peaks.items()})
+    out["quantized_layers"] = n
+    print("RESULT " + json.dumps(out), flush=True)
+    return out
+
+
+def _load(variant: str, directory: str) -> tuple[float, int]:
+    """(seconds, quantized layers) of one variant's load, as a user writes it."""
     import transformers
 
     import qlora_kit
     import qlora_kit.hf
     from qlora_kit.nn.quantized import QuantizedLayer
 
-    base = _rss_mb()
     t0 = time.perf_counter()
     if variant == "ours":
         qc = qlora_kit.hf.QuantizationConfig(qlora_kit.NF4Config())
@@ -115,11 +164,7 @@ def run_variant(variant: str, directory: str) -> dict:
         model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
         qlora_kit.quantize(model, qlora_kit.NF4Config())
         n = sum(isinstance(m, QuantizedLayer) for m in model.modules())
-    seconds = time.perf_counter() - t0
-    out = {"variant": variant, "seconds": seconds, "peak_rss_mb": _rss_mb(), "rss_after_imports_mb": base}
-    out["quantized_layers"] = n
-    print("RESULT " + json.dumps(out), flush=True)
-    return out
+    return time.perf_counter() - t0, n
 
 
 def _spawn(variant: str, directory: Path) -> dict:
@@ -158,7 +203,9 @@ def main() -> None:
                 rows.append(row)
     summary = _summary(rows)
     meta = {"title": "Load a 1.1B Llama-shaped bf16 checkpoint to NF4 on the CPU", "summary": summary}
-    meta["command"] = "python benchmarks/bench_load.py " + f"--rounds {args.rounds}"
+    meta["command"] = (
+        "python benchmarks/bench_load.py " + f"--rounds {args.rounds}" + (f" --keep {args.keep}" if args.keep else "")
+    )
     meta["env"] = environment("cpu")
     write_results("load_cpu", rows, meta)
     print(json.dumps(summary, indent=1))
@@ -168,7 +215,12 @@ def _summary(rows: list[dict]) -> dict:
     best = {v: min((r for r in rows if r["variant"] == v), key=lambda r: r["peak_rss_mb"]) for v in VARIANTS}
     fastest = {v: min(r["seconds"] for r in rows if r["variant"] == v) for v in VARIANTS}
     ours = best["ours"]["peak_rss_mb"]
+    split = {
+        f"{v}_peak_anon_file_mb": [round(best[v]["peak_RssAnon_mb"]), round(best[v]["peak_RssFile_mb"])]
+        for v in VARIANTS
+    }
     return {
+        **split,
         "peak_rss_ours_over_bnb": round(ours / best["bnb"]["peak_rss_mb"], 3),
         "peak_rss_ours_over_load_then_quantize": round(ours / best["load_then_quantize"]["peak_rss_mb"], 3),
         "time_ours_over_bnb": round(fastest["ours"] / fastest["bnb"], 3),

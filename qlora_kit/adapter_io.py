@@ -2,7 +2,8 @@
 
 PEFT's format is ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
 ``base_model.model.<path>.lora_A.weight``; diffusers models also get ``pytorch_lora_weights.safetensors``
-(keys ``unet.<path>...``), which ``pipeline.load_lora_weights`` reads. Loading never unpickles. The
+(keys ``unet.<path>...``), which ``pipeline.load_lora_weights`` reads; :func:`load_adapter` reads both
+(diffusers' through :mod:`qlora_kit.hf_diffusers`). Loading never unpickles. The
 public entry points are re-exported by :mod:`qlora_kit.lora`.
 """
 
@@ -20,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import safe_io, validate
+from . import hf_diffusers, safe_io, validate
 from .lora import (
     LoraConfig,
     active_adapters,
@@ -36,7 +37,7 @@ from .nn.lora_layers import LoraLayer, lora_kind, lora_wrapper_class
 
 _CONFIG_NAME = "adapter_config.json"
 _WEIGHTS_NAME = "adapter_model.safetensors"
-_DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+_DIFFUSERS_WEIGHTS_NAME = hf_diffusers.DIFFUSERS_WEIGHTS_NAME
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -370,7 +371,12 @@ def _pattern_value(pattern: dict, path: str, default):
 def load_adapter(
     model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", *, is_trainable: bool = True
 ) -> nn.Module:
-    """Load a PEFT LoRA adapter (saved by :func:`save_adapter` or by PEFT) into ``model``.
+    """Load a PEFT LoRA adapter (saved by :func:`save_adapter`, by PEFT or by diffusers) into ``model``.
+
+    A directory with ``adapter_config.json`` is read as PEFT's format (``modules_to_save`` and ``bias``
+    tensors included); one with only diffusers' ``pytorch_lora_weights.safetensors`` is read as diffusers
+    writes it (the part for ``model``'s component: ``unet.``, ``transformer.`` or ``text_encoder.``; alpha from
+    its metadata, else alpha = rank as diffusers loads it), see :mod:`qlora_kit.hf_diffusers`.
 
     The layers to wrap are read from the tensor names, ranks from the tensor shapes, alpha from
     ``lora_alpha`` / ``alpha_pattern``. Works on float and quantized bases. The adapter becomes active
@@ -380,19 +386,25 @@ def load_adapter(
         The same model.
 
     Raises:
-        FileNotFoundError: the directory lacks adapter_config.json or adapter_model.safetensors.
-        ValueError: not a LoRA adapter, a targeted module is missing, or shapes disagree with the model.
+        FileNotFoundError: the directory lacks adapter_config.json or adapter_model.safetensors (and
+            pytorch_lora_weights.safetensors).
+        ValueError: not a LoRA adapter, an option or layout it does not read (named), a targeted module is
+            missing, or shapes disagree with the model.
 
     Example:
         >>> model = load_adapter(model, "out/adapter")
     """
     safe_io.recover(directory)  # a save killed mid-swap: its previous adapter comes back first
     directory = os.fspath(directory)
-    peft_config, weights_path = _open_adapter(directory)
     check_adapter_name(adapter_name)
     if adapter_name in adapter_configs(model):
         raise ValueError(f"the model already has an adapter named {adapter_name!r}; pass another adapter_name")
-    per_path, extra = _parse_peft_state(validate.read_adapter_tensors(weights_path, directory), directory, peft_config)
+    if hf_diffusers.is_diffusers_lora_dir(directory):
+        peft_config, state = hf_diffusers.read_diffusers_lora(directory, model)
+    else:
+        peft_config, weights_path = _open_adapter(directory)
+        state = validate.read_adapter_tensors(weights_path, directory)
+    per_path, extra = _parse_peft_state(state, directory, peft_config)
     if not per_path:
         raise ValueError(f"{directory!r} holds no LoRA tensors")
     target = peft_config.get("target_modules") or sorted(per_path)

@@ -12,7 +12,16 @@ public ``register_quantization_config`` / ``register_quantizer``). Then:
 - ``save_pretrained`` writes the packed codes (``<layer>.qweight.packed``, ...) to safetensors and the
   quantization config to config.json; ``from_pretrained(path)`` reloads it bit-identically, no argument
   needed (this module must be imported first).
-- PEFT / TRL: use :class:`qlora_kit.peft_layers.LoraConfig` (re-exported here as ``LoraConfig``).
+- PEFT / TRL: a plain ``peft.LoraConfig`` works once this module is imported (it registers qlora-kit's
+  layers in PEFT's LoRA dispatch); :class:`qlora_kit.peft_layers.LoraConfig` (re-exported as ``LoraConfig``)
+  adds a clear error for ``target_modules="all-linear"``.
+- Outputs against bitsandbytes NF4 on the CPU: without double quantization bit-identical to bitsandbytes' own
+  forward (its CPU path is dequantize + ``F.linear``; CPUs with AVX512-BF16 run a bf16 kernel instead). With
+  double quantization the documented bound: each block's absmax ``a`` comes back within ``s * w(t) / 2`` (``s`` =
+  max ``|a - mean|`` over its 256 blocks, ``w(t)`` <= 0.0140625 the width of the 8-bit map interval holding
+  ``t = (a - mean) / s``), so a weight's relative error is at most ``0.00703 * s / a`` plus fp32 rounding;
+  bitsandbytes' CPU quantizer may round to the other end of the interval (``s * w(t)``). See the README and
+  ``tests/test_hf_bnb_outputs.py``.
 
 Example:
     >>> import qlora_kit.hf
@@ -31,6 +40,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .hf_quantize import fill_nf4, release_pages
 from .nn.quantized import QuantConv1D, QuantizedLayer, QuantLinear, is_transformers_conv1d
 from .peft_layers import LoraConfig, linear_layer_names, register_peft_layers
 from .registry import config_class, format_for_config, weight_config_classes
@@ -164,20 +174,25 @@ class QloraKitHfQuantizer(HfQuantizer):
         self.targets = self._choose_targets(model)
         if not self.pre_quantized:
             return model
-        config, fmt = self.quantization_config.config, self.quantization_config.format_name
+        config = self.quantization_config.config
         for name in sorted(self.targets):  # empty quantized layers on the meta device: the checkpoint fills them
             module = model.get_submodule(name)
             cls = QuantConv1D if is_transformers_conv1d(module) else QuantLinear
-            shape = tuple(module.weight.shape)
-            meta = {"format": fmt, "shape": list(shape[::-1] if cls is QuantConv1D else shape)}
-            meta.update(
-                {k: getattr(config, k) for k in ("blocksize", "double_quant", "group_size") if hasattr(config, k)}
-            )
             with torch.device("meta"):
-                layer = cls.empty_like_float(module, config, meta)
+                layer = cls.empty_like_float(module, config, self._format_meta(module, cls))
             layer.train(module.training)
             model.set_submodule(name, layer)
         return model
+
+    def _format_meta(self, module, cls) -> dict:
+        """The saved-format metadata of ``module``'s quantized layer (what from_metadata rebuilds it from)."""
+        config, shape = self.quantization_config.config, tuple(module.weight.shape)
+        meta = {
+            "format": self.quantization_config.format_name,
+            "shape": list(shape[::-1] if cls is QuantConv1D else shape),
+        }
+        meta.update({k: getattr(config, k) for k in ("blocksize", "double_quant", "group_size") if hasattr(config, k)})
+        return meta
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         module_name, _, tensor = param_name.rpartition(".")
@@ -200,11 +215,16 @@ class QloraKitHfQuantizer(HfQuantizer):
         cls = QuantConv1D if is_transformers_conv1d(module) else QuantLinear
         config, fmt = self.quantization_config.config, self.quantization_config.format_name
         module.weight = nn.Parameter(weight, requires_grad=False)
-        layer = cls.from_float(module, config, fmt, tensor_name=f"{name}.weight")
+        if cls is QuantLinear and fmt == "nf4" and weight.device.type == "cpu":
+            layer = cls.empty_like_float(module, config, self._format_meta(module, cls))
+            fill_nf4(layer.qweight, weight, config.blocksize, name=f"{name}.weight")
+        else:
+            layer = cls.from_float(module, config, fmt, tensor_name=f"{name}.weight")
         layer.train(module.training)
         layer._is_hf_initialized = True
         model.set_submodule(name, layer)
         module.weight = None
+        release_pages(weight)  # its pages of the memory-mapped shard are not needed again
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for module in model.modules():

@@ -2,8 +2,11 @@
 
 PEFT builds its LoRA layers through dispatchers; layer types it does not know are added per config with
 ``LoraConfig._register_custom_module``. :func:`register_peft_layers` does that for qlora-kit's quantized
-linear layers (``QuantLinear``, ``QuantConv1D``), and :class:`LoraConfig` is ``peft.LoraConfig`` with the
-registration done on construction (it saves and loads the same ``adapter_config.json``).
+linear layers (``QuantLinear``, ``QuantConv1D``). Importing this module (``qlora_kit.hf`` imports it) also
+installs that registration in PEFT's LoRA dispatch (:func:`install_peft_dispatch`), so a plain
+``peft.LoraConfig`` works on a qlora-kit model; :class:`LoraConfig` is ``peft.LoraConfig`` with the
+registration done on construction (same fields, same ``adapter_config.json``) and a clear error for
+``target_modules="all-linear"``.
 
 The layer, :class:`QuantizedLoraLinear`, is PEFT's own ``lora.Linear`` (same parameters, same state-dict
 keys, same variants) with three differences: the forward takes qlora-kit's fused Triton path (base
@@ -12,8 +15,8 @@ and unmerge dequantize, update and requantize the packed weight (like PEFT's bit
 is exact only up to the requantization error); and the in/out features come from the quantized layer.
 
 Example:
-    >>> from qlora_kit.peft_layers import LoraConfig
-    >>> model = peft.get_peft_model(quantized_model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    >>> import qlora_kit.peft_layers
+    >>> model = peft.get_peft_model(quantized_model, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
 """
 
 from __future__ import annotations
@@ -135,6 +138,34 @@ PEFT_LAYERS: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 
+def _dispatch_quantized_layers(create_new_module):
+    """Wrap PEFT's ``LoraModel._create_new_module`` so a plain ``peft.LoraConfig`` reaching one of our layers
+    registers them first (PEFT's custom-module mechanism); every other layer takes PEFT's dispatch untouched."""
+
+    def create(lora_config, adapter_name, target, **kwargs):
+        if isinstance(_base_of(target), tuple(PEFT_LAYERS)) and isinstance(lora_config, peft.LoraConfig):
+            register_peft_layers(lora_config)
+        return create_new_module(lora_config, adapter_name, target, **kwargs)
+
+    create.qlora_kit_dispatch = True
+    return create
+
+
+def install_peft_dispatch() -> None:
+    """Make ``peft.get_peft_model(model, peft.LoraConfig(...))`` wrap qlora-kit's quantized layers (idempotent).
+
+    PEFT has no global registry of layer types: custom layers live on each config
+    (``LoraConfig._register_custom_module``). Importing this module (and so ``qlora_kit.hf``) calls this once; it
+    adds that registration to PEFT's LoRA dispatch, only for configs whose target is a qlora-kit layer, so a
+    plain config (including one read by ``PeftModel.from_pretrained`` or made by TRL) needs nothing more.
+    """
+    from peft.tuners.lora.model import LoraModel
+
+    current = LoraModel.__dict__["_create_new_module"].__func__
+    if not getattr(current, "qlora_kit_dispatch", False):
+        LoraModel._create_new_module = staticmethod(_dispatch_quantized_layers(current))
+
+
 def register_peft_layers(config: peft.LoraConfig) -> peft.LoraConfig:
     """Teach a ``peft.LoraConfig`` qlora-kit's quantized layers (PEFT's custom-module mechanism); returns it.
 
@@ -191,3 +222,6 @@ def linear_layer_names(model: nn.Module) -> list[str]:
         if isinstance(module, (nn.Linear, Conv1D, QuantLinear, QuantConv1D)) and not isinstance(module, BaseTunerLayer):
             names.add(path.rsplit(".", 1)[-1])
     return sorted(names)
+
+
+install_peft_dispatch()

@@ -238,7 +238,7 @@ def test_from_pretrained_all_architectures(arch, fmt, checkpoints, tmp_path):
 
 def test_outputs_are_the_float_op_on_bitsandbytes_dequantized_weights(checkpoints):
     """NF4 without double quant: our forward equals the float model whose linear weights are bitsandbytes'
-    dequantized NF4 weights (bitsandbytes' own CPU forward runs its own kernel and differs by rounding)."""
+    dequantized NF4 weights (and bitsandbytes' own forward: test_outputs_equal_bitsandbytes_own_forward)."""
     bnb = pytest.importorskip("bitsandbytes")
     path = checkpoints("llama")
     ours = _load("llama", path, CONFIGS["nf4"])
@@ -251,6 +251,25 @@ def test_outputs_are_the_float_op_on_bitsandbytes_dequantized_weights(checkpoint
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(ours(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_outputs_equal_bitsandbytes_own_forward(checkpoints, dtype):
+    """The whole model, NF4 without double quant, compute dtype fp32 / bf16, one token and seven: logits equal
+    those of transformers + bitsandbytes' own CPU forward (its paths: tests/test_hf_bnb_outputs.py)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    if bnb.functional.has_avx512bf16():
+        pytest.skip("this CPU runs bitsandbytes' AVX512-BF16 kernel (bound: tests/test_hf_bnb_outputs.py)")
+    path = checkpoints("llama")
+    bnb_cfg = tf.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False, bnb_4bit_compute_dtype=dtype
+    )
+    theirs = tf.LlamaForCausalLM.from_pretrained(path, quantization_config=bnb_cfg, device_map="cpu").eval()
+    ours = _load("llama", path, qlora_kit.NF4Config(blocksize=64, double_quant=False, compute_dtype=dtype))
+    for m in (1, 7):
+        ids = torch.randint(3, V, (2, m))
+        with torch.no_grad():
+            assert torch.equal(ours(input_ids=ids).logits, theirs(input_ids=ids).logits), m
 
 
 def test_modules_to_not_convert_and_device_map_and_dtype(checkpoints):

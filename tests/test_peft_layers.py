@@ -205,3 +205,53 @@ def test_trl_sft_trainer_trains_a_qlora_kit_model(tmp_path):
     after = {n.removeprefix("base_model.model.").replace(".base_layer", ""): p for n, p in after.items()}
     for n, p in packed.items():  # the quantized base did not move
         assert torch.equal(after[n], p)
+
+
+def test_plain_peft_lora_config_trains_saves_reloads_and_merges_like_add_lora(tmp_path):
+    """No qlora-kit config class, no registration call: PEFT's own LoraConfig, get_peft_model, PeftModel."""
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=MODELS["llama"][1], init_lora_weights=False)
+    assert cfg._custom_modules is None
+    pm = _small_adapters(peft.get_peft_model(_quantized("llama"), cfg))
+    wrapped = [m for m in pm.modules() if isinstance(m, QuantizedLoraLinear)]
+    assert len(wrapped) == len(MODELS["llama"][1]) * 2 and all(
+        isinstance(m.base_layer, QuantizedLayer) for m in wrapped
+    )
+    assert not any(type(m) is peft.tuners.lora.Linear for m in pm.modules())
+    ids = torch.randint(0, 64, (2, 9))
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    packed = {n: p.detach().clone() for n, p in pm.named_parameters() if ".qweight." in n}
+    losses = []
+    for _ in range(3):
+        loss = pm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert packed and all(torch.equal(p, packed[n]) for n, p in pm.named_parameters() if n in packed)
+    pm.eval()
+    ours = _quantized("llama")
+    qlora_kit.add_lora(ours, qlora_kit.LoraConfig(r=4, alpha=8, target_modules=MODELS["llama"][1]))
+    _copy_into_ours(pm, ours)
+    pm.save_pretrained(tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(_quantized("llama"), tmp_path)  # PEFT reads a plain config
+    with torch.no_grad():
+        expected = ours(input_ids=ids).logits
+        assert torch.equal(pm(input_ids=ids).logits, expected)
+        assert torch.equal(reloaded(input_ids=ids).logits, expected)
+        with pytest.warns(UserWarning, match="requantizes"):
+            merged = reloaded.merge_and_unload()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qlora_kit.merge_lora(ours)
+        assert torch.equal(merged(input_ids=ids).logits, ours(input_ids=ids).logits)
+    assert sum(isinstance(m, QuantizedLayer) for m in merged.modules()) == 7 * len(merged.model.layers)
+
+
+def test_plain_peft_dispatch_leaves_float_layers_to_peft():
+    """The dispatch hook only registers for qlora-kit layers: a float model gets PEFT's own lora.Linear."""
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=2, target_modules=["q_proj"])
+    pm = peft.get_peft_model(models.tiny_llama().eval(), cfg)
+    assert cfg._custom_modules is None
+    assert any(type(m) is peft.tuners.lora.Linear for m in pm.modules())
