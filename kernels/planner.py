@@ -291,7 +291,7 @@ def launch_tiles(
     # before Hopper, 3 stages spilled 8-12 B in TF32 products (3.6, sm_80) and decoded grads (3.9, sm_89)
     stages = 2 if pre_hopper and ((kind == "gemm" and not wide) or (kind == "grad" and decodes)) else 3
     if kind == "gemm" and decodes and pre_hopper and not even_k:
-        stages = 2  # odd K (nibble pairs straddling bytes): 3 stages spilled 20-304 B at M=128 (3.6 and 3.9)
+        warps = 8  # odd K (nibble pairs straddling bytes): 4 warps spilled 20-592 B (3.6 and 3.9, 2 or 3 stages)
     if kind == "grad" and weight == "fp8" and bm == 32 and not lora:
         warps = 8  # 4 warps spill 12 B converting e4m3 codes (Triton 3.6, sm_90a); int8 is fine
     if kind == "gemm" and not decodes and lora and bm == 32:  # 32 x 64 + the LoRA epilogue spilled

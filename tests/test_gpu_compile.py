@@ -46,7 +46,8 @@ def test_every_kernel_is_reached_on_every_target():
     # sm_80 has no e4m3 conversion in Triton: the project never launches the fp8 activation kernels there
     assert by_target["sm_89"] == kernels
     assert not any("fp8e4nv" in " ".join(r) for r in rows if r[0] == "sm_80")
-    wide_decode = [r for r in rows if "int4_forward" in r[1] and "BLOCK_M=128" in r and "BLOCK_N=128" in r]
+    wide_decode = [r for r in rows if r[1] == "matmul_pairs._forward_kernel" and "DECODE=int4_tile" in r
+                   and "BLOCK_M=128" in r and "BLOCK_N=128" in r]  # fmt: skip
     assert wide_decode and {r[0] for r in wide_decode} == {"sm_90a"}
 
 
@@ -121,6 +122,9 @@ def test_planner_tiles_follow_the_target(monkeypatch):
     assert pl.launch_tiles("gemm", 256, 64, arch=90, even_k=False)["BLOCK_N"] == 64  # odd K spilled on sm_90a
     assert pl.launch_tiles("gemm", 256, 64, arch=89, elem_bytes=4)["BLOCK_K"] == 32  # TF32 smem on sm_89
     assert pl.launch_tiles("gemm", 256, 64, arch=89, elem_bytes=4)["num_warps"] == 8  # 4 spilled 8 B (3.6)
+    # odd K before Hopper: 4 warps spilled 20-592 B (3.6 and 3.9, 2 or 3 stages); even K keeps 4
+    assert pl.launch_tiles("gemm", 128, 64, arch=80, even_k=False)["num_warps"] == 8
+    assert pl.launch_tiles("gemm", 128, 64, arch=80, even_k=True)["num_warps"] == 4
     assert pl.launch_tiles("grad", 64, 64, arch=80)["BLOCK_K"] == 32
     assert pl.launch_tiles("gemv", 1, 128, arch=90, elem_bytes=4)["BLOCK_K"] == 128
     # the two operand-kind cases: fp8 codes in the transposed product at 32 rows (4 warps spilled; with the
