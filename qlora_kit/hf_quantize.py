@@ -60,19 +60,9 @@ def quantize_nf4_fast(w: torch.Tensor, blocksize: int, *, name: str = "weight") 
     return packed, absmax
 
 
-@torch.no_grad()
 def fill_nf4(qweight, w: torch.Tensor, blocksize: int, *, name: str = "weight") -> None:
-    """Fill an empty NF4 weight (``packed`` and ``absmax``, or the double-quantized ``qabsmax``,
-    ``nested_absmax``, ``offset``: its saved tensors) with the quantization of ``w``."""
-    packed, absmax = quantize_nf4_fast(w, blocksize, name=name)
-    qweight.packed.copy_(packed.reshape(qweight.packed.shape))
-    if qweight.double_quant:
-        qabsmax, nested, offset = F.double_quantize(absmax)
-        qweight.qabsmax.copy_(qabsmax)
-        qweight.nested_absmax.copy_(nested)
-        qweight.offset.copy_(offset)
-    else:
-        qweight.absmax.copy_(absmax)
+    """Fill an empty NF4 weight (its ``packed`` and absmax state) with the quantization of ``w``."""
+    qweight.set_codes(*quantize_nf4_fast(w, blocksize, name=name))
 
 
 def _libc():

@@ -55,15 +55,20 @@ class Blockwise4bitWeight(WeightFormat):
         quantize = F.quantize_nf4 if cls.quant_type == "nf4" else F.quantize_fp4
         packed, absmax = quantize(w, config.blocksize, name=tensor_name)
         obj = cls(w.shape, config.blocksize, config.double_quant).to(w.device)
-        obj.packed.copy_(packed)
-        if obj.double_quant:
-            qabsmax, nested, offset = F.double_quantize(absmax)
-            obj.qabsmax.copy_(qabsmax)
-            obj.nested_absmax.copy_(nested)
-            obj.offset.copy_(offset)
-        else:
-            obj.absmax.copy_(absmax)
+        obj.set_codes(packed, absmax)
         return obj
+
+    @torch.no_grad()
+    def set_codes(self, packed: torch.Tensor, absmax: torch.Tensor) -> None:
+        """Store quantized codes and their fp32 block absmax (double-quantizing the absmax when configured)."""
+        self.packed.copy_(packed.reshape(self.packed.shape))
+        if self.double_quant:
+            qabsmax, nested, offset = F.double_quantize(absmax)
+            self.qabsmax.copy_(qabsmax)
+            self.nested_absmax.copy_(nested)
+            self.offset.copy_(offset)
+        else:
+            self.absmax.copy_(absmax)
 
     def block_absmax(self) -> torch.Tensor:
         """The fp32 absmax of every block (decoded from the nested state with double quantization)."""
