@@ -119,10 +119,10 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"qlora_kit CPU kernels unavailable ({detail}); using the slower reference path", stacklevel=2)
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.qk_4bit.argtypes = [p, i64, p, p, p, i64, i64, i64, p, p, i64, i64, i32]
-    lib.qk_int4.argtypes = [p, i64, p, p, p, i64, i64, i64, p, p, i64, i64, i32]
-    lib.qk_chan.argtypes = [p, i64, p, p, p, i32, i64, i64, p, p, i64, i64, i32]
-    lib.qk_mxfp4.argtypes = [p, i64, p, p, p, i64, i64, p, p, i64, i64, i32]
+    lib.qk_4bit.argtypes = [p, i32, i64, p, p, p, i64, i64, i64, p, p, i64, i64, i32]
+    lib.qk_int4.argtypes = [p, i32, i64, p, p, p, i64, i64, i64, p, p, i64, i64, i32]
+    lib.qk_chan.argtypes = [p, i32, i64, p, p, p, i32, i64, i64, p, p, i64, i64, i32]
+    lib.qk_mxfp4.argtypes = [p, i32, i64, p, p, p, i64, i64, p, p, i64, i64, i32]
     return lib
 
 
@@ -161,6 +161,11 @@ def _launch(kernel, x: torch.Tensor, n: int, path: str, bias, weight_args: tuple
     """
     k = x.shape[-1]
     threads = torch.get_num_threads()
+    if path == "gemv" and bias is None and x.dtype == torch.bfloat16:  # the kernel converts x and y itself
+        x2 = x.reshape(-1, k).contiguous()
+        y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
+        kernel(_ptr(x2), 1, x2.shape[0], *weight_args, _ptr(y), None, 0, n, threads)
+        return y.reshape(*x.shape[:-1], n)
     x2 = x.reshape(-1, k).to(torch.float32).contiguous()
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     if path == "dequant":
@@ -169,10 +174,10 @@ def _launch(kernel, x: torch.Tensor, n: int, path: str, bias, weight_args: tuple
         buf = torch.empty(min(rows, n), k, dtype=torch.float32)
         for n0 in range(0, n, rows):
             n1 = min(n, n0 + rows)
-            kernel(None, 0, *weight_args, None, _ptr(buf), n0, n1, threads)
+            kernel(None, 0, 0, *weight_args, None, _ptr(buf), n0, n1, threads)
             y[:, n0:n1] = F.linear(x2, buf[: n1 - n0])
     else:
-        kernel(_ptr(x2), x2.shape[0], *weight_args, _ptr(y), None, 0, n, threads)
+        kernel(_ptr(x2), 0, x2.shape[0], *weight_args, _ptr(y), None, 0, n, threads)
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], n)

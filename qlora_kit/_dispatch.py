@@ -3,11 +3,18 @@
 Rule: CUDA tensors run the Triton kernels, CPU tensors the reference. The environment variable
 QLORA_KIT_BACKEND overrides it: ``triton`` forces the Triton kernels (on CPU they need
 TRITON_INTERPRET=1, set by the tests), ``reference`` forces the reference everywhere.
+
+``custom_op`` / ``call``: the forward matmul ops are ``torch.library`` custom ops (for torch.compile, autograd,
+FakeTensor), and their callers go through ``call``, which runs the op's own function directly where the dispatcher
+has nothing to do. The dispatcher costs about 0.2 ms a call on the 2-core EPYC this project runs on (measured,
+int8 4096x4096 GEMV at one row, no_grad: 0.86 ms in the kernel, 1.11 ms through the op), a fifth of a decode
+step's layer; the direct call is bit-identical (the same function runs).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -28,3 +35,45 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if choice == "auto":
         return tensor.is_cuda
     return choice == "triton"
+
+
+_FUNCTIONS: dict[object, Callable] = {}
+
+
+def custom_op(name: str):
+    """``torch.library.custom_op(name, mutates_args=())`` that also remembers the function for :func:`call`."""
+
+    def wrap(fn: Callable):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        _FUNCTIONS[op] = fn
+        return op
+
+    return wrap
+
+
+def _plain_eager_cpu(args) -> bool:
+    """Nothing for the dispatcher to do: x (the first argument) a plain CPU Tensor, no autograd recording, and no
+    compiling, tracing, functorch transform, or dispatch / function mode. (Kept short: right after a layer has
+    streamed its weight the interpreter runs from cold caches, and every line here costs microseconds.)"""
+    if torch.compiler.is_compiling():  # first: Dynamo folds it, and would break the graph on the checks below
+        return False
+    x = args[0]
+    if type(x) is not torch.Tensor or x.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return False
+    return not (
+        torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch.jit.is_tracing()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+    )
+
+
+def call(op, *args):
+    """``op(*args)``; for an op made with :func:`custom_op`, its function directly when the dispatcher has nothing
+    to do (plain eager CPU tensors, nothing to record for autograd)."""
+    fn = _FUNCTIONS.get(op)
+    if fn is not None and _plain_eager_cpu(args):
+        return fn(*args)
+    return op(*args)

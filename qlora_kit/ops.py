@@ -26,11 +26,12 @@ Example:
 import torch
 from torch import Tensor
 
-from ._dispatch import backend, use_triton
+from ._dispatch import backend, call, custom_op, use_triton
 from .kernels import cpu
 from .kernels.reference import matmul as ref
 
 __all__ = [
+    "call",
     "fp8_dynamic_linear",
     "int8_dynamic_linear",
     "matmul_4bit",
@@ -63,7 +64,7 @@ def _out_like(x: Tensor, n: int) -> Tensor:
 # -------------------------------------------------------------------------------------------- NF4 / FP4
 
 
-@torch.library.custom_op("qlora_kit::matmul_4bit", mutates_args=())
+@custom_op("qlora_kit::matmul_4bit")
 def matmul_4bit(
     x: Tensor,
     packed: Tensor,
@@ -77,11 +78,11 @@ def matmul_4bit(
     quant_type: str,
 ) -> Tensor:
     w = _packed_4bit(packed, absmax, nested_absmax, offset, n, k, blocksize, quant_type).check()
-    if use_triton(x):
+    y = cpu.matmul_4bit(x, w, bias) if _cpu_fast(x) else None
+    if y is None and use_triton(x):
         from .kernels.matmul_4bit import matmul_4bit as triton_matmul_4bit
 
         return triton_matmul_4bit(x, w, bias)
-    y = cpu.matmul_4bit(x, w, bias) if _cpu_fast(x) else None
     return ref.matmul_4bit_ref(x, w, bias) if y is None else y
 
 
@@ -133,13 +134,13 @@ matmul_4bit.register_autograd(_backward_4bit, setup_context=_setup_4bit)
 # ---------------------------------------------------------------------------------------- int4 per group
 
 
-@torch.library.custom_op("qlora_kit::matmul_int4", mutates_args=())
+@custom_op("qlora_kit::matmul_int4")
 def matmul_int4(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None, group_size: int) -> Tensor:
-    if use_triton(x):
+    y = cpu.matmul_int4(x, packed, scale, zero, group_size, bias) if _cpu_fast(x) else None
+    if y is None and use_triton(x):
         from .kernels.matmul_int import matmul_int4 as triton_matmul_int4
 
         return triton_matmul_int4(x, packed, scale, zero, group_size, bias)
-    y = cpu.matmul_int4(x, packed, scale, zero, group_size, bias) if _cpu_fast(x) else None
     return ref.matmul_int4_ref(x, packed, scale, zero, group_size, bias) if y is None else y
 
 
@@ -189,13 +190,13 @@ def _channelwise_on_triton(t: Tensor, qdata: Tensor) -> bool:
     return qdata.dtype != torch.float8_e4m3fn or not t.is_cuda or torch.cuda.get_device_capability(t.device) >= (8, 9)
 
 
-@torch.library.custom_op("qlora_kit::matmul_channelwise", mutates_args=())
+@custom_op("qlora_kit::matmul_channelwise")
 def matmul_channelwise(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    if _channelwise_on_triton(x, qdata):
+    y = cpu.matmul_channelwise(x, qdata, scale, bias) if _cpu_fast(x) else None
+    if y is None and _channelwise_on_triton(x, qdata):
         from .kernels.matmul_int import matmul_channelwise as triton_matmul_channelwise
 
         return triton_matmul_channelwise(x, qdata, scale, bias)
-    y = cpu.matmul_channelwise(x, qdata, scale, bias) if _cpu_fast(x) else None
     return ref.matmul_channelwise_ref(x, qdata, scale, bias) if y is None else y
 
 
@@ -235,7 +236,7 @@ matmul_channelwise.register_autograd(_backward_channelwise, setup_context=_setup
 # ------------------------------------------------------------------------- dynamic activation quantization
 
 
-@torch.library.custom_op("qlora_kit::int8_dynamic_linear", mutates_args=())
+@custom_op("qlora_kit::int8_dynamic_linear")
 def _int8_dynamic_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
     if use_triton(x):
         from .kernels.act_quant import int8_dynamic_linear as impl
@@ -244,7 +245,7 @@ def _int8_dynamic_linear(x: Tensor, w_int8: Tensor, w_scale: Tensor, bias: Tenso
     return ref.int8_dynamic_linear_ref(x, w_int8, w_scale, bias)
 
 
-@torch.library.custom_op("qlora_kit::fp8_dynamic_linear", mutates_args=())
+@custom_op("qlora_kit::fp8_dynamic_linear")
 def _fp8_dynamic_linear(x: Tensor, w_fp8: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
     if use_triton(x):
         from .kernels.act_quant import fp8_dynamic_linear as impl

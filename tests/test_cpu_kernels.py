@@ -113,23 +113,23 @@ def test_decoders_bit_exact(kind, shape):
     if kind == "nf4":
         packed, absmax = q4.quantize_4bit(w, 32, "nf4")
         table = q4.code_table("nf4")
-        lib.qk_4bit(None, 0, *map(cpu._ptr, (packed, absmax, table)), n, k, 32, None, cpu._ptr(out), 0, n, 1)
+        lib.qk_4bit(None, 0, 0, *map(cpu._ptr, (packed, absmax, table)), n, k, 32, None, cpu._ptr(out), 0, n, 1)
         expected = q4.dequantize_4bit(packed, absmax, shape, 32, "nf4", torch.float32)
     elif kind == "int4":
         p, s, z = qi.quantize_int4(w, 32)
         sf, zf = s.float(), z.float()
-        lib.qk_int4(None, 0, *map(cpu._ptr, (p, sf, zf)), n, k, 32, None, cpu._ptr(out), 0, n, 1)
+        lib.qk_int4(None, 0, 0, *map(cpu._ptr, (p, sf, zf)), n, k, 32, None, cpu._ptr(out), 0, n, 1)
         expected = ref.dequantize_int4(p, s, z, k, 32, torch.float32)
     elif kind == "mxfp4":
         w[0, :32] = 1e-39  # subnormal scales (E near 0) decode exactly too
         p, e = mx.quantize_mxfp4(w)
         s = torch.ldexp(torch.ones(e.shape), (e.int() - 127).float())
-        lib.qk_mxfp4(None, 0, *map(cpu._ptr, (p, s, cpu._e2m1_table())), n, k, None, cpu._ptr(out), 0, n, 1)
+        lib.qk_mxfp4(None, 0, 0, *map(cpu._ptr, (p, s, cpu._e2m1_table())), n, k, None, cpu._ptr(out), 0, n, 1)
         expected = mx.dequantize_mxfp4(p, e, k, torch.float32)
     else:
         q, s = qi.quantize_int8(w) if kind == "int8" else qi.quantize_fp8(w)
         lut = cpu._fp8_lut()
-        lib.qk_chan(None, 0, *map(cpu._ptr, (q, lut, s)), int(kind == "int8"), n, k, None, cpu._ptr(out), 0, n, 1)
+        lib.qk_chan(None, 0, 0, *map(cpu._ptr, (q, lut, s)), int(kind == "int8"), n, k, None, cpu._ptr(out), 0, n, 1)
         expected = ref.dequantize_channelwise(q, s, torch.float32)
     assert torch.equal(out, expected)
 
@@ -216,3 +216,21 @@ def test_formats_through_the_planner(monkeypatch, label, dtype):
             assert out.shape == expected.shape and out.dtype == dtype
             assert_close(out, x, w32, bias)
     assert chosen == {"gemv", "dequant"}
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int4", "int8", "fp8", "mxfp4"])
+@pytest.mark.parametrize("shape", [(48, 96), (17, 33)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_bf16_gemv_converts_like_torch(monkeypatch, kind, shape):
+    """bf16 x without bias: the kernel converts x and rounds y itself, bit-identical to converting with PyTorch
+    around the fp32 product; inf and NaN land where PyTorch's do (NaN payloads differ even within PyTorch: its
+    vectorized conversion writes 0xFFFF, its scalar one 0x7FC0)."""
+    force(monkeypatch, "gemv")
+    matmul, _ = weights(kind, *shape)
+    x = torch.randn(3, shape[1]).to(torch.bfloat16)
+    x[1, 0], x[2, 1] = float("inf"), float("nan")  # rows of inf / NaN outputs
+    out = matmul(x, None)
+    expected = matmul(x.float(), None).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out.isnan(), expected.isnan())
+    assert expected.isnan().any() and expected.isinf().any()
+    out[out.isnan()], expected[expected.isnan()] = 0, 0
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))

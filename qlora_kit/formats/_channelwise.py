@@ -48,9 +48,9 @@ class ChannelwiseWeight(WeightFormat):
         from .. import ops
 
         if activation is None:
-            return ops.matmul_channelwise(x, self.qdata, self.scale, bias)
+            return ops.call(ops.matmul_channelwise, x, self.qdata, self.scale, bias)
         if activation == self.activation:
-            return getattr(ops, self.activation_op)(x, self.qdata, self.scale, bias)
+            return ops.call(getattr(ops, self.activation_op), x, self.qdata, self.scale, bias)
         refuse_activation(self.name, activation)
 
     def __init__(self, shape, qdata: torch.Tensor | None = None, scale: torch.Tensor | None = None):

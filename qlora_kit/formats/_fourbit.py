@@ -91,7 +91,7 @@ class Blockwise4bitWeight(WeightFormat):
         else:
             stats = (self.absmax, None, None)
         n, k = self.shape
-        return ops.matmul_4bit(x, self.packed, *stats, bias, n, k, self.blocksize, self.quant_type)
+        return ops.call(ops.matmul_4bit, x, self.packed, *stats, bias, n, k, self.blocksize, self.quant_type)
 
     def kernel_weight(self):
         """The codes and scales as the fused LoRA kernel's ``Packed4bit`` operand."""

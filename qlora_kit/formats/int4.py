@@ -70,7 +70,7 @@ class Int4Weight(WeightFormat):
 
         if activation is not None:
             refuse_activation(self.name, activation)
-        return ops.matmul_int4(x, self.packed, self.scale, self.zero, bias, self.group_size)
+        return ops.call(ops.matmul_int4, x, self.packed, self.scale, self.zero, bias, self.group_size)
 
     def __init__(
         self,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._dispatch import backend, use_triton
+from .._dispatch import backend, call, custom_op, use_triton
 from ..configs import WeightConfig, check_compute_dtype
 from ..kernels import cpu
 from ..kernels.reference import mxfp4 as ref
@@ -60,13 +60,13 @@ def _codec(t: Tensor):
     return ref
 
 
-@torch.library.custom_op("qlora_kit::matmul_mxfp4", mutates_args=())
+@custom_op("qlora_kit::matmul_mxfp4")
 def matmul_mxfp4(x: Tensor, packed: Tensor, scales: Tensor, bias: Tensor | None, k: int) -> Tensor:
     """y = x W^T + bias for an MXFP4 weight (packed (N, ceil(K/32)*16), scales (N, ceil(K/32)))."""
-    kernels = _kernels(x)
+    y = cpu.matmul_mxfp4(x, packed, scales, k, bias) if x.device.type == "cpu" and backend() == "auto" else None
+    kernels = _kernels(x) if y is None else None
     if kernels is not None:
         return kernels.matmul_mxfp4(x, packed, scales, k, bias)
-    y = cpu.matmul_mxfp4(x, packed, scales, k, bias) if x.device.type == "cpu" and backend() == "auto" else None
     return ref.matmul_mxfp4_ref(x, packed, scales, k, bias) if y is None else y
 
 
@@ -161,4 +161,4 @@ class MXFP4Weight(WeightFormat):
         """y = x W^T + bias through ``qlora_kit::matmul_mxfp4`` (weight-only)."""
         if activation is not None:
             refuse_activation(self.name, activation)
-        return matmul_mxfp4(x, self.packed, self.scales, bias, self.shape[1])
+        return call(matmul_mxfp4, x, self.packed, self.scales, bias, self.shape[1])
