@@ -65,7 +65,7 @@ def _plain_eager_cpu(args) -> bool:
     return not (
         torch._C._len_torch_dispatch_stack()
         or torch._C._is_torch_function_mode_enabled()
-        or torch.jit.is_tracing()
+        or torch._C._is_tracing()
         or torch._C._functorch.peek_interpreter_stack() is not None
     )
 

@@ -80,3 +80,15 @@ def test_compile_traces_the_op(spy):
     assert not spy
     with torch.no_grad():
         assert torch.allclose(y, ops.quantized_linear(x, qw))
+
+
+def test_jit_trace_records_the_op(spy):
+    qw = _weight("int8")
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            return ops.quantized_linear(x, qw)
+
+    with torch.no_grad():
+        traced = torch.jit.trace(Layer(), torch.randn(2, 128))
+    assert not spy and "qlora_kit::matmul_channelwise" in str(traced.graph)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
 from .._dispatch import use_triton
 from ..kernels.reference import quant_int as ref
 from .base import WeightFormat, check_matrix, refuse_activation, register_frozen
@@ -45,8 +46,6 @@ class ChannelwiseWeight(WeightFormat):
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None) -> torch.Tensor:
         """y = x W^T + bias: weight-only through ``qlora_kit::matmul_channelwise``, or with ``activation`` equal to
         the format's mode the per-token dynamic op (W8A8 / fp8 rowwise)."""
-        from .. import ops
-
         if activation is None:
             return ops.call(ops.matmul_channelwise, x, self.qdata, self.scale, bias)
         if activation == self.activation:

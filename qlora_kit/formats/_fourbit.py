@@ -7,6 +7,7 @@ import math
 import torch
 
 from .. import functional as F
+from .. import ops
 from .base import WeightFormat, check_matrix, refuse_activation, register_frozen
 
 
@@ -82,8 +83,6 @@ class Blockwise4bitWeight(WeightFormat):
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None) -> torch.Tensor:
         """y = x W^T + bias through the ``qlora_kit::matmul_4bit`` custom op (weight-only: no activation modes)."""
-        from .. import ops
-
         if activation is not None:
             refuse_activation(self.name, activation)
         if self.double_quant:

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .. import ops
 from .._dispatch import use_triton
 from ..configs import Int4WeightConfig
 from ..kernels.reference import quant_int as ref
@@ -66,8 +67,6 @@ class Int4Weight(WeightFormat):
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None) -> torch.Tensor:
         """y = x W^T + bias through the ``qlora_kit::matmul_int4`` custom op (weight-only)."""
-        from .. import ops
-
         if activation is not None:
             refuse_activation(self.name, activation)
         return ops.call(ops.matmul_int4, x, self.packed, self.scale, self.zero, bias, self.group_size)
