@@ -90,5 +90,5 @@ def test_jit_trace_records_the_op(spy):
             return ops.quantized_linear(x, qw)
 
     with torch.no_grad():
-        traced = torch.jit.trace(Layer(), torch.randn(2, 128))
+        traced = torch.jit.trace(Layer(), torch.randn(2, 128), check_trace=False)  # the check reruns it eagerly
     assert not spy and "qlora_kit::matmul_channelwise" in str(traced.graph)
