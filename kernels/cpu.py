@@ -5,15 +5,19 @@ The references (``kernels/reference/matmul.py``) dequantize the whole weight to 
 float layer. The paths here, picked per call by :func:`plan` (format, activation dtype, rows of x):
 
 * ``gemv``: C kernels (``cpu_source.c``, compiled on first use with the system C compiler and
-  ``-march=native``, cached under ``~/.cache/qlora_kit``; AVX-512, AVX2 + FMA and portable variants, picked
-  at compile time) that decode each output row of W in 32-value chunks into registers and multiply with up to
-  4 rows of x (more rows: the row is decoded once into an L1 buffer, then 4-row dot products). One OpenMP
-  region per call, rows handed out dynamically. The decoded values are bit-identical to the reference's
-  (NF4/FP4: ``code[nibble] * absmax[block]``; int4: ``(q - zero) * scale``; int8/fp8: ``q * scale``;
-  MXFP4: ``e2m1[nibble] * 2**(E - 127)``), so in fp32 only the summation order differs. The AVX2 GEMV of the
-  4-bit formats looks the codes up with vpshufb in a permuted order and permutes x to match (see
-  ``chunk_perm``). For bf16/fp16 x the product runs in fp32 on the exact weight (the reference rounds W to
-  x's dtype first), then rounds once to x's dtype.
+  ``-march=native``, cached under ``~/.cache/qlora_kit``; AVX2 + FMA and portable variants, plus an AVX-512 one
+  for a single row of x, picked at compile time) that decode W in 32-value chunks into registers and never write
+  the float weight. One row of x: four output rows at a time, each stream of codes prefetched 4 KiB ahead
+  (rows of 2-4 KiB are where the hardware prefetcher starts over), so the layer runs at memory bandwidth;
+  2-4 rows of x: one output row at a time, each decoded chunk feeding every row; more: the row is decoded once
+  into an L1 buffer, then 4-row dot products. One OpenMP region per call, rows handed out dynamically. The
+  decoded values are bit-identical to the reference's (NF4/FP4: ``code[nibble] * absmax[block]``; int4:
+  ``(q - zero) * scale``; int8/fp8: ``q * scale``, the row scale applied to the dot product; MXFP4:
+  ``e2m1[nibble] * 2**(E - 127)``), so in fp32 only the summation order differs. The 4-bit GEMVs look the codes
+  up in a permuted order (AVX2: vpshufb over byte planes; AVX-512: vpermps, even columns then odd ones) and
+  permute x to match once per call. For bf16/fp16 x the product runs in fp32 on the exact weight (the reference
+  rounds W to x's dtype first), then rounds once to x's dtype; bf16 x without a bias is converted inside the
+  kernel (as PyTorch converts, round to nearest even), which saves two small PyTorch ops a call.
 * ``dequant``: the same decoders write ``DEQUANT_BYTES`` of fp32 rows at a time into one reused buffer,
   then an fp32 ``F.linear`` per block into the output's columns: for many rows, where the GEMM dominates.
 * ``int8pack`` / ``int4pack``: torch's packed CPU kernels ``torch._weight_int8pack_mm`` and
@@ -22,8 +26,8 @@ float layer. The paths here, picked per call by :func:`plan` (format, activation
   conversion is lossy, so the format keeps its own layout and the converted copy is cached here (keyed on
   the packed tensor, rebuilt when any of its tensors change in place), never stored in the state_dict.
   Measured: their bf16 error exceeds the documented bound (twice the reference's own bf16 error; seen
-  2.07x for int4, more for int8 at 48x96), so :func:`plan` does not pick them by default although they
-  are ~3x faster than ``gemv`` at one row; put them in ``_PLAN`` to trade that accuracy for speed.
+  2.07x for int4, more for int8 at 48x96), so :func:`plan` does not pick them by default; put them in
+  ``_PLAN`` to trade that accuracy for speed (``benchmarks/results/cpu.md`` times them beside ``gemv``).
 * ``reference``: everything else (weights under ``MIN_WEIGHT_NUMEL``, no C compiler,
   ``QLORA_KIT_CPU_KERNELS=0``).
 

@@ -1,9 +1,9 @@
 /* CPU kernels for the quantized matmuls of qlora_kit (loaded by kernels/cpu.py through ctypes).
  *
- * Every kernel works one output row n of the weight at a time: it decodes that row into a K-float buffer
- * that stays in L1/L2 (the float weight is never materialized), then forms y[m, n] = dot(x[m, :], w) for
- * the M rows of x. Decoding is bit-identical to the PyTorch references (kernels/reference), so only the
- * summation order differs:
+ * The kernels decode W a 32-value chunk at a time into registers (or, for many rows of x, one row into a K-float
+ * buffer that stays in L1/L2; the float weight is never materialized) and form y[m, n] = dot(x[m, :], W[n, :]).
+ * At one row of x, four output rows run together with their code streams prefetched (run_m1_512, quad_m1).
+ * Decoding is bit-identical to the PyTorch references (kernels/reference), so only the summation order differs:
  *   4-bit blockwise (NF4 / FP4): w[k] = table[nibble(e)] * absmax[e / bs], e = n * K + k, element e in the
  *       high nibble of byte e / 2 when e is even (the low nibble when odd); blocks run over the flat index.
  *   int4 per group:  w[k] = (q[n, k] - zero[n, k / gs]) * scale[n, k / gs], column 2j in the high nibble.

@@ -23,7 +23,7 @@ if cpu.library() is None:
     pytest.skip("no C compiler for the CPU kernels", allow_module_level=True)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# (N, K): K % 32 == 0 takes the AVX-512 decoder, others the portable one; odd N * K straddles bytes/blocks
+# (N, K): K % 32 == 0 takes the vector decoders (AVX2 / AVX-512), others the portable one; odd N * K straddles bytes/blocks
 SHAPES = [(48, 96), (17, 33), (5, 100), (32, 64)]
 
 
