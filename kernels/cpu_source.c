@@ -417,13 +417,17 @@ INLINE void chunk512(const Weight *w, int int8, __m512 table, int64_t n, int64_t
     *v1 = _mm512_mul_ps(_mm512_permutexvar_ps(odd, table), s);
 }
 
-/* ROWS (4, or 1 for the last rows) output rows from n; KIND and INT8 are constants at each call */
+#ifndef ROWS512
+#define ROWS512 8
+#endif
+/* ROWS (ROWS512, or 1 for the last rows) output rows from n; KIND and INT8 are constants at each call */
 INLINE void rows512(const Weight *w0, int kind, int int8, int rows, __m512 table, const float *x, int64_t n,
                     float *y) {
     Weight wk = *w0;
     wk.kind = kind;
     const Weight *w = &wk;
-    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m512 a[ROWS512];
+    for (int r = 0; r < rows; r++) a[r] = _mm512_setzero_ps();
     for (int64_t c = 0; c < w->k; c += 32) {
         __m512 x0 = _mm512_loadu_ps(x + c), x1 = _mm512_loadu_ps(x + c + 16);
         int line = (c & (kind == 2 ? 63 : 127)) == 0; /* this chunk starts 64 bytes of codes: prefetch once */
@@ -439,19 +443,19 @@ INLINE void rows512(const Weight *w0, int kind, int int8, int rows, __m512 table
 
 static void rows512_any(const Weight *w, int rows, __m512 table, const float *x, int64_t n, float *y) {
     int int8 = w->kind == 2 && w->size;
-    if (rows == 4) {
-        if (w->kind == 0) rows512(w, 0, 0, 4, table, x, n, y);
-        else if (w->kind == 1) rows512(w, 1, 0, 4, table, x, n, y);
-        else if (int8) rows512(w, 2, 1, 4, table, x, n, y);
-        else if (w->kind == 2) rows512(w, 2, 0, 4, table, x, n, y);
-        else rows512(w, 3, 0, 4, table, x, n, y);
+    if (rows == ROWS512) {
+        if (w->kind == 0) rows512(w, 0, 0, ROWS512, table, x, n, y);
+        else if (w->kind == 1) rows512(w, 1, 0, ROWS512, table, x, n, y);
+        else if (int8) rows512(w, 2, 1, ROWS512, table, x, n, y);
+        else if (w->kind == 2) rows512(w, 2, 0, ROWS512, table, x, n, y);
+        else rows512(w, 3, 0, ROWS512, table, x, n, y);
     } else {
         rows512(w, w->kind, int8, 1, table, x, n, y);
     }
 }
 
 static void run_m1_512(const Weight *w, const float *x, float *y, int64_t n0, int64_t n1, int nt) {
-    int64_t k = w->k, quads = (n1 - n0) / 4;
+    int64_t k = w->k, quads = (n1 - n0) / ROWS512;
     __m512 table = w->kind == 0 || w->kind == 3 ? _mm512_loadu_ps(w->lut) : _mm512_setzero_ps();
     float *xp = NULL;
     if (w->kind != 2) { /* per 32-chunk: the 16 even columns, then the 16 odd ones */
@@ -466,9 +470,9 @@ static void run_m1_512(const Weight *w, const float *x, float *y, int64_t n0, in
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp for schedule(dynamic, 4)
-        for (int64_t i = 0; i < quads; i++) rows512_any(w, 4, table, x, n0 + 4 * i, y);
+        for (int64_t i = 0; i < quads; i++) rows512_any(w, ROWS512, table, x, n0 + ROWS512 * i, y);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t n = n0 + 4 * quads; n < n1; n++) rows512_any(w, 1, table, x, n, y);
+        for (int64_t n = n0 + ROWS512 * quads; n < n1; n++) rows512_any(w, 1, table, x, n, y);
     }
     free(xp);
 }
