@@ -348,22 +348,29 @@ static void row_avx2(const Weight *w, const __m256i *plane, __m256 t_lo, __m256 
  * and every chunk of x read from L1 feeds four rows. KIND and INT8 are constants at each call in quad_m1, so the
  * format's branches fold away (measured on the 2-core EPYC, int8 4096x4096 from DRAM, 2 threads: one row at a
  * time 0.95 ms, four 0.72 ms). */
+#ifndef ROWS256
+#define ROWS256 4
+#endif
 INLINE void quad_body(const Weight *w0, int kind, int int8, const __m256i *plane, __m256 t_lo, __m256 t_hi,
                       const float *x, int64_t n, float *y) {
     Weight wk = *w0;
     wk.kind = kind;
     if (kind == 2) wk.size = int8;
     const Weight *w = &wk;
-    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 a[ROWS256], b[ROWS256]; /* two partial sums a row: chains of two FMAs a chunk */
+    for (int r = 0; r < ROWS256; r++) a[r] = b[r] = _mm256_setzero_ps();
     for (int64_t c = 0; c < w->k; c += 32) {
-        for (int r = 0; r < 4; r++) {
+        for (int r = 0; r < ROWS256; r++) {
             __m256 v[4];
             prefetch_chunk(w, n + r, c);
             chunk_any(w, plane, t_lo, t_hi, n + r, c, v);
-            for (int j = 0; j < 4; j++) a[r] = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(x + c + 8 * j), a[r]);
+            a[r] = _mm256_fmadd_ps(v[0], _mm256_loadu_ps(x + c), a[r]);
+            b[r] = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(x + c + 8), b[r]);
+            a[r] = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(x + c + 16), a[r]);
+            b[r] = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(x + c + 24), b[r]);
         }
     }
-    for (int r = 0; r < 4; r++) y[n + r] = (kind == 2 ? w->p0[n + r] : 1.0f) * hsum256(a[r]);
+    for (int r = 0; r < ROWS256; r++) y[n + r] = (kind == 2 ? w->p0[n + r] : 1.0f) * hsum256(_mm256_add_ps(a[r], b[r]));
 }
 
 static void quad_m1(const Weight *w, const __m256i *plane, __m256 t_lo, __m256 t_hi, const float *x, int64_t n,
@@ -508,14 +515,14 @@ static void run_avx2(const Weight *w0, const float *x, int64_t m, float *y, floa
         plane = planes;
         x = xp = xperm(x, m, w->k);
     }
-    int64_t quads = m == 1 && !wout ? (n1 - n0) / 4 : 0; /* M = 1: rows n0 .. n0 + 4 quads in fours */
+    int64_t quads = m == 1 && !wout ? (n1 - n0) / ROWS256 : 0; /* M = 1: rows n0 .. in groups of ROWS256 */
 #pragma omp parallel num_threads(nt)
     {
         float *buf = (m > 4 && !wout) ? (float *)malloc((size_t)w->k * sizeof(float)) : NULL;
 #pragma omp for schedule(dynamic, 4)
-        for (int64_t i = 0; i < quads; i++) quad_m1(w, plane, t_lo, t_hi, x, n0 + 4 * i, y);
+        for (int64_t i = 0; i < quads; i++) quad_m1(w, plane, t_lo, t_hi, x, n0 + ROWS256 * i, y);
 #pragma omp for schedule(dynamic, 16)
-        for (int64_t n = n0 + 4 * quads; n < n1; n++)
+        for (int64_t n = n0 + ROWS256 * quads; n < n1; n++)
             row_avx2(w, plane, t_lo, t_hi, x, m, n, y, wout ? wout - n0 * w->k : NULL, buf);
         free(buf);
     }
