@@ -279,7 +279,9 @@ INLINE void chunk_any(const Weight *w, const __m256i *plane, __m256 t_lo, __m256
 
 /* the first byte of chunk c of row n; the GEMV loops prefetch PREFETCH bytes ahead of it. Rows are short
  * streams (2-4 KiB at K = 4096, the size of a page, where the hardware prefetcher starts over): measured on the
- * 2-core EPYC, int8 4096x4096 from DRAM, 2 threads: 0.91 ms without, 0.69 ms at 1 KiB ahead */
+ * 2-core EPYC, int8 4096x4096 from DRAM, 2 threads: 0.91 ms without, 0.69 ms at 1 KiB ahead; 2 and 4 KiB were
+ * within noise of each other, and the non-temporal hint (PREFETCH_HINT=_MM_HINT_NTA) changed nothing measurable.
+ * Both are -D overridable for such experiments. */
 #ifndef PREFETCH
 #define PREFETCH 4096
 #endif
