@@ -130,8 +130,8 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def _ptr(t: torch.Tensor | None):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()  # ctypes passes an int to a c_void_p argument
 
 
 # ---------------------------------------------------------------------------- converted-layout cache
@@ -168,7 +168,7 @@ def _launch(kernel, x: torch.Tensor, n: int, path: str, bias, weight_args: tuple
     if path == "gemv" and bias is None and x.dtype == torch.bfloat16:  # the kernel converts x and y itself
         x2 = x.reshape(-1, k).contiguous()
         y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
-        kernel(_ptr(x2), 1, x2.shape[0], *weight_args, _ptr(y), None, 0, n, threads)
+        kernel(x2.data_ptr(), 1, x2.shape[0], *weight_args, y.data_ptr(), None, 0, n, threads)
         return y.reshape(*x.shape[:-1], n)
     x2 = x.reshape(-1, k).to(torch.float32).contiguous()
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)

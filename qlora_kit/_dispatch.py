@@ -51,29 +51,23 @@ def custom_op(name: str):
     return wrap
 
 
-def _plain_eager_cpu(args) -> bool:
-    """Nothing for the dispatcher to do: x (the first argument) a plain CPU Tensor, no autograd recording, and no
-    compiling, tracing, functorch transform, or dispatch / function mode. (Kept short: right after a layer has
-    streamed its weight the interpreter runs from cold caches, and every line here costs microseconds.)"""
-    if torch.compiler.is_compiling():  # first: Dynamo folds it, and would break the graph on the checks below
-        return False
+def call(op, *args):
+    """``op(*args)``; for an op made with :func:`custom_op`, its function directly when the dispatcher has nothing
+    to do: x (the first argument) a plain CPU Tensor, nothing to record for autograd, and no compiling, tracing,
+    functorch transform, or dispatch / function mode. (One function, no helpers: right after a layer has streamed
+    its weight the interpreter runs from cold caches, and every call here costs microseconds.)"""
+    fn = _FUNCTIONS.get(op)
+    if fn is None or torch.compiler.is_compiling():  # first: Dynamo folds it, and would break the graph below
+        return op(*args)
     x = args[0]
-    if type(x) is not torch.Tensor or x.device.type != "cpu":
-        return False
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        return False
-    return not (
-        torch._C._len_torch_dispatch_stack()
+    if (
+        type(x) is not torch.Tensor
+        or x.device.type != "cpu"
+        or (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args))
+        or torch._C._len_torch_dispatch_stack()
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._is_tracing()
         or torch._C._functorch.peek_interpreter_stack() is not None
-    )
-
-
-def call(op, *args):
-    """``op(*args)``; for an op made with :func:`custom_op`, its function directly when the dispatcher has nothing
-    to do (plain eager CPU tensors, nothing to record for autograd)."""
-    fn = _FUNCTIONS.get(op)
-    if fn is not None and _plain_eager_cpu(args):
-        return fn(*args)
-    return op(*args)
+    ):
+        return op(*args)
+    return fn(*args)

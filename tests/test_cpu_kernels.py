@@ -23,7 +23,8 @@ if cpu.library() is None:
     pytest.skip("no C compiler for the CPU kernels", allow_module_level=True)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# (N, K): K % 32 == 0 takes the vector decoders (AVX2 / AVX-512), others the portable one; odd N * K straddles bytes/blocks
+# (N, K): K % 32 == 0 takes the vector decoders (AVX2 / AVX-512), others the portable one;
+# odd N * K straddles bytes/blocks
 SHAPES = [(48, 96), (17, 33), (5, 100), (32, 64)]
 
 
@@ -176,7 +177,12 @@ def test_int4pack_cache_follows_in_place_edits(monkeypatch):
 
 
 def test_library_pointer_types():
-    assert isinstance(cpu._ptr(torch.zeros(1)), ctypes.c_void_p) and cpu._ptr(None) is None
+    """Pointers pass as Python ints to arguments declared c_void_p (never as C ints, which would truncate them)."""
+    t = torch.zeros(1)
+    assert cpu._ptr(t) == t.data_ptr() and cpu._ptr(None) is None
+    lib = cpu.library()
+    for fn in (lib.qk_4bit, lib.qk_int4, lib.qk_chan, lib.qk_mxfp4):
+        assert fn.argtypes[0] is ctypes.c_void_p and fn.argtypes[3] is ctypes.c_void_p
 
 
 FORMATS = {  # every registered format through its weight class, as a model calls it
