@@ -2,7 +2,8 @@
  *
  * The kernels decode W a 32-value chunk at a time into registers (or, for many rows of x, one row into a K-float
  * buffer that stays in L1/L2; the float weight is never materialized) and form y[m, n] = dot(x[m, :], W[n, :]).
- * At one row of x, four output rows run together with their code streams prefetched (run_m1_512, quad_m1).
+ * At one row of x, several output rows run together with their code streams prefetched (run_m1_512: eight,
+ * quad_m1: four).
  * Decoding is bit-identical to the PyTorch references (kernels/reference), so only the summation order differs:
  *   4-bit blockwise (NF4 / FP4): w[k] = table[nibble(e)] * absmax[e / bs], e = n * K + k, element e in the
  *       high nibble of byte e / 2 when e is even (the low nibble when odd); blocks run over the flat index.
@@ -464,7 +465,7 @@ static void rows512_any(const Weight *w, int rows, __m512 table, const float *x,
 }
 
 static void run_m1_512(const Weight *w, const float *x, float *y, int64_t n0, int64_t n1, int nt) {
-    int64_t k = w->k, quads = (n1 - n0) / ROWS512;
+    int64_t k = w->k, blocks = (n1 - n0) / ROWS512;
     __m512 table = w->kind == 0 || w->kind == 3 ? _mm512_loadu_ps(w->lut) : _mm512_setzero_ps();
     float *xp = NULL;
     if (w->kind != 2) { /* per 32-chunk: the 16 even columns, then the 16 odd ones */
@@ -479,9 +480,9 @@ static void run_m1_512(const Weight *w, const float *x, float *y, int64_t n0, in
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp for schedule(dynamic, 4)
-        for (int64_t i = 0; i < quads; i++) rows512_any(w, ROWS512, table, x, n0 + ROWS512 * i, y);
+        for (int64_t i = 0; i < blocks; i++) rows512_any(w, ROWS512, table, x, n0 + ROWS512 * i, y);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t n = n0 + ROWS512 * quads; n < n1; n++) rows512_any(w, 1, table, x, n, y);
+        for (int64_t n = n0 + ROWS512 * blocks; n < n1; n++) rows512_any(w, 1, table, x, n, y);
     }
     free(xp);
 }

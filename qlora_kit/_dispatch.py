@@ -1,6 +1,7 @@
-"""Which implementation runs: the Triton kernel or the pure-PyTorch reference.
+"""Which implementation runs: the Triton kernel, the CPU kernels of ``kernels/cpu.py``, or the pure-PyTorch reference.
 
-Rule: CUDA tensors run the Triton kernels, CPU tensors the reference. The environment variable
+Rule: CUDA tensors run the Triton kernels; CPU tensors the CPU kernels where they apply (``use_cpu_kernels``; the
+kernels themselves fall back to the reference for small weights), else the reference. The environment variable
 QLORA_KIT_BACKEND overrides it: ``triton`` forces the Triton kernels (on CPU they need
 TRITON_INTERPRET=1, set by the tests), ``reference`` forces the reference everywhere.
 
@@ -27,6 +28,11 @@ def backend() -> str:
     if value not in _CHOICES:
         raise ValueError(f"QLORA_KIT_BACKEND={value!r} is not valid; use one of {list(_CHOICES)}")
     return value
+
+
+def use_cpu_kernels(tensor: torch.Tensor) -> bool:
+    """True when ``tensor`` may go to the CPU kernels of ``kernels/cpu.py`` (None from them: the reference runs)."""
+    return tensor.device.type == "cpu" and backend() == "auto"
 
 
 def use_triton(tensor: torch.Tensor) -> bool:

@@ -26,7 +26,7 @@ Example:
 import torch
 from torch import Tensor
 
-from ._dispatch import backend, call, custom_op, use_triton
+from ._dispatch import call, custom_op, use_cpu_kernels, use_triton
 from .kernels import cpu
 from .kernels.reference import matmul as ref
 
@@ -52,11 +52,6 @@ def _bias_grad(ctx, grad: Tensor, index: int, n: int):
     return grad.reshape(-1, n).sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[index] else None
 
 
-def _cpu_fast(x: Tensor) -> bool:
-    # kernels/cpu.py (it returns None where the reference should run); QLORA_KIT_BACKEND=reference opts out
-    return x.device.type == "cpu" and backend() == "auto"
-
-
 def _out_like(x: Tensor, n: int) -> Tensor:
     return x.new_empty((*x.shape[:-1], n))
 
@@ -78,7 +73,7 @@ def matmul_4bit(
     quant_type: str,
 ) -> Tensor:
     w = _packed_4bit(packed, absmax, nested_absmax, offset, n, k, blocksize, quant_type).check()
-    y = cpu.matmul_4bit(x, w, bias) if _cpu_fast(x) else None
+    y = cpu.matmul_4bit(x, w, bias) if use_cpu_kernels(x) else None
     if y is None and use_triton(x):
         from .kernels.matmul_4bit import matmul_4bit as triton_matmul_4bit
 
@@ -136,7 +131,7 @@ matmul_4bit.register_autograd(_backward_4bit, setup_context=_setup_4bit)
 
 @custom_op("qlora_kit::matmul_int4")
 def matmul_int4(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None, group_size: int) -> Tensor:
-    y = cpu.matmul_int4(x, packed, scale, zero, group_size, bias) if _cpu_fast(x) else None
+    y = cpu.matmul_int4(x, packed, scale, zero, group_size, bias) if use_cpu_kernels(x) else None
     if y is None and use_triton(x):
         from .kernels.matmul_int import matmul_int4 as triton_matmul_int4
 
@@ -192,7 +187,7 @@ def _channelwise_on_triton(t: Tensor, qdata: Tensor) -> bool:
 
 @custom_op("qlora_kit::matmul_channelwise")
 def matmul_channelwise(x: Tensor, qdata: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    y = cpu.matmul_channelwise(x, qdata, scale, bias) if _cpu_fast(x) else None
+    y = cpu.matmul_channelwise(x, qdata, scale, bias) if use_cpu_kernels(x) else None
     if y is None and _channelwise_on_triton(x, qdata):
         from .kernels.matmul_int import matmul_channelwise as triton_matmul_channelwise
 

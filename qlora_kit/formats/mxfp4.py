@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._dispatch import backend, call, custom_op, use_triton
+from .._dispatch import call, custom_op, use_cpu_kernels, use_triton
 from ..configs import WeightConfig, check_compute_dtype
 from ..kernels import cpu
 from ..kernels.reference import mxfp4 as ref
@@ -63,7 +63,7 @@ def _codec(t: Tensor):
 @custom_op("qlora_kit::matmul_mxfp4")
 def matmul_mxfp4(x: Tensor, packed: Tensor, scales: Tensor, bias: Tensor | None, k: int) -> Tensor:
     """y = x W^T + bias for an MXFP4 weight (packed (N, ceil(K/32)*16), scales (N, ceil(K/32)))."""
-    y = cpu.matmul_mxfp4(x, packed, scales, k, bias) if x.device.type == "cpu" and backend() == "auto" else None
+    y = cpu.matmul_mxfp4(x, packed, scales, k, bias) if use_cpu_kernels(x) else None
     kernels = _kernels(x) if y is None else None
     if kernels is not None:
         return kernels.matmul_mxfp4(x, packed, scales, k, bias)
