@@ -29,8 +29,8 @@ float layer. The paths here, picked per call by :func:`plan` (format, activation
   Measured: their bf16 error exceeds the documented bound (twice the reference's own bf16 error; seen
   2.07x for int4, more for int8 at 48x96), so :func:`plan` does not pick them by default; put them in
   ``_PLAN`` to trade that accuracy for speed (``benchmarks/results/cpu.md`` times them beside ``gemv``).
-* ``reference``: everything else (weights under ``MIN_WEIGHT_NUMEL``, no C compiler,
-  ``QLORA_KIT_CPU_KERNELS=0``).
+* ``reference``: everything else (weights under ``MIN_WEIGHT_NUMEL``, no C compiler; and
+  ``QLORA_KIT_CPU_KERNELS=0``, which ``qlora_kit/_dispatch.use_cpu_kernels`` checks before calling here).
 
 Each launcher returns None when the reference should run; ``qlora_kit/ops.py`` then calls it.
 """
@@ -78,8 +78,6 @@ _PLAN: dict[tuple[str, str], tuple[tuple[int, str], ...]] = {
 def plan(family: str, m: int, dtype: torch.dtype, numel: int) -> str:
     """The CPU path for ``m`` rows of ``dtype`` activations times a ``numel``-element weight of ``family``."""
     if numel < MIN_WEIGHT_NUMEL or dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return "reference"
-    if os.environ.get("QLORA_KIT_CPU_KERNELS", "1").strip() == "0":
         return "reference"
     for max_m, path in _PLAN[(family, "fp32" if dtype == torch.float32 else "half")]:
         if m <= max_m:
@@ -157,35 +155,40 @@ def _cached(tensors: tuple[torch.Tensor, ...], what: str, build):
 # ------------------------------------------------------------------------------------------ launchers
 
 
-def _launch(kernel, x: torch.Tensor, n: int, path: str, bias, weight_args: tuple) -> torch.Tensor:
-    """Run ``kernel`` as a GEMV over x's rows ("gemv") or as blocked dequantize + GEMM ("dequant").
+def _launch(kernel, x: torch.Tensor, m: int, n: int, path: str, bias, weight_args: tuple) -> torch.Tensor:
+    """Run ``kernel`` as a GEMV over x's ``m`` rows ("gemv") or as blocked dequantize + GEMM ("dequant").
 
     Both compute in fp32 and round to x's dtype once at the end: for bf16/fp16 x that is more accurate than the
     reference (which rounds W to x's dtype and runs a half-precision GEMM) and, on CPUs without native bf16
     matmul units, several times faster than torch's half-precision GEMM on narrow blocks.
     """
-    k = x.shape[-1]
+    # Right after a layer has streamed its weight, every tensor op from Python costs tens of microseconds (measured
+    # on the 2-core EPYC: torch.empty ~50 us, a reshape ~40 us, against ~130 us for a whole 1 MB int8 GEMV), so a
+    # contiguous x of the kernel's dtype goes in as it is, of any rank, and y is made in its final shape.
     threads = torch.get_num_threads()
+    out_shape = (*x.shape[:-1], n)
     if path == "gemv" and bias is None and x.dtype == torch.bfloat16:  # the kernel converts x and y itself
-        x2 = x.reshape(-1, k).contiguous()
-        y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
-        kernel(x2.data_ptr(), 1, x2.shape[0], *weight_args, y.data_ptr(), None, 0, n, threads)
-        return y.reshape(*x.shape[:-1], n)
-    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
-    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+        xc = x if x.is_contiguous() else x.contiguous()
+        y = torch.empty(out_shape, dtype=torch.bfloat16)
+        kernel(xc.data_ptr(), 1, m, *weight_args, y.data_ptr(), None, 0, n, threads)
+        return y
+    x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+    y = torch.empty(out_shape, dtype=torch.float32)
     if path == "dequant":
         # DEQUANT_BYTES of fp32 rows at a time into one reused buffer (stays in cache), GEMM per block
+        k = x.shape[-1]
+        x2, y2 = x32.reshape(m, k), y.view(m, n)
         rows = max(DEQUANT_MIN_ROWS, DEQUANT_BYTES // (4 * k))
         buf = torch.empty(min(rows, n), k, dtype=torch.float32)
         for n0 in range(0, n, rows):
             n1 = min(n, n0 + rows)
-            kernel(None, 0, 0, *weight_args, None, _ptr(buf), n0, n1, threads)
-            y[:, n0:n1] = F.linear(x2, buf[: n1 - n0])
+            kernel(None, 0, 0, *weight_args, None, buf.data_ptr(), n0, n1, threads)
+            y2[:, n0:n1] = F.linear(x2, buf[: n1 - n0])
     else:
-        kernel(_ptr(x2), 0, x2.shape[0], *weight_args, _ptr(y), None, 0, n, threads)
+        kernel(x32.data_ptr(), 0, m, *weight_args, y.data_ptr(), None, 0, n, threads)
     if bias is not None:
         y += bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -195,15 +198,16 @@ def _rows(x: torch.Tensor) -> int:
 def matmul_4bit(x: torch.Tensor, w: ref.Packed4bit, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """NF4/FP4 ``x @ dequant(W)^T + bias`` on the CPU, or None when the reference should run."""
     n, k = w.meta.shape
-    path = plan("4bit", _rows(x), x.dtype, n * k)
+    m = _rows(x)
+    path = plan("4bit", m, x.dtype, n * k)
     lib = library() if path != "reference" else None
     if lib is None or not w.packed.is_contiguous():
         return None
     stats = (w.packed, w.qabsmax, w.nested_absmax, w.offset) if w.meta.double_quant else (w.packed, w.absmax)
     absmax = _cached(stats, "absmax", lambda: w.block_absmax().float().contiguous())
     table = code_table(w.meta.quant_type)
-    args = (_ptr(w.packed), _ptr(absmax), _ptr(table), n, k, w.meta.blocksize)
-    return _launch(lib.qk_4bit, x, n, path, bias, args)
+    args = (w.packed.data_ptr(), absmax.data_ptr(), table.data_ptr(), n, k, w.meta.blocksize)
+    return _launch(lib.qk_4bit, x, m, n, path, bias, args)
 
 
 def _int4pack(packed, scale, zero, k: int, group_size: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,7 +224,8 @@ def _int4pack(packed, scale, zero, k: int, group_size: int, dtype) -> tuple[torc
 def matmul_int4(x, packed, scale, zero, group_size: int, bias=None) -> torch.Tensor | None:
     """int4 per-group ``x @ dequant(W)^T + bias`` on the CPU, or None when the reference should run."""
     n, k = packed.shape[0], x.shape[-1]
-    path = plan("int4", _rows(x), x.dtype, n * k)
+    m = _rows(x)
+    path = plan("int4", m, x.dtype, n * k)
     if path == "int4pack" and n % 16:  # torch's packing needs N % 16 == 0
         path = "gemv"
     if path == "int4pack":
@@ -235,8 +240,8 @@ def matmul_int4(x, packed, scale, zero, group_size: int, bias=None) -> torch.Ten
     if lib is None or not packed.is_contiguous():
         return None
     s, z = _cached((packed, scale, zero), "int4-fp32", lambda: (scale.float().contiguous(), zero.float().contiguous()))
-    args = (_ptr(packed), _ptr(s), _ptr(z), n, k, group_size)
-    return _launch(lib.qk_int4, x, n, path, bias, args)
+    args = (packed.data_ptr(), s.data_ptr(), z.data_ptr(), n, k, group_size)
+    return _launch(lib.qk_int4, x, m, n, path, bias, args)
 
 
 @functools.cache
@@ -248,7 +253,8 @@ def matmul_channelwise(x, qdata, scale, bias=None) -> torch.Tensor | None:
     """int8 / fp8 per-channel ``x @ (qdata * scale)^T + bias`` on the CPU, or None for the reference."""
     n, k = qdata.shape
     is_int8 = qdata.dtype == torch.int8
-    path = plan("int8" if is_int8 else "fp8", _rows(x), x.dtype, n * k)
+    m = _rows(x)
+    path = plan("int8" if is_int8 else "fp8", m, x.dtype, n * k)
     if path == "int8pack" and k % 32:  # torch's kernel reads out of bounds on other K (seen: K = 33, 40, 100)
         path = "gemv"
     if path == "int8pack":
@@ -259,9 +265,9 @@ def matmul_channelwise(x, qdata, scale, bias=None) -> torch.Tensor | None:
     lib = library() if path != "reference" else None
     if lib is None or not qdata.is_contiguous():
         return None
-    s = scale.float().contiguous()
-    args = (_ptr(qdata), _ptr(_fp8_lut()), _ptr(s), int(is_int8), n, k)
-    return _launch(lib.qk_chan, x, n, path, bias, args)
+    s = scale if scale.dtype == torch.float32 and scale.is_contiguous() else scale.float().contiguous()
+    args = (qdata.data_ptr(), _fp8_lut().data_ptr(), s.data_ptr(), int(is_int8), n, k)
+    return _launch(lib.qk_chan, x, m, n, path, bias, args)
 
 
 @functools.cache
@@ -274,11 +280,12 @@ def _e2m1_table() -> torch.Tensor:
 def matmul_mxfp4(x, packed, scales, k: int, bias=None) -> torch.Tensor | None:
     """MXFP4 ``x @ dequant(W)^T + bias`` on the CPU, or None when the reference should run."""
     n = packed.shape[0]
-    path = plan("mxfp4", _rows(x), x.dtype, n * k)
+    m = _rows(x)
+    path = plan("mxfp4", m, x.dtype, n * k)
     lib = library() if path != "reference" else None
     if lib is None or not packed.is_contiguous():
         return None
     # 2**(E - 127) in fp32 (exact, subnormal at E = 0), as the reference's ldexp computes it
     s = _cached((packed, scales), "mxfp4-scale", lambda: torch.ldexp(torch.ones(scales.shape), scales.float() - 127))
-    args = (_ptr(packed), _ptr(s), _ptr(_e2m1_table()), n, k)
-    return _launch(lib.qk_mxfp4, x, n, path, bias, args)
+    args = (packed.data_ptr(), s.data_ptr(), _e2m1_table().data_ptr(), n, k)
+    return _launch(lib.qk_mxfp4, x, m, n, path, bias, args)

@@ -22,17 +22,30 @@ import torch
 _CHOICES = ("auto", "triton", "reference")
 
 
+def _getenv(name: str) -> str | None:
+    """``os.environ.get(name)``, read where it is cheap. Right after a layer has streamed its weight, ``os.environ.get``
+    costs about 30 us (its key encoding runs in Python from cold caches; measured on the 2-core EPYC, a sixth of a
+    1 MB layer's call). On POSIX, CPython keeps os.environ in a bytes dict that every ``os.environ`` write (pytest's
+    monkeypatch included) updates; one lookup there costs a few microseconds."""
+    data = getattr(os.environ, "_data", None) if os.name == "posix" else None
+    if type(data) is not dict:
+        return os.environ.get(name)
+    value = data.get(name.encode())
+    return None if value is None else os.fsdecode(value)
+
+
 def backend() -> str:
     """The backend requested through QLORA_KIT_BACKEND ("auto" when unset)."""
-    value = os.environ.get("QLORA_KIT_BACKEND", "auto").strip().lower() or "auto"
+    value = (_getenv("QLORA_KIT_BACKEND") or "auto").strip().lower() or "auto"
     if value not in _CHOICES:
         raise ValueError(f"QLORA_KIT_BACKEND={value!r} is not valid; use one of {list(_CHOICES)}")
     return value
 
 
 def use_cpu_kernels(tensor: torch.Tensor) -> bool:
-    """True when ``tensor`` may go to the CPU kernels of ``kernels/cpu.py`` (None from them: the reference runs)."""
-    return tensor.device.type == "cpu" and backend() == "auto"
+    """True when ``tensor`` may go to the CPU kernels of ``kernels/cpu.py`` (None from them: the reference runs):
+    a CPU tensor, the "auto" backend, and QLORA_KIT_CPU_KERNELS not "0"."""
+    return tensor.is_cpu and backend() == "auto" and (_getenv("QLORA_KIT_CPU_KERNELS") or "1").strip() != "0"
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
@@ -68,7 +81,7 @@ def call(op, *args):
     x = args[0]
     if (
         type(x) is not torch.Tensor
-        or x.device.type != "cpu"
+        or not x.is_cpu
         or (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args))
         or torch._C._len_torch_dispatch_stack()
         or torch._C._is_torch_function_mode_enabled()

@@ -15,7 +15,7 @@ from qlora_kit.kernels.reference import mxfp4 as mx
 from qlora_kit.kernels.reference import quant_4bit as q4
 from qlora_kit.kernels.reference import quant_int as qi
 
-from qlora_kit import ops
+from qlora_kit import _dispatch, ops
 from qlora_kit.configs import FP4Config, Int4WeightConfig, NF4Config
 from qlora_kit.formats.base import get_format
 
@@ -141,8 +141,31 @@ def test_plan_by_rows_and_size(monkeypatch):
     assert cpu.plan("4bit", 256, torch.float32, 1 << 20) == "dequant"
     monkeypatch.setattr(cpu, "MIN_WEIGHT_NUMEL", 1 << 18)
     assert cpu.plan("4bit", 1, torch.float32, 100) == "reference"
-    monkeypatch.setenv("QLORA_KIT_CPU_KERNELS", "0")
-    assert cpu.plan("4bit", 1, torch.float32, 1 << 20) == "reference"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, True),
+        ({"QLORA_KIT_CPU_KERNELS": " 0"}, False),
+        ({"QLORA_KIT_CPU_KERNELS": "1"}, True),
+        ({"QLORA_KIT_BACKEND": "reference"}, False),
+    ],
+)
+def test_use_cpu_kernels_reads_the_environment_on_every_call(monkeypatch, env, expected):
+    """Both variables are read per call (through os.environ's own store), so a later setenv takes effect."""
+    x = torch.zeros(2)
+    assert _dispatch.use_cpu_kernels(x)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert _dispatch.use_cpu_kernels(x) is expected
+    assert not _dispatch.use_cpu_kernels(torch.zeros(2, device="meta"))
+    calls = []
+    real = cpu.plan
+    monkeypatch.setattr(cpu, "plan", lambda *a: calls.append(a) or real(*a))
+    qw = get_format("int8").from_float(torch.randn(64, 96), None)
+    ops.quantized_linear(torch.randn(1, 96), qw)
+    assert bool(calls) is expected  # the op asks the CPU planner only when the kernels may run
 
 
 @pytest.mark.parametrize("config", [NF4Config(blocksize=64), FP4Config(), Int4WeightConfig(group_size=64)], ids=str)
@@ -199,8 +222,8 @@ FORMATS = {  # every registered format through its weight class, as a model call
 @pytest.mark.parametrize("label", FORMATS)
 def test_formats_through_the_planner(monkeypatch, label, dtype):
     """The planner's own choice per M (GEMV and blocked GEMM) against the reference backend, through
-    ``linear``: M in {1, 3, 16, 256}, bias, non-contiguous x, N not a multiple of 8, K a multiple of 32 (the
-    vector decoders) and not (the portable ones)."""
+    ``linear``: M in {1, 3, 16, 256}, bias and non-contiguous x, rank-3 contiguous x without bias, N not a multiple
+    of 8, K a multiple of 32 (the vector decoders) and not (the portable ones)."""
     from qlora_kit import registry
 
     fmt, opts = FORMATS[label]
@@ -221,6 +244,11 @@ def test_formats_through_the_planner(monkeypatch, label, dtype):
                 monkeypatch.delenv("QLORA_KIT_BACKEND")
             assert out.shape == expected.shape and out.dtype == dtype
             assert_close(out, x, w32, bias)
+            x3 = x.contiguous().reshape(1, m, k)  # contiguous rank 3 without bias: goes in as it is
+            with torch.no_grad():
+                out3 = qw.linear(x3, None)
+            assert out3.shape == (1, m, n) and out3.dtype == dtype and out3.is_contiguous()
+            assert_close(out3.reshape(m, n), x, w32)
     assert chosen == {"gemv", "dequant"}
 
 
