@@ -104,6 +104,7 @@ typedef struct {
     int64_t n, k, size; /* size: blocksize, group size, or is_int8 */
     int64_t groups, cpb; /* vector paths: groups per row (int4), 32-wide chunks per block or group */
     int shift;           /* log2(cpb) when cpb is a power of two, else -1 (an integer division per chunk) */
+    int far;             /* GEMV: x's fp32 row is over X_L1_BYTES, so W is prefetched into L2, not L1 */
 } Weight;
 
 static float *decode_row(const Weight *w, const float *pairs, int64_t n, float *buf) {
@@ -278,21 +279,32 @@ INLINE void chunk_any(const Weight *w, const __m256i *plane, __m256 t_lo, __m256
         chunk_avx2(w, t_lo, t_hi, n, c, v);
 }
 
-/* the first byte of chunk c of row n; the GEMV loops prefetch PREFETCH bytes ahead of it. Rows are short
- * streams (2-4 KiB at K = 4096, the size of a page, where the hardware prefetcher starts over): measured on the
- * 2-core EPYC, int8 4096x4096 from DRAM, 2 threads: 0.91 ms without, 0.69 ms at 1 KiB ahead; 2 and 4 KiB were
- * within noise of each other, and the non-temporal hint (PREFETCH_HINT=_MM_HINT_NTA) changed nothing measurable.
- * Both are -D overridable for such experiments. */
+/* the first byte of chunk c of row n; the GEMV loops prefetch ahead of it. Rows are short streams (2-11 KiB at
+ * K = 4096 .. 11008, where the hardware prefetcher starts over on each), so software prefetch keeps several in
+ * flight. Where it goes depends on whether x stays in L1 (measured on the 2-core EPYC, Zen 4, 32 KiB L1D, weights
+ * from DRAM, 2 threads, one row of x):
+ * - x's fp32 row up to X_L1_BYTES (K <= 4096): into L1, PREFETCH = 4 KiB ahead. int8 4096x4096: 0.91 ms without
+ *   prefetch, 0.69 ms at 1 KiB; 2 and 4 KiB within noise; into L2 instead: the same for int8, NF4 5-7% slower.
+ * - longer rows of x: into L2, PREFETCH_L2 = 2 KiB ahead. Prefetching into L1 there evicts x, which every group of
+ *   rows reads again: int8 4096x11008 1.68 -> 1.51 ms (30 GB/s, what a plain read of the same bytes reaches),
+ *   4096x5632 1.24 -> 0.91 ms; NF4 4096x11008 2.22 -> 1.87 ms. 1, 2 and 3 KiB ahead were within noise.
+ * All three are -D overridable for such experiments. */
 #ifndef PREFETCH
 #define PREFETCH 4096
 #endif
-#ifndef PREFETCH_HINT
-#define PREFETCH_HINT _MM_HINT_T0
+#ifndef PREFETCH_L2
+#define PREFETCH_L2 2048
+#endif
+#ifndef X_L1_BYTES
+#define X_L1_BYTES 16384
 #endif
 INLINE void prefetch_chunk(const Weight *w, int64_t n, int64_t c) {
     int64_t k = w->k;
     const uint8_t *p = w->kind == 2 ? w->q + n * k + c : w->kind == 3 ? w->q + n * (k / 2) + c / 2 : w->q + (n * k + c) / 2;
-    _mm_prefetch((const char *)p + PREFETCH, PREFETCH_HINT);
+    if (w->far)
+        _mm_prefetch((const char *)p + PREFETCH_L2, _MM_HINT_T1);
+    else
+        _mm_prefetch((const char *)p + PREFETCH, _MM_HINT_T0);
 }
 
 static void row_avx2(const Weight *w, const __m256i *plane, __m256 t_lo, __m256 t_hi, const float *x, int64_t m,
@@ -492,6 +504,7 @@ static void run_avx2(const Weight *w0, const float *x, int64_t m, float *y, floa
                      int nt) {
     Weight wv = *w0;
     const Weight *w = &wv;
+    wv.far = wv.k * (int64_t)sizeof(float) > X_L1_BYTES;
     if (wv.kind < 2) {
         wv.cpb = wv.size / 32;
         wv.shift = (wv.cpb & (wv.cpb - 1)) ? -1 : __builtin_ctzll((unsigned long long)wv.cpb);
