@@ -7,9 +7,9 @@ float layer. The paths here, picked per call by :func:`plan` (format, activation
 * ``gemv``: C kernels (``cpu_source.c``, compiled on first use with the system C compiler and
   ``-march=native``, cached under ``~/.cache/qlora_kit``; AVX2 + FMA and portable variants, plus an AVX-512 one
   for a single row of x, picked at compile time) that decode W in 32-value chunks into registers and never write
-  the float weight. One row of x: four (AVX2) or eight (AVX-512) output rows at a time, each stream of codes
-  prefetched 4 KiB ahead (rows of 2-4 KiB are where the hardware prefetcher starts over), so the layer runs at
-  memory bandwidth;
+  the float weight. One row of x: six (AVX2) or eight (AVX-512) output rows at a time, each stream of codes
+  prefetched ahead (into L1, or into L2 where x's row would not stay in L1; rows of 2-11 KiB are where the
+  hardware prefetcher starts over), so the layer runs at memory bandwidth;
   2-4 rows of x: one output row at a time, each decoded chunk feeding every row; more: the row is decoded once
   into an L1 buffer, then 4-row dot products. One OpenMP region per call, rows handed out dynamically. The
   decoded values are bit-identical to the reference's (NF4/FP4: ``code[nibble] * absmax[block]``; int4:

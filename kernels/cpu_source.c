@@ -3,7 +3,7 @@
  * The kernels decode W a 32-value chunk at a time into registers (or, for many rows of x, one row into a K-float
  * buffer that stays in L1/L2; the float weight is never materialized) and form y[m, n] = dot(x[m, :], W[n, :]).
  * At one row of x, several output rows run together with their code streams prefetched (run_m1_512: eight,
- * quad_m1: four).
+ * rows256: six).
  * Decoding is bit-identical to the PyTorch references (kernels/reference), so only the summation order differs:
  *   4-bit blockwise (NF4 / FP4): w[k] = table[nibble(e)] * absmax[e / bs], e = n * K + k, element e in the
  *       high nibble of byte e / 2 when e is even (the low nibble when odd); blocks run over the flat index.
@@ -359,14 +359,16 @@ static void row_avx2(const Weight *w, const __m256i *plane, __m256 t_lo, __m256 
     for (int64_t i = 0; i < m; i++) y[i * w->n + n] = rs * hsum256(_mm256_add_ps(acc[i][0], acc[i][1]));
 }
 
-/* M = 1: four output rows at a time, so four streams of W are in flight (each prefetched PREFETCH bytes ahead)
- * and every chunk of x read from L1 feeds four rows. KIND and INT8 are constants at each call in quad_m1, so the
- * format's branches fold away (measured on the 2-core EPYC, int8 4096x4096 from DRAM, 2 threads: one row at a
- * time 0.95 ms, four 0.72 ms). */
+/* M = 1: ROWS256 output rows at a time, so that many streams of W are in flight (each prefetched ahead) and every
+ * chunk of x read from L1 feeds them all. KIND and INT8 are constants at each call in rows256_any, so the format's
+ * branches fold away. Measured on the 2-core EPYC (Zen 4) with this path built -mno-avx512f, weights from DRAM,
+ * 2 threads (a Zen 4 core stands in for an AVX2-only one here; only 16 vector registers either way): int8 4096x4096
+ * one row at a time 0.95 ms, four 0.72 ms; then, with prefetch, four / six / eight rows: int8 0.87 / 0.77 / 0.77 ms,
+ * int8 4096x11008 1.74 / 1.57 / 1.60 ms, NF4 4096x4096 1.19 / 1.11 / 1.16 ms, NF4 4096x11008 3.11 / 2.95 / 2.99 ms. */
 #ifndef ROWS256
-#define ROWS256 4
+#define ROWS256 6
 #endif
-INLINE void quad_body(const Weight *w0, int kind, int int8, const __m256i *plane, __m256 t_lo, __m256 t_hi,
+INLINE void rows256(const Weight *w0, int kind, int int8, const __m256i *plane, __m256 t_lo, __m256 t_hi,
                       const float *x, int64_t n, float *y) {
     Weight wk = *w0;
     wk.kind = kind;
@@ -388,25 +390,25 @@ INLINE void quad_body(const Weight *w0, int kind, int int8, const __m256i *plane
     for (int r = 0; r < ROWS256; r++) y[n + r] = (kind == 2 ? w->p0[n + r] : 1.0f) * hsum256(_mm256_add_ps(a[r], b[r]));
 }
 
-static void quad_m1(const Weight *w, const __m256i *plane, __m256 t_lo, __m256 t_hi, const float *x, int64_t n,
+static void rows256_any(const Weight *w, const __m256i *plane, __m256 t_lo, __m256 t_hi, const float *x, int64_t n,
                     float *y) {
     if (w->kind == 0)
-        quad_body(w, 0, 0, plane, t_lo, t_hi, x, n, y);
+        rows256(w, 0, 0, plane, t_lo, t_hi, x, n, y);
     else if (w->kind == 1)
-        quad_body(w, 1, 0, plane, t_lo, t_hi, x, n, y);
+        rows256(w, 1, 0, plane, t_lo, t_hi, x, n, y);
     else if (w->kind == 2 && w->size)
-        quad_body(w, 2, 1, plane, t_lo, t_hi, x, n, y);
+        rows256(w, 2, 1, plane, t_lo, t_hi, x, n, y);
     else if (w->kind == 2)
-        quad_body(w, 2, 0, plane, t_lo, t_hi, x, n, y);
+        rows256(w, 2, 0, plane, t_lo, t_hi, x, n, y);
     else
-        quad_body(w, 3, 0, plane, t_lo, t_hi, x, n, y);
+        rows256(w, 3, 0, plane, t_lo, t_hi, x, n, y);
 }
 
 #ifdef __AVX512F__
 /* AVX-512, M = 1. Chunk c of row n as two registers in the order even columns, odd columns (x is permuted to match
  * once per call, xperm_eo; the per-channel codes keep their order): a nibble's value is one vpermps from the
  * 16-entry table. Decoding is the same as the AVX2 path's (bit-identical to the references). Measured on the
- * 2-core EPYC (Zen 4), NF4 4096x4096 from DRAM, 2 threads: AVX2 quads 1.24 ms, these 0.82 ms. */
+ * 2-core EPYC (Zen 4), NF4 4096x4096 from DRAM, 2 threads: AVX2 rows of four 1.24 ms, these 0.82 ms. */
 INLINE __m512 fp8x16(__m128i b) { /* as fp8x8: e4m3 bits moved into an fp16, read as 2**-8 times the value */
     __m256i q = _mm256_cvtepu8_epi16(b);
     __m256i mag = _mm256_slli_epi16(_mm256_and_si256(q, _mm256_set1_epi16(0x7F)), 7);
@@ -531,14 +533,14 @@ static void run_avx2(const Weight *w0, const float *x, int64_t m, float *y, floa
         plane = planes;
         x = xp = xperm(x, m, w->k);
     }
-    int64_t quads = m == 1 && !wout ? (n1 - n0) / ROWS256 : 0; /* M = 1: rows n0 .. in groups of ROWS256 */
+    int64_t blocks = m == 1 && !wout ? (n1 - n0) / ROWS256 : 0; /* M = 1: rows n0 .. in groups of ROWS256 */
 #pragma omp parallel num_threads(nt)
     {
         float *buf = (m > 4 && !wout) ? (float *)malloc((size_t)w->k * sizeof(float)) : NULL;
 #pragma omp for schedule(dynamic, 4)
-        for (int64_t i = 0; i < quads; i++) quad_m1(w, plane, t_lo, t_hi, x, n0 + ROWS256 * i, y);
+        for (int64_t i = 0; i < blocks; i++) rows256_any(w, plane, t_lo, t_hi, x, n0 + ROWS256 * i, y);
 #pragma omp for schedule(dynamic, 16)
-        for (int64_t n = n0 + ROWS256 * quads; n < n1; n++)
+        for (int64_t n = n0 + ROWS256 * blocks; n < n1; n++)
             row_avx2(w, plane, t_lo, t_hi, x, m, n, y, wout ? wout - n0 * w->k : NULL, buf);
         free(buf);
     }
