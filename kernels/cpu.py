@@ -191,14 +191,18 @@ def _launch(kernel, x: torch.Tensor, m: int, n: int, path: str, bias, weight_arg
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-def _rows(x: torch.Tensor) -> int:
-    return x.numel() // max(x.shape[-1], 1)
+def _rows(x: torch.Tensor, k: int) -> int:
+    """x's row count. Raises ValueError (worded as ``planner.flatten_rows``) when x's last dimension is not the
+    weight's K: the kernels take K from the weight and would read past the end of x instead of failing."""
+    if x.shape[-1] != k:
+        raise ValueError(f"x has last dimension {x.shape[-1]} but the weight needs {k}; check the layer's in/out sizes")
+    return x.numel() // max(k, 1)
 
 
 def matmul_4bit(x: torch.Tensor, w: ref.Packed4bit, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """NF4/FP4 ``x @ dequant(W)^T + bias`` on the CPU, or None when the reference should run."""
     n, k = w.meta.shape
-    m = _rows(x)
+    m = _rows(x, k)
     path = plan("4bit", m, x.dtype, n * k)
     lib = library() if path != "reference" else None
     if lib is None or not w.packed.is_contiguous():
@@ -223,8 +227,13 @@ def _int4pack(packed, scale, zero, k: int, group_size: int, dtype) -> tuple[torc
 
 def matmul_int4(x, packed, scale, zero, group_size: int, bias=None) -> torch.Tensor | None:
     """int4 per-group ``x @ dequant(W)^T + bias`` on the CPU, or None when the reference should run."""
-    n, k = packed.shape[0], x.shape[-1]
-    m = _rows(x)
+    n, k = packed.shape[0], x.shape[-1]  # the int4 layout stores K only through the packed width and groups
+    if packed.shape[1] != (k + 1) // 2 or scale.shape[-1] != -(-k // group_size):
+        raise ValueError(
+            f"x has last dimension {k} but the int4 weight ({packed.shape[1]} bytes a row, {scale.shape[-1]} groups "
+            f"of {group_size}) does not hold that many; check the layer's in/out sizes"
+        )
+    m = _rows(x, k)
     path = plan("int4", m, x.dtype, n * k)
     if path == "int4pack" and n % 16:  # torch's packing needs N % 16 == 0
         path = "gemv"
@@ -253,7 +262,7 @@ def matmul_channelwise(x, qdata, scale, bias=None) -> torch.Tensor | None:
     """int8 / fp8 per-channel ``x @ (qdata * scale)^T + bias`` on the CPU, or None for the reference."""
     n, k = qdata.shape
     is_int8 = qdata.dtype == torch.int8
-    m = _rows(x)
+    m = _rows(x, k)
     path = plan("int8" if is_int8 else "fp8", m, x.dtype, n * k)
     if path == "int8pack" and k % 32:  # torch's kernel reads out of bounds on other K (seen: K = 33, 40, 100)
         path = "gemv"
@@ -280,7 +289,7 @@ def _e2m1_table() -> torch.Tensor:
 def matmul_mxfp4(x, packed, scales, k: int, bias=None) -> torch.Tensor | None:
     """MXFP4 ``x @ dequant(W)^T + bias`` on the CPU, or None when the reference should run."""
     n = packed.shape[0]
-    m = _rows(x)
+    m = _rows(x, k)
     path = plan("mxfp4", m, x.dtype, n * k)
     lib = library() if path != "reference" else None
     if lib is None or not packed.is_contiguous():

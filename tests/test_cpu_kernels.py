@@ -268,3 +268,17 @@ def test_bf16_gemv_converts_like_torch(monkeypatch, kind, shape):
     assert expected.isnan().any() and expected.isinf().any()
     out[out.isnan()], expected[expected.isnan()] = 0, 0
     assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+
+
+@pytest.mark.parametrize("label", FORMATS)
+def test_wrong_input_width_is_refused(label):
+    """x whose last dimension is not the weight's in_features: one ValueError naming both, never a product read
+    from past the end of x (the C kernels take K from the weight)."""
+    from qlora_kit import registry
+
+    fmt, opts = FORMATS[label]
+    qw = registry.get_format(fmt).from_float(torch.randn(512, 512), registry.weight_config(fmt, **opts))
+    for width in (256, 1024):
+        for dtype in (torch.float32, torch.bfloat16):
+            with torch.no_grad(), pytest.raises(ValueError, match=f"x has last dimension {width} but"):
+                qw.linear(torch.randn(1, width).to(dtype), None)
