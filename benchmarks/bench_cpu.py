@@ -4,7 +4,8 @@ Layers (N, K) = 4096x4096, 11008x4096, 4096x11008 (Llama-2-7B attention and MLP)
 bf16 activations; then end-to-end greedy decode at batch 1 of a Llama-shaped model (hidden 2048, 16 layers,
 random weights, built from LlamaConfig): float fp32 vs ours NF4 vs bitsandbytes NF4 (fp32 compute; the
 output head stays float in all three). Providers of one case are timed interleaved (one sample each per
-round), medians reported; ``ratio_fp32`` = this provider's time / float fp32's for the same (N, K, M).
+round; M = 1 cases M1_ROUNDS times as many rounds), medians reported; ``ratio_fp32`` = this provider's time /
+float fp32's for the same (N, K, M).
 The load average (os.getloadavg) is recorded before and after: on a shared machine, read it first.
 
 Usage:
@@ -42,6 +43,10 @@ OURS = {
     for label, fmt, opts in format_variants(blocksize=64, group_size=128)
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# M = 1 cases take this many times the rounds: a call there is about a millisecond, and on the shared 2-core VM a
+# 5-round median of it moved by +-5-10% between runs (int8 vs int8pack at 4096x4096 bf16: 0.89, 0.94, 0.96 in
+# three full runs; 0.84-0.91 over 5-15 rounds alone); the extra rounds cost seconds.
+M1_ROUNDS = 3
 
 
 def _bnb_linear(w: torch.Tensor, dtype):
@@ -121,7 +126,7 @@ def bench_layers(shapes, ms, rounds: int, log) -> list[dict]:
                 for m in ms:
                     x = torch.randn(m, k).to(dtype)
                     fns = {p: f for p, f in providers.items() if callable(f)}
-                    times = interleaved(fns, x, rounds)
+                    times = interleaved(fns, x, rounds * (M1_ROUNDS if m == 1 else 1))
                     base = times.get("float-fp32")
                     for p, f in providers.items():
                         row = {"layer": layer, "n": n, "k": k, "m": m, "dtype": dname, "provider": p}
@@ -191,11 +196,56 @@ def bench_decode(layers: int, new_tokens: int, rounds: int, log) -> list[dict]:
     return rows
 
 
+def check_targets(rows: list[dict]) -> dict:
+    """Issue 15's done-when ratios, computed from this run's rows: name -> "worst value vs bound: holds / misses"
+    (worst over layers and dtypes; "n/a" where a provider was unavailable)."""
+    ok = {(r["layer"], r["m"], r["dtype"], r["provider"]): r for r in rows if r.get("status") == "ok"}
+    cases = sorted({(r["layer"], r["dtype"]) for r in rows if r["m"] == 1 and "decode" not in r["layer"]})
+
+    def ratios(provider_prefix, base, m=1, key="ms"):
+        out = []
+        for layer, dtype in cases:
+            b = ok.get((layer, m, dtype, base))
+            for (lay, mm, dt, p), r in ok.items():
+                if (lay, mm, dt) == (layer, m, dtype) and p.startswith(provider_prefix) and b:
+                    out.append(r[key] / b[key])
+        return out
+
+    def verdict(values, bound, at_least=False):
+        if not values:
+            return "n/a"
+        worst = min(values) if at_least else max(values)
+        holds = worst >= bound if at_least else worst <= bound
+        return f"{worst:.3f} vs {'>=' if at_least else '<='} {bound}: {'holds' if holds else 'misses'}"
+
+    four_bit = ("ours-nf4", "ours-int4")
+    decode = {p: r for (lay, _, _, p), r in ok.items() if "decode" in lay}
+    nf4 = decode.get("ours-nf4-dq")
+    return {
+        "M=1 NF4 / int4 vs float fp32": verdict([v for p in four_bit for v in ratios(p, "float-fp32")], 0.6),
+        "M=1 NF4 / int4 vs bitsandbytes NF4": verdict([v for p in four_bit for v in ratios(p, "bnb-nf4")], 0.3),
+        "M=1 int8 vs torch int8pack": verdict(ratios("ours-int8", "torch-int8pack"), 1.0),
+        "decode NF4 vs float fp32 (tokens/s)": verdict(
+            [nf4["tokens_per_s"] / decode["float-fp32"]["tokens_per_s"]] if nf4 and "float-fp32" in decode else [],
+            1.5,
+            at_least=True,
+        ),
+        "decode NF4 vs bitsandbytes NF4 (tokens/s)": verdict(
+            [nf4["tokens_per_s"] / decode["bnb-nf4"]["tokens_per_s"]] if nf4 and "bnb-nf4" in decode else [],
+            3.0,
+            at_least=True,
+        ),
+        "M=256 every format vs float fp32": verdict(ratios("ours-", "float-fp32", m=256), 1.5),
+    }
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="4096x4096 only, M = 1 and 256, 4-layer decode")
     ap.add_argument("--out", default="cpu", help="results name under benchmarks/results (default: cpu)")
-    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per layer case (default 5, --quick 3)")
+    ap.add_argument(
+        "--rounds", type=int, default=None, help="timed rounds per layer case (default 5, --quick 3; M = 1: 3x)"
+    )
     args = ap.parse_args(argv)
     llama = LINEAR_SHAPES["llama2-7b"]
     shapes = {"attn.o": (4096, 4096), "mlp.up": llama["mlp.up"], "mlp.down": llama["mlp.up"][::-1]}
@@ -214,8 +264,10 @@ def main(argv=None) -> None:
         "wall_s": round(time.perf_counter() - t0, 1),
         "quick": args.quick,
         "rounds": rounds,
+        "rounds_m1": rounds * M1_ROUNDS,
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
         "command": "python benchmarks/bench_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        **{f"target, {name}": verdict for name, verdict in check_targets(rows).items()},
     }
     cols = ["layer", "n", "k", "m", "dtype", "provider", "status", "ms", "ratio_fp32", "tokens_per_s", "reason"]
     print(*write_results(args.out, rows, meta, columns=cols))
