@@ -141,7 +141,10 @@ _CACHE: dict[int, tuple[tuple, object]] = {}
 def _cached(tensors: tuple[torch.Tensor, ...], what: str, build):
     """``build()``, cached on the first tensor's identity; rebuilt when any tensor is replaced or edited."""
     key = (id(tensors[0]), what)
-    stamp = tuple((id(t), t._version, t.data_ptr()) for t in tensors)
+    stamp = []  # a loop, not a generator: one Python frame less per tensor on the per-call path
+    for t in tensors:
+        stamp += (id(t), t._version, t.data_ptr())
+    stamp = tuple(stamp)
     hit = _CACHE.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]

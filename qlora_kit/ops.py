@@ -23,6 +23,8 @@ Example:
     >>> y = ops.quantized_linear(x, layer.qweight, layer.bias)
 """
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -41,8 +43,13 @@ __all__ = [
 ]
 
 
+@functools.lru_cache(maxsize=256)
+def _meta_4bit(n: int, k: int, blocksize: int, quant_type: str, double_quant: bool) -> ref.Quant4bitMeta:
+    return ref.Quant4bitMeta((n, k), blocksize, quant_type, double_quant)  # validated once per distinct weight
+
+
 def _packed_4bit(packed, absmax, nested_absmax, offset, n, k, blocksize, quant_type) -> ref.Packed4bit:
-    meta = ref.Quant4bitMeta((n, k), blocksize, quant_type, nested_absmax is not None)
+    meta = _meta_4bit(n, k, blocksize, quant_type, nested_absmax is not None)
     if meta.double_quant:
         return ref.Packed4bit(packed, meta, qabsmax=absmax, nested_absmax=nested_absmax, offset=offset)
     return ref.Packed4bit(packed, meta, absmax=absmax)

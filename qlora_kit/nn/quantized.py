@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..formats.base import get_format
 from .geometry import CONV, CONV1D, CONV_TRANSPOSE, EMBEDDING, LINEAR, Geometry, is_transformers_conv1d
 
@@ -28,12 +29,11 @@ def _linear(layer: QuantizedLayer, x: torch.Tensor) -> torch.Tensor:
     the pure-PyTorch references on the CPU (the same numerics as dequantize-then-``F.linear``), and one
     opaque node per layer for ``torch.compile`` on every device.
     """
-    from .. import ops  # imported on first use: it registers the custom ops
-
     activation = getattr(layer.quant_config, "activation", None)  # W8A8 / fp8 rowwise layers
-    x_c = x.to(layer.compute_dtype)
-    out = ops.quantized_linear(x_c, layer.qweight, layer._bias(layer.compute_dtype), activation=activation)
-    return out.to(x.dtype)
+    dtype = layer.compute_dtype
+    x_c = x if x.dtype == dtype else x.to(dtype)  # no .to() call where nothing changes (~40 us each, cold)
+    out = ops.quantized_linear(x_c, layer.qweight, layer._bias(dtype), activation=activation)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class QuantizedLayer(nn.Module):
