@@ -195,10 +195,9 @@ def _launch(kernel, x: torch.Tensor, m: int, n: int, path: str, bias, weight_arg
 
 
 def _rows(x: torch.Tensor, k: int) -> int:
-    """x's row count. Raises ValueError (worded as ``planner.flatten_rows``) when x's last dimension is not the
-    weight's K: the kernels take K from the weight and would read past the end of x instead of failing."""
-    if x.shape[-1] != k:
-        raise ValueError(f"x has last dimension {x.shape[-1]} but the weight needs {k}; check the layer's in/out sizes")
+    """x's row count, after checking x's last dimension against the weight's K (the kernels take K from the
+    weight and would read past the end of a narrower x instead of failing)."""
+    ref.check_last_dim(x, k)
     return x.numel() // max(k, 1)
 
 

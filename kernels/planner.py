@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import triton
 
+from .reference.matmul import check_last_dim
+
 __all__ = [
     "LowRank",
     "MatmulPlan",
@@ -301,10 +303,7 @@ def launch_tiles(
 
 def flatten_rows(x: torch.Tensor, k: int, what: str) -> torch.Tensor:
     """x as a contiguous (rows, k) matrix, after checking its last dimension and dtype."""
-    if x.shape[-1] != k:
-        raise ValueError(
-            f"{what} has last dimension {x.shape[-1]} but the weight needs {k}; check the layer's in/out sizes"
-        )
+    check_last_dim(x, k, what)
     if not x.is_floating_point():
         raise ValueError(f"{what} must be fp16, bf16 or fp32, got {x.dtype}")
     return x.reshape(-1, k).contiguous()

@@ -43,6 +43,14 @@ def check_shape_2d(meta) -> tuple[int, int]:
     return shape
 
 
+def check_last_dim(x: torch.Tensor, k: int, what: str = "x") -> None:
+    """ValueError unless ``x``'s last dimension is ``k``, the weight's (the kernels read K from the weight)."""
+    if x.shape[-1] != k:
+        raise ValueError(
+            f"{what} has last dimension {x.shape[-1]} but the weight needs {k}; check the layer's in/out sizes"
+        )
+
+
 @dataclass(frozen=True)
 class Quant4bitMeta:
     """Static description of an NF4/FP4 weight (everything but its buffers).
